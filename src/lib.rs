@@ -1,0 +1,12 @@
+//! StepFlow Gateway: an AsyncAPI-first event bridge.
+//!
+//! - [`spec`]: AsyncAPI 2.x/3.0 and OpenAPI 3.x documents → one normalized model, with every
+//!   error located by file and JSON pointer.
+//! - [`schema`]: payload validators (JSON Schema, OpenAPI schemas, Avro), compiled once.
+//! - [`routing`]: the routing table — one route per channel, address templates and their MQTT,
+//!   AMQP and Kafka forms, parameter extraction and filling.
+#![deny(unsafe_code)]
+
+pub mod routing;
+pub mod schema;
+pub mod spec;

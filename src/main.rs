@@ -1,0 +1,242 @@
+//! The `stepflow` command line: thin glue over the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use stepflow::routing::{self, Route, UpstreamBinding};
+use stepflow::spec::{self, SpecError, SpecWarning};
+
+#[derive(Parser)]
+#[command(name = "stepflow", version, about = "AsyncAPI-first event bridge")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check API documents: print every error as `file#pointer: reason` (exit 1), or one summary
+    /// line per document (exit 0).
+    Validate {
+        /// Document files or directories (walked recursively for .yaml, .yml and .json).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Also print warnings (remote references not fetched, at-most-once routes, ...).
+        #[arg(long, short)]
+        warnings: bool,
+    },
+    /// Print the routing table compiled from API documents.
+    Routes {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Validate { paths, warnings } => validate(&paths, warnings),
+        Command::Routes { paths, json } => routes(&paths, json),
+    }
+}
+
+/// Loads and compiles; on failure prints every error and returns `None`.
+fn load_and_compile(
+    paths: &[PathBuf],
+) -> Option<(Vec<spec::Api>, routing::Compiled, Vec<SpecWarning>)> {
+    let mut report = spec::load_all(paths);
+    match routing::compile(&report.apis) {
+        Ok(compiled) if report.errors.is_empty() => Some((report.apis, compiled, report.warnings)),
+        Ok(_) => {
+            print_errors(&report.errors);
+            None
+        }
+        Err(errors) => {
+            report.errors.extend(errors);
+            print_errors(&report.errors);
+            None
+        }
+    }
+}
+
+fn print_errors(errors: &[SpecError]) {
+    for e in errors {
+        println!("{e}");
+    }
+    let files: std::collections::BTreeSet<_> = errors.iter().map(|e| e.file()).collect();
+    eprintln!(
+        "{} error{} in {} file{}",
+        errors.len(),
+        if errors.len() == 1 { "" } else { "s" },
+        files.len(),
+        if files.len() == 1 { "" } else { "s" }
+    );
+}
+
+fn validate(paths: &[PathBuf], show_warnings: bool) -> ExitCode {
+    let Some((apis, compiled, mut warnings)) = load_and_compile(paths) else {
+        return ExitCode::FAILURE;
+    };
+    if apis.is_empty() {
+        println!("no AsyncAPI or OpenAPI documents found");
+        return ExitCode::FAILURE;
+    }
+    warnings.extend(compiled.warnings);
+    for api in &apis {
+        let routes: Vec<&Route> = compiled
+            .table
+            .routes()
+            .iter()
+            .filter(|r| r.api == api.id)
+            .map(|r| &**r)
+            .collect();
+        let readable = routes.iter().filter(|r| r.direction.readable).count();
+        let writable = routes.iter().filter(|r| r.direction.writable).count();
+        let own_warnings = warnings
+            .iter()
+            .filter(|w| w.location.file == api.source.file)
+            .count();
+        println!(
+            "ok {} ({}, \"{}\" {}, id {}): {} routes ({} readable, {} writable), {} operations, {} servers{}",
+            api.source.file.display(),
+            api.kind,
+            api.title,
+            api.version,
+            api.id,
+            routes.len(),
+            readable,
+            writable,
+            api.operations.len(),
+            api.servers.len(),
+            match own_warnings {
+                0 => String::new(),
+                n => format!(", {n} warning{}", if n == 1 { "" } else { "s" }),
+            }
+        );
+    }
+    if show_warnings {
+        for w in &warnings {
+            println!("{w}");
+        }
+    } else if !warnings.is_empty() {
+        eprintln!("{} warnings (see them with --warnings)", warnings.len());
+    }
+    ExitCode::SUCCESS
+}
+
+fn routes(paths: &[PathBuf], json: bool) -> ExitCode {
+    let Some((_, compiled, _)) = load_and_compile(paths) else {
+        return ExitCode::FAILURE;
+    };
+    let routes = compiled.table.routes();
+    if json {
+        let list: Vec<&Route> = routes.iter().map(|r| &**r).collect();
+        match serde_json::to_string_pretty(&list) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("cannot render the routing table as JSON: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
+    // One line per upstream; the route's own columns only on its first line.
+    let mut rows: Vec<[String; 5]> = Vec::new();
+    for r in routes {
+        let mut direction = r.direction.as_str().to_owned();
+        if !r.request_reply.is_empty() {
+            direction.push_str("+reply");
+        }
+        let upstreams = upstream_lines(r);
+        for (i, upstream) in upstreams.into_iter().enumerate() {
+            rows.push(if i == 0 {
+                [
+                    r.id.to_string(),
+                    direction.clone(),
+                    r.address.clone().unwrap_or_else(|| "(dynamic)".into()),
+                    upstream,
+                    r.messages
+                        .iter()
+                        .map(|m| m.id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                ]
+            } else {
+                [
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    upstream,
+                    String::new(),
+                ]
+            });
+        }
+    }
+    let header = ["ROUTE", "DIRECTION", "ADDRESS", "UPSTREAM", "MESSAGES"];
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let print_row = |cells: [&str; 5]| {
+        let mut line = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}  ", w = widths[i]));
+            }
+        }
+        println!("{}", line.trim_end());
+    };
+    print_row(header);
+    for row in &rows {
+        print_row([&row[0], &row[1], &row[2], &row[3], &row[4]]);
+    }
+    println!("{} routes", routes.len());
+    ExitCode::SUCCESS
+}
+
+fn upstream_lines(route: &Route) -> Vec<String> {
+    if route.upstreams.is_empty() {
+        return vec!["-".into()];
+    }
+    route
+        .upstreams
+        .iter()
+        .map(|u| {
+            let detail = match &u.binding {
+                UpstreamBinding::Mqtt(m) => format!(
+                    "filter {} qos {}/{}{}",
+                    m.filter.pattern,
+                    m.subscribe_qos,
+                    m.publish_qos,
+                    if m.filter.exact { "" } else { " (+match)" }
+                ),
+                UpstreamBinding::Kafka(k) => {
+                    format!("topic {} group {}", k.subscription.pattern, k.group_id)
+                }
+                UpstreamBinding::Amqp(a) => match (&a.exchange, &a.queue) {
+                    (Some(x), _) => format!(
+                        "exchange {} ({}) key {}",
+                        x.name,
+                        x.kind,
+                        a.binding_key.as_ref().map_or("-", |k| k.pattern.as_str())
+                    ),
+                    (None, Some(q)) => format!("queue {}", q.name),
+                    (None, None) => "amqp".into(),
+                },
+                UpstreamBinding::WebSocket(_) => "websocket".into(),
+                UpstreamBinding::Http(h) => format!("{} {}", h.method, h.path),
+                UpstreamBinding::DynamicAddress => "dynamic address".into(),
+                UpstreamBinding::NoConnector => "no connector".into(),
+            };
+            format!("{}:{} {}", u.server, u.protocol, detail)
+        })
+        .collect()
+}
