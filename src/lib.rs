@@ -7,6 +7,13 @@
 //!   AMQP and Kafka forms, parameter extraction and filling.
 #![deny(unsafe_code)]
 
+pub mod config;
+pub mod connectors;
+pub mod daemon;
+pub mod hub;
 pub mod routing;
 pub mod schema;
+pub mod server;
 pub mod spec;
+pub mod store;
+pub mod telemetry;

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use stepflow::config::{Config, RunArgs};
 use stepflow::routing::{self, Route, UpstreamBinding};
 use stepflow::spec::{self, SpecError, SpecWarning};
 
@@ -16,6 +17,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the gateway: compile the documents, connect upstream, serve HTTP, WebSocket and SSE.
+    Run(Box<RunArgs>),
     /// Check API documents: print every error as `file#pointer: reason` (exit 1), or one summary
     /// line per document (exit 0).
     Validate {
@@ -39,9 +42,74 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Run(args) => run(&args),
         Command::Validate { paths, warnings } => validate(&paths, warnings),
         Command::Routes { paths, json } => routes(&paths, json),
     }
+}
+
+fn run(args: &RunArgs) -> ExitCode {
+    let config = match Config::load(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("stepflow: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    stepflow::telemetry::init_tracing(config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("stepflow: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result: anyhow::Result<()> = runtime.block_on(async {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(stop_on_signals(shutdown.clone()));
+        stepflow::daemon::run(config, shutdown).await.map_err(|e| {
+            if let stepflow::daemon::Error::Specs(errors) = &e {
+                for error in errors {
+                    eprintln!("{error}");
+                }
+            }
+            anyhow::Error::new(e)
+        })
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("stepflow: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// SIGTERM or SIGINT start a graceful shutdown; a second one exits at once.
+async fn stop_on_signals(shutdown: tokio_util::sync::CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!(signal = "SIGTERM", "stopping"),
+        _ = int.recv() => tracing::info!(signal = "SIGINT", "stopping"),
+    }
+    shutdown.cancel();
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::warn!("second signal: exiting without draining");
+    std::process::exit(130);
 }
 
 /// Loads and compiles; on failure prints every error and returns `None`.

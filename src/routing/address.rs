@@ -40,6 +40,12 @@ pub enum FillError {
     Missing { name: String },
     #[error("parameter '{name}' is empty")]
     Empty { name: String },
+    #[error("parameter '{name}' value '{value}' is not one of: {allowed}")]
+    NotAllowed {
+        name: String,
+        value: String,
+        allowed: String,
+    },
     #[error(
         "parameter '{name}' value '{value}' contains '{character}', which {protocol} addresses reserve"
     )]

@@ -7,6 +7,7 @@
 //! starts. This module knows `spec` and `schema`; it never imports a protocol client or axum.
 
 pub mod address;
+pub mod envelope;
 
 use std::collections::HashMap;
 use std::sync::Arc;

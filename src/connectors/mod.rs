@@ -1,0 +1,248 @@
+//! Protocol connectors: one file per protocol, each a source (broker → route) and/or a sink
+//! (route → broker), reconnecting with backoff. A connector knows its broker and the routing
+//! types, never another connector; bridges go through routes.
+//!
+//! This file holds what they share: the connection-state registry behind `/readyz` and
+//! `/api/v1/connections`, the [`Publisher`] interface the hub sends through, and the backoff.
+
+pub mod mqtt;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use serde::Serialize;
+
+use crate::routing::envelope::Headers;
+use crate::routing::{Route, Upstream};
+
+/// Identifies one upstream connection: a server of one document.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ServerKey {
+    pub api: String,
+    pub server: String,
+}
+
+impl std::fmt::Display for ServerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.api, self.server)
+    }
+}
+
+/// The state of one upstream connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConnectionState {
+    Connecting,
+    Connected,
+    Disconnected,
+}
+
+/// What `/api/v1/connections` shows for one upstream.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectionStatus {
+    pub api: String,
+    pub server: String,
+    pub protocol: &'static str,
+    pub url: String,
+    pub state: ConnectionState,
+    /// Seconds since the Unix epoch of the last state change.
+    pub since: u64,
+    pub last_error: Option<String>,
+    pub disconnects: u64,
+}
+
+/// Every upstream connection's state; written by connectors, read by the HTTP server.
+#[derive(Debug, Clone, Default)]
+pub struct Connections {
+    inner: Arc<RwLock<BTreeMap<ServerKey, ConnectionStatus>>>,
+}
+
+impl Connections {
+    pub fn register(&self, key: ServerKey, protocol: &'static str, url: String) {
+        let status = ConnectionStatus {
+            api: key.api.clone(),
+            server: key.server.clone(),
+            protocol,
+            url,
+            state: ConnectionState::Connecting,
+            since: now_secs(),
+            last_error: None,
+            disconnects: 0,
+        };
+        if let Ok(mut map) = self.inner.write() {
+            map.insert(key, status);
+        }
+    }
+
+    pub fn set(&self, key: &ServerKey, state: ConnectionState, error: Option<String>) {
+        if let Ok(mut map) = self.inner.write()
+            && let Some(status) = map.get_mut(key)
+        {
+            if state == ConnectionState::Disconnected
+                && status.state != ConnectionState::Disconnected
+            {
+                status.disconnects += 1;
+            }
+            if status.state != state {
+                status.since = now_secs();
+            }
+            status.state = state;
+            if error.is_some() {
+                status.last_error = error;
+            }
+        }
+    }
+
+    pub fn is_connected(&self, key: &ServerKey) -> bool {
+        self.inner
+            .read()
+            .ok()
+            .and_then(|m| m.get(key).map(|s| s.state == ConnectionState::Connected))
+            .unwrap_or(false)
+    }
+
+    pub fn snapshot(&self) -> Vec<ConnectionStatus> {
+        self.inner
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Ready when every registered upstream is connected.
+    pub fn all_connected(&self) -> bool {
+        self.inner
+            .read()
+            .map(|m| m.values().all(|s| s.state == ConnectionState::Connected))
+            .unwrap_or(false)
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Why a publish upstream failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PublishError {
+    #[error("upstream {server} is not connected")]
+    NotConnected { server: String },
+    #[error("upstream {server} did not acknowledge within {timeout:?}")]
+    Timeout { server: String, timeout: Duration },
+    #[error("upstream {server} is overloaded (its request queue is full)")]
+    Overloaded { server: String },
+    #[error("upstream {server} refused the message: {reason}")]
+    Refused { server: String, reason: String },
+}
+
+impl PublishError {
+    /// Metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PublishError::NotConnected { .. } => "not_connected",
+            PublishError::Timeout { .. } => "timeout",
+            PublishError::Overloaded { .. } => "overloaded",
+            PublishError::Refused { .. } => "refused",
+        }
+    }
+}
+
+/// A message to publish on one upstream.
+pub struct Outbound {
+    pub route: Arc<Route>,
+    /// The concrete address in the upstream's syntax (MQTT topic, AMQP routing key, ...).
+    pub address: String,
+    pub payload: Bytes,
+    pub headers: Headers,
+}
+
+/// A connector's sending side, as the hub sees it. The future completes when the upstream
+/// acknowledged the message (MQTT PUBACK, Kafka delivery report, AMQP confirm).
+pub trait Publisher: Send + Sync {
+    fn is_connected(&self) -> bool;
+    fn publish(
+        &self,
+        upstream: &Upstream,
+        message: Outbound,
+    ) -> BoxFuture<'static, Result<(), PublishError>>;
+}
+
+/// Capped exponential backoff with full jitter (each wait is random in `[0, cap]`, the cap
+/// doubling from `initial` to `max`), reset after a success.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Self {
+            initial,
+            max,
+            attempt: 0,
+        }
+    }
+
+    /// The upper bound of the next wait (before jitter).
+    pub fn next_cap(&self) -> Duration {
+        let factor = 1u32.checked_shl(self.attempt.min(16)).unwrap_or(u32::MAX);
+        self.initial.saturating_mul(factor).min(self.max)
+    }
+
+    /// The next wait: uniformly random up to the current cap, at least a millisecond.
+    pub fn next_delay(&mut self) -> Duration {
+        let cap = self.next_cap();
+        self.attempt = self.attempt.saturating_add(1);
+        let millis = cap.as_millis().max(1) as u64;
+        Duration::from_millis(fastrand::u64(1..=millis))
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let caps: Vec<u64> = (0..7)
+            .map(|_| {
+                let cap = b.next_cap().as_millis() as u64;
+                let delay = b.next_delay();
+                assert!(delay <= Duration::from_millis(cap) && delay >= Duration::from_millis(1));
+                cap
+            })
+            .collect();
+        assert_eq!(caps, vec![100, 200, 400, 800, 1600, 2000, 2000]);
+        b.reset();
+        assert_eq!(b.next_cap(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn connection_registry_counts_disconnects() {
+        let c = Connections::default();
+        let key = ServerKey {
+            api: "iot".into(),
+            server: "mosquitto".into(),
+        };
+        c.register(key.clone(), "mqtt", "mqtt://x".into());
+        assert!(!c.all_connected());
+        c.set(&key, ConnectionState::Connected, None);
+        assert!(c.all_connected() && c.is_connected(&key));
+        c.set(&key, ConnectionState::Disconnected, Some("refused".into()));
+        c.set(&key, ConnectionState::Disconnected, None);
+        let s = &c.snapshot()[0];
+        assert_eq!(s.disconnects, 1);
+        assert_eq!(s.last_error.as_deref(), Some("refused"));
+    }
+}

@@ -1,0 +1,745 @@
+//! MQTT 3.1.1 connector (rumqttc): one connection per server of a document.
+//!
+//! Source: subscribes every readable route's filter; each message is matched against the route
+//! templates, logged (or dead-lettered) by the hub, and acknowledged (PUBACK, manual acks) only
+//! once the log has flushed it. With a persistent session (`cleanSession: false`, the default)
+//! the broker keeps what arrives while the gateway is away and redelivers what it never acked.
+//!
+//! Sink: publishes writable routes' messages and completes each publish on its PUBACK, which
+//! rumqttc does not report per message: the event loop pairs `Outgoing::Publish(pkid)` events
+//! with publish requests in the order they were queued (see [`PendingPublishes`]).
+//!
+//! One task owns the event loop and polls it without stopping; it never awaits a client call
+//! (a full request channel would deadlock it). Reconnects use capped, jittered backoff.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS,
+    Transport as MqttTransport,
+};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{Backoff, ConnectionState, Connections, Outbound, PublishError, Publisher, ServerKey};
+use crate::hub::{Hub, LiveRoute};
+use crate::routing::UpstreamBinding;
+use crate::routing::envelope::{Envelope, Origin, Transport};
+use crate::spec::{Protocol, Server};
+use crate::store::PendingAppend;
+use crate::telemetry::events::{MessageUnmatched, QueueOverflowed, UpstreamConnectionChanged};
+
+/// Why an MQTT server cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    #[error("server {server}: invalid address '{address}': {reason}")]
+    InvalidAddress {
+        server: String,
+        address: String,
+        reason: String,
+    },
+}
+
+/// Connection settings of one MQTT server, from the document and the daemon's configuration.
+#[derive(Clone, PartialEq, Serialize)]
+pub struct MqttServerConfig {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+    pub client_id: String,
+    pub clean_session: bool,
+    pub keep_alive: Duration,
+    pub username: Option<String>,
+    #[serde(skip)]
+    pub password: Option<String>,
+    pub max_packet_size: usize,
+    /// Unacknowledged outgoing publishes at most.
+    pub inflight: u16,
+}
+
+impl std::fmt::Debug for MqttServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttServerConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("tls", &self.tls)
+            .field("client_id", &self.client_id)
+            .field("clean_session", &self.clean_session)
+            .field("keep_alive", &self.keep_alive)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+/// Operator overrides of a server (from `--server ID=URL` and the config file).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServerOverride {
+    pub url: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub client_id: Option<String>,
+}
+
+impl MqttServerConfig {
+    /// Settings for `server` of document `api`: host from the override URL or the document,
+    /// client id, session and keep-alive from the server's `mqtt` binding.
+    pub fn build(
+        api: &str,
+        server: &Server,
+        overrides: &ServerOverride,
+        max_packet_size: usize,
+    ) -> Result<MqttServerConfig, Error> {
+        let binding = server.bindings.get("mqtt");
+        let mut tls = server.protocol == Protocol::SecureMqtt;
+        let mut address = server.host.clone();
+        let mut username = None;
+        let mut password = None;
+        if let Some(url) = &overrides.url {
+            let (scheme, rest) = url.split_once("://").unwrap_or(("mqtt", url.as_str()));
+            tls = matches!(scheme, "mqtts" | "ssl" | "secure-mqtt");
+            let rest = rest.trim_end_matches('/');
+            let (userinfo, host) = match rest.rsplit_once('@') {
+                Some((u, h)) => (Some(u), h),
+                None => (None, rest),
+            };
+            if let Some(userinfo) = userinfo {
+                let (u, p) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+                username = Some(u.to_owned());
+                password = (!p.is_empty()).then(|| p.to_owned());
+            }
+            address = host.to_owned();
+        }
+        let invalid = |reason: String| Error::InvalidAddress {
+            server: server.id.clone(),
+            address: address.clone(),
+            reason,
+        };
+        let (host, port) = match address.rsplit_once(':') {
+            Some((h, p)) => (
+                h.to_owned(),
+                p.parse::<u16>()
+                    .map_err(|_| invalid(format!("port '{p}' is not a number")))?,
+            ),
+            None => (address.clone(), if tls { 8883 } else { 1883 }),
+        };
+        if host.is_empty() {
+            return Err(invalid("no host".into()));
+        }
+        let client_id = overrides
+            .client_id
+            .clone()
+            .or_else(|| {
+                binding
+                    .and_then(|b| b.get("clientId"))
+                    .and_then(|v| v.as_str())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| format!("stepflow-{api}-{}", server.id));
+        Ok(MqttServerConfig {
+            host,
+            port,
+            tls,
+            client_id,
+            clean_session: binding
+                .and_then(|b| b.get("cleanSession"))
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
+            keep_alive: Duration::from_secs(
+                binding
+                    .and_then(|b| b.get("keepAlive"))
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(30)
+                    .max(5),
+            ),
+            username: overrides.username.clone().or(username),
+            password: overrides.password.clone().or(password),
+            max_packet_size,
+            inflight: 100,
+        })
+    }
+
+    fn to_mqtt_options(&self) -> MqttOptions {
+        let mut options = MqttOptions::new(self.client_id.clone(), self.host.clone(), self.port);
+        options
+            .set_keep_alive(self.keep_alive)
+            .set_clean_session(self.clean_session)
+            .set_manual_acks(true)
+            .set_inflight(self.inflight)
+            // Room for the topic and headers on top of the largest payload.
+            .set_max_packet_size(
+                self.max_packet_size + 64 * 1024,
+                self.max_packet_size + 64 * 1024,
+            );
+        if let Some(user) = &self.username {
+            options.set_credentials(user.clone(), self.password.clone().unwrap_or_default());
+        }
+        if self.tls {
+            options.set_transport(MqttTransport::tls_with_config(
+                rumqttc::TlsConfiguration::Native,
+            ));
+        }
+        options
+    }
+}
+
+/// Capacity of the client's request queue (publishes, acks, subscriptions).
+const REQUEST_CAPACITY: usize = 1024;
+/// Messages between the event loop and the ingest task. QoS ≥ 1 deliveries are bounded by the
+/// broker's in-flight window, far below this; QoS 0 overflow is dropped and counted.
+const INGRESS_CAPACITY: usize = 1024;
+
+/// One MQTT server's connector.
+pub struct MqttConnector {
+    key: ServerKey,
+    url: String,
+    config: MqttServerConfig,
+    routes: Vec<Arc<LiveRoute>>,
+}
+
+impl MqttConnector {
+    /// Collects the routes of `key` that have an MQTT upstream on it. Nothing connects here.
+    pub fn build(
+        hub: &Hub,
+        key: ServerKey,
+        url: String,
+        config: MqttServerConfig,
+    ) -> MqttConnector {
+        let routes = hub
+            .routes()
+            .filter(|r| {
+                r.route.api == key.api
+                    && r.route.upstreams.iter().any(|u| {
+                        u.server == key.server && matches!(u.binding, UpstreamBinding::Mqtt(_))
+                    })
+            })
+            .cloned()
+            .collect();
+        MqttConnector {
+            key,
+            url,
+            config,
+            routes,
+        }
+    }
+
+    /// Starts the event loop, ingest and ack tasks; registers the publisher with the hub.
+    pub fn start(self, hub: Arc<Hub>, shutdown: CancellationToken, tracker: &TaskTracker) {
+        let (client, eventloop) = AsyncClient::new(self.config.to_mqtt_options(), REQUEST_CAPACITY);
+        let connections = hub.connections().clone();
+        connections.register(self.key.clone(), "mqtt", self.url.clone());
+        let pending = Arc::new(Mutex::new(PendingPublishes::default()));
+        let publisher = Arc::new(MqttPublisher {
+            key: self.key.clone(),
+            client: client.clone(),
+            pending: pending.clone(),
+            connections: connections.clone(),
+        });
+        hub.register_publisher(self.key.clone(), publisher);
+
+        let readable: Vec<(Arc<LiveRoute>, Subscription)> = self
+            .routes
+            .iter()
+            .filter(|r| r.route.direction.readable)
+            .filter_map(|r| {
+                r.route.upstreams.iter().find_map(|u| match &u.binding {
+                    UpstreamBinding::Mqtt(m) if u.server == self.key.server => Some((
+                        r.clone(),
+                        Subscription {
+                            filter: m.filter.pattern.clone(),
+                            qos: qos(m.subscribe_qos),
+                            topic: m.topic.clone(),
+                        },
+                    )),
+                    _ => None,
+                })
+            })
+            .collect();
+        let (ingress_tx, ingress_rx) = mpsc::channel(INGRESS_CAPACITY);
+        let (ack_tx, ack_rx) = mpsc::channel(INGRESS_CAPACITY);
+        let server: Arc<str> = self.key.server.clone().into();
+        let ingest = Ingest {
+            hub: hub.clone(),
+            server: server.clone(),
+            routes: readable.clone(),
+        };
+        tracker.spawn(ingest.run(ingress_rx, ack_tx));
+        let acks_done = CancellationToken::new();
+        tracker.spawn(run_acks(client.clone(), ack_rx, acks_done.clone()));
+        let event_loop = EventLoopTask {
+            key: self.key,
+            client,
+            connections,
+            pending,
+            filters: subscriptions(&readable),
+        };
+        tracker.spawn(event_loop.run(eventloop, ingress_tx, shutdown, acks_done));
+    }
+}
+
+#[derive(Clone)]
+struct Subscription {
+    filter: String,
+    qos: QoS,
+    topic: crate::routing::address::ProtocolAddress,
+}
+
+/// One subscription per distinct filter, at the highest QoS any route asks for it.
+fn subscriptions(routes: &[(Arc<LiveRoute>, Subscription)]) -> Vec<(String, QoS)> {
+    let mut by_filter: Vec<(String, QoS)> = Vec::new();
+    for (_, s) in routes {
+        match by_filter.iter_mut().find(|(f, _)| *f == s.filter) {
+            Some((_, q)) => {
+                if (*q as u8) < (s.qos as u8) {
+                    *q = s.qos;
+                }
+            }
+            None => by_filter.push((s.filter.clone(), s.qos)),
+        }
+    }
+    by_filter
+}
+
+fn qos(level: u8) -> QoS {
+    match level {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+/// Publishes waiting for their PUBACK. Requests enter the client's queue in the order their
+/// waiters enter `unassigned`, and the event loop reports `Outgoing::Publish(pkid)` in that
+/// order, so the front waiter gets the next new packet id.
+#[derive(Default)]
+struct PendingPublishes {
+    unassigned: VecDeque<oneshot::Sender<Result<(), PublishError>>>,
+    by_pkid: HashMap<u16, oneshot::Sender<Result<(), PublishError>>>,
+}
+
+impl PendingPublishes {
+    /// The event loop sent a publish with `pkid` (0 for QoS 0).
+    fn sent(&mut self, pkid: u16) {
+        if pkid != 0 && self.by_pkid.contains_key(&pkid) {
+            return; // A retransmission after a reconnect.
+        }
+        let Some(waiter) = self.unassigned.pop_front() else {
+            return;
+        };
+        if pkid == 0 {
+            let _ = waiter.send(Ok(()));
+        } else {
+            self.by_pkid.insert(pkid, waiter);
+        }
+    }
+
+    fn acked(&mut self, pkid: u16) {
+        if let Some(waiter) = self.by_pkid.remove(&pkid) {
+            let _ = waiter.send(Ok(()));
+        }
+    }
+
+    /// The broker started a new session: whatever was not acknowledged is gone.
+    fn fail_all(&mut self, server: &str) {
+        for waiter in self
+            .unassigned
+            .drain(..)
+            .chain(self.by_pkid.drain().map(|(_, w)| w))
+        {
+            let _ = waiter.send(Err(PublishError::NotConnected {
+                server: server.to_owned(),
+            }));
+        }
+    }
+}
+
+/// The sending side registered with the hub.
+struct MqttPublisher {
+    key: ServerKey,
+    client: AsyncClient,
+    pending: Arc<Mutex<PendingPublishes>>,
+    connections: Connections,
+}
+
+impl Publisher for MqttPublisher {
+    fn is_connected(&self) -> bool {
+        self.connections.is_connected(&self.key)
+    }
+
+    fn publish(
+        &self,
+        upstream: &crate::routing::Upstream,
+        message: Outbound,
+    ) -> BoxFuture<'static, Result<(), PublishError>> {
+        let (qos_level, retain) = match &upstream.binding {
+            UpstreamBinding::Mqtt(m) => (qos(m.publish_qos), m.retain),
+            _ => (QoS::AtLeastOnce, false),
+        };
+        let (tx, rx) = oneshot::channel();
+        let server = self.key.server.clone();
+        let queued = {
+            // Held only for these two non-blocking calls, never across an await.
+            let mut pending = match self.pending.lock() {
+                Ok(p) => p,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            pending.unassigned.push_back(tx);
+            let result = self.client.try_publish(
+                message.address,
+                qos_level,
+                retain,
+                message.payload.to_vec(),
+            );
+            if result.is_err() {
+                pending.unassigned.pop_back();
+            }
+            result
+        };
+        async move {
+            if queued.is_err() {
+                return Err(PublishError::Overloaded { server });
+            }
+            rx.await
+                .unwrap_or(Err(PublishError::NotConnected { server }))
+        }
+        .boxed()
+    }
+}
+
+struct EventLoopTask {
+    key: ServerKey,
+    client: AsyncClient,
+    connections: Connections,
+    pending: Arc<Mutex<PendingPublishes>>,
+    filters: Vec<(String, QoS)>,
+}
+
+/// How long a stopping connector keeps polling so that acknowledgements for logged messages
+/// still reach the broker.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl EventLoopTask {
+    fn pending(&self) -> std::sync::MutexGuard<'_, PendingPublishes> {
+        match self.pending.lock() {
+            Ok(p) => p,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    fn changed(&self, connected: bool, error: Option<String>) {
+        UpstreamConnectionChanged {
+            server: &self.key.to_string(),
+            protocol: "mqtt",
+            connected,
+            error: error.as_deref(),
+        }
+        .emit();
+        self.connections.set(
+            &self.key,
+            if connected {
+                ConnectionState::Connected
+            } else {
+                ConnectionState::Disconnected
+            },
+            error,
+        );
+    }
+
+    async fn run(
+        self,
+        mut eventloop: EventLoop,
+        ingress: mpsc::Sender<Publish>,
+        shutdown: CancellationToken,
+        acks_done: CancellationToken,
+    ) {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut connected = false;
+        let mut ingress = Some(ingress);
+        let mut drain_deadline = None;
+        loop {
+            let event = tokio::select! {
+                // Stop taking new messages; keep polling so pending acks go out.
+                _ = shutdown.cancelled(), if ingress.is_some() => {
+                    ingress = None;
+                    drain_deadline = Some(tokio::time::Instant::now() + DRAIN_TIMEOUT);
+                    continue;
+                }
+                // Every logged message is acknowledged (or the deadline passed): leave cleanly.
+                _ = async {
+                    match drain_deadline {
+                        Some(deadline) => {
+                            tokio::select! {
+                                _ = acks_done.cancelled() => {}
+                                _ = tokio::time::sleep_until(deadline) => {}
+                            }
+                        }
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    self.disconnect(&mut eventloop).await;
+                    return;
+                }
+                // Cancel-safe per rumqttc: a cancelled poll loses no state.
+                event = eventloop.poll() => event,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    connected = true;
+                    backoff.reset();
+                    if !ack.session_present {
+                        self.pending().fail_all(&self.key.server);
+                    }
+                    if !self.filters.is_empty() {
+                        let filters = self
+                            .filters
+                            .iter()
+                            .map(|(f, q)| rumqttc::SubscribeFilter::new(f.clone(), *q));
+                        if let Err(e) = self.client.try_subscribe_many(filters) {
+                            tracing::error!(server = %self.key, error = %e, "cannot queue subscriptions");
+                        }
+                    }
+                    self.changed(true, None);
+                }
+                Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    let Some(tx) = &ingress else {
+                        continue; // Stopping: not acked, so the broker redelivers it later.
+                    };
+                    if publish.qos == QoS::AtMostOnce {
+                        if tx.try_send(publish).is_err() {
+                            QueueOverflowed {
+                                channel: &self.key.to_string(),
+                                queue: "mqtt_ingress_qos0",
+                            }
+                            .emit();
+                        }
+                    } else if tx.send(publish).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Event::Incoming(Packet::PubAck(ack))) => self.pending().acked(ack.pkid),
+                Ok(Event::Incoming(Packet::PubComp(comp))) => self.pending().acked(comp.pkid),
+                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => self.pending().sent(pkid),
+                Ok(_) => {}
+                Err(error) => {
+                    if connected || drain_deadline.is_none() {
+                        self.changed(false, Some(describe(&error)));
+                    }
+                    connected = false;
+                    if drain_deadline.is_some() {
+                        return;
+                    }
+                    let delay = backoff.next_delay();
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn disconnect(&self, eventloop: &mut EventLoop) {
+        if self.client.try_disconnect().is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                while let Ok(event) = eventloop.poll().await {
+                    if matches!(event, Event::Outgoing(Outgoing::Disconnect)) {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+        self.connections
+            .set(&self.key, ConnectionState::Disconnected, None);
+    }
+}
+
+fn describe(error: &ConnectionError) -> String {
+    match error {
+        ConnectionError::Io(e) => format!("I/O: {}", e.kind()),
+        other => other.to_string(),
+    }
+}
+
+struct Ingest {
+    hub: Arc<Hub>,
+    server: Arc<str>,
+    routes: Vec<(Arc<LiveRoute>, Subscription)>,
+}
+
+impl Ingest {
+    async fn run(
+        self,
+        mut rx: mpsc::Receiver<Publish>,
+        acks: mpsc::Sender<(Publish, Vec<PendingAppend>)>,
+    ) {
+        while let Some(publish) = rx.recv().await {
+            let mut appends = Vec::new();
+            let mut matched = false;
+            for (route, sub) in &self.routes {
+                let Some(params) = sub.topic.extract(&publish.topic) else {
+                    continue;
+                };
+                matched = true;
+                let envelope = Envelope::new(
+                    route.id().clone(),
+                    publish.topic.clone(),
+                    params,
+                    publish.payload.clone(),
+                    Origin::upstream(Transport::Mqtt, self.server.clone()),
+                );
+                match self.hub.ingest(route, envelope).await {
+                    Ok(pending) => appends.push(pending),
+                    Err(e) => {
+                        tracing::error!(channel = %route.id(), error = %e, "cannot log message; it stays unacknowledged");
+                        // Not acknowledged: the broker redelivers after the next reconnect.
+                        appends.clear();
+                        matched = false;
+                        break;
+                    }
+                }
+            }
+            if !matched && appends.is_empty() {
+                MessageUnmatched {
+                    server: &self.server,
+                    address: &publish.topic,
+                }
+                .emit();
+            }
+            if acks.send((publish, appends)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Acknowledges each message once all its appends are flushed, in arrival order.
+async fn run_acks(
+    client: AsyncClient,
+    mut rx: mpsc::Receiver<(Publish, Vec<PendingAppend>)>,
+    done: CancellationToken,
+) {
+    while let Some((publish, appends)) = rx.recv().await {
+        let mut safe = true;
+        for append in appends {
+            if let Err(e) = append.flushed().await {
+                tracing::error!(topic = %publish.topic, error = %e, "log flush failed; message not acknowledged");
+                safe = false;
+            }
+        }
+        if safe && publish.qos != QoS::AtMostOnce && client.ack(&publish).await.is_err() {
+            break;
+        }
+    }
+    done.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(host: &str, binding: serde_json::Value) -> Server {
+        let mut bindings = serde_json::Map::new();
+        if !binding.is_null() {
+            bindings.insert("mqtt".into(), binding);
+        }
+        Server {
+            id: "broker".into(),
+            protocol: Protocol::Mqtt,
+            protocol_version: None,
+            host: host.into(),
+            pathname: None,
+            security: Vec::new(),
+            bindings,
+        }
+    }
+
+    #[test]
+    fn config_comes_from_document_and_overrides() {
+        let c = MqttServerConfig::build(
+            "iot",
+            &server("127.0.0.1:1883", serde_json::Value::Null),
+            &ServerOverride::default(),
+            1024,
+        )
+        .unwrap();
+        assert_eq!((c.host.as_str(), c.port, c.tls), ("127.0.0.1", 1883, false));
+        assert_eq!(c.client_id, "stepflow-iot-broker");
+        assert!(!c.clean_session);
+
+        let c = MqttServerConfig::build(
+            "iot",
+            &server(
+                "broker.example:1883",
+                serde_json::json!({"clientId": "gw-1", "cleanSession": true, "keepAlive": 10}),
+            ),
+            &ServerOverride {
+                url: Some("mqtts://user:secret@10.0.0.5:8884".into()),
+                ..ServerOverride::default()
+            },
+            1024,
+        )
+        .unwrap();
+        assert_eq!((c.host.as_str(), c.port, c.tls), ("10.0.0.5", 8884, true));
+        assert_eq!(c.client_id, "gw-1");
+        assert!(c.clean_session);
+        assert_eq!(c.username.as_deref(), Some("user"));
+        assert!(
+            !format!("{c:?}").contains("secret"),
+            "password hidden from Debug"
+        );
+
+        assert!(
+            MqttServerConfig::build(
+                "iot",
+                &server("host:port", serde_json::Value::Null),
+                &ServerOverride::default(),
+                1
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn publishes_pair_with_packet_ids_in_order() {
+        let mut p = PendingPublishes::default();
+        let (a, mut ra) = oneshot::channel();
+        let (b, mut rb) = oneshot::channel();
+        let (c, mut rc) = oneshot::channel();
+        p.unassigned.extend([a, b, c]);
+        p.sent(1);
+        p.sent(0); // b was QoS 0: done when sent
+        p.sent(2);
+        assert!(matches!(rb.try_recv(), Ok(Ok(()))));
+        p.sent(1); // retransmission of 1: no new waiter taken
+        p.acked(2);
+        assert!(matches!(rc.try_recv(), Ok(Ok(()))));
+        assert!(ra.try_recv().is_err());
+        p.acked(1);
+        assert!(matches!(ra.try_recv(), Ok(Ok(()))));
+    }
+
+    #[test]
+    fn a_new_session_fails_what_was_pending() {
+        let mut p = PendingPublishes::default();
+        let (a, mut ra) = oneshot::channel();
+        let (b, mut rb) = oneshot::channel();
+        p.unassigned.extend([a, b]);
+        p.sent(7);
+        p.fail_all("broker");
+        assert!(matches!(
+            ra.try_recv(),
+            Ok(Err(PublishError::NotConnected { .. }))
+        ));
+        assert!(matches!(
+            rb.try_recv(),
+            Ok(Err(PublishError::NotConnected { .. }))
+        ));
+    }
+}

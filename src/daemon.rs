@@ -1,0 +1,235 @@
+//! `stepflow run`: compile everything, then start the store, the connectors and the HTTP
+//! server; stop them in order on SIGTERM/SIGINT within the shutdown deadline.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::connectors::ServerKey;
+use crate::connectors::mqtt::{MqttConnector, MqttServerConfig};
+use crate::hub::{Hub, HubConfig};
+use crate::routing::{self, UpstreamBinding};
+use crate::server::{self, AppState};
+use crate::spec::{self, ProtocolFamily, SpecError};
+use crate::store::{Store, StoreConfig};
+use crate::telemetry;
+
+/// Why the daemon could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{} problem(s) in the API documents", .0.len())]
+    Specs(Vec<SpecError>),
+    #[error("no API documents found in {0}")]
+    NoDocuments(String),
+    #[error(transparent)]
+    Store(#[from] crate::store::Error),
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: SocketAddr, reason: String },
+    #[error("metrics: {0}")]
+    Metrics(String),
+    #[error("server {server}: {reason}")]
+    Connector { server: String, reason: String },
+}
+
+/// Runs until `shutdown` is cancelled (by a signal in the binary).
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let specs = config.specs.clone();
+    let compiled = tokio::task::spawn_blocking(move || {
+        let report = spec::load_all(&specs);
+        let mut errors = report.errors;
+        let compiled = match routing::compile(&report.apis) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                errors.extend(e);
+                None
+            }
+        };
+        (report.apis, report.warnings, compiled, errors)
+    })
+    .await
+    .map_err(|e| {
+        Error::Specs(vec![SpecError::new(
+            spec::Location::new("", ""),
+            spec::SpecErrorKind::Invalid(format!("loader task failed: {e}")),
+        )])
+    })?;
+    let (apis, warnings, compiled, errors) = compiled;
+    if !errors.is_empty() {
+        return Err(Error::Specs(errors));
+    }
+    let compiled = compiled.expect("no errors means a table");
+    if apis.is_empty() {
+        return Err(Error::NoDocuments(
+            config
+                .specs
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        ));
+    }
+    for w in warnings.iter().chain(&compiled.warnings) {
+        tracing::warn!(location = %w.location, "{}", w.message);
+    }
+    tracing::info!(
+        documents = apis.len(),
+        routes = compiled.table.len(),
+        "routing table compiled"
+    );
+
+    let metrics = telemetry::install_prometheus().map_err(|e| Error::Metrics(e.to_string()))?;
+    let data_dir = config.data_dir.clone();
+    let store_config = StoreConfig {
+        max_batch: config.log_max_batch,
+        max_flush_delay: config.log_max_flush_delay,
+        retention: config.retention.clone(),
+        ..StoreConfig::default()
+    };
+    let store = tokio::task::spawn_blocking(move || Store::open(&data_dir, store_config))
+        .await
+        .map_err(|e| crate::store::Error::Open {
+            path: config.data_dir.clone(),
+            reason: e.to_string(),
+        })??;
+    tracing::info!(data_dir = %config.data_dir.display(), "message log open");
+
+    let hub = Arc::new(Hub::new(
+        Arc::new(compiled.table),
+        store.clone(),
+        Default::default(),
+        HubConfig {
+            max_payload_bytes: config.max_payload_bytes,
+            live_capacity: config.live_buffer,
+            ..HubConfig::default()
+        },
+    ));
+
+    let connectors = TaskTracker::new();
+    let connector_shutdown = CancellationToken::new();
+    for api in &apis {
+        for server in &api.servers {
+            let uses = hub.routes().any(|r| {
+                r.route.api == api.id
+                    && r.route.upstreams.iter().any(|u| {
+                        u.server == server.id
+                            && !matches!(
+                                u.binding,
+                                UpstreamBinding::NoConnector | UpstreamBinding::DynamicAddress
+                            )
+                    })
+            });
+            if !uses {
+                continue;
+            }
+            let key = ServerKey {
+                api: api.id.clone(),
+                server: server.id.clone(),
+            };
+            match server.protocol.family() {
+                ProtocolFamily::Mqtt => {
+                    let overrides = config.server_override(&api.id, &server.id);
+                    let mqtt = MqttServerConfig::build(
+                        &api.id,
+                        server,
+                        &overrides,
+                        config.max_payload_bytes,
+                    )
+                    .map_err(|e| Error::Connector {
+                        server: key.to_string(),
+                        reason: e.to_string(),
+                    })?;
+                    let url = format!(
+                        "{}://{}:{}",
+                        if mqtt.tls { "mqtts" } else { "mqtt" },
+                        mqtt.host,
+                        mqtt.port
+                    );
+                    tracing::info!(server = %key, url = %url, client_id = %mqtt.client_id, "starting MQTT connector");
+                    MqttConnector::build(&hub, key, url, mqtt).start(
+                        hub.clone(),
+                        connector_shutdown.clone(),
+                        &connectors,
+                    );
+                }
+                family => tracing::warn!(
+                    server = %key,
+                    protocol = %server.protocol,
+                    "no {family:?} connector in this build yet; its routes serve web clients and the log only"
+                ),
+            }
+        }
+    }
+    connectors.close();
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| Error::Listen {
+            addr: config.listen,
+            reason: e.to_string(),
+        })?;
+    let bound = listener.local_addr().unwrap_or(config.listen);
+    tracing::info!(listen = %bound, "HTTP server listening");
+    let http_shutdown = CancellationToken::new();
+    let state = AppState {
+        hub: hub.clone(),
+        metrics: metrics.clone(),
+        shutdown: http_shutdown.clone(),
+        connection_ids: Arc::new(AtomicU64::new(0)),
+    };
+    let http = tokio::spawn(server::run(listener, state));
+
+    let housekeeping = tokio::spawn({
+        let store = store.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tick.tick() => {
+                        metrics.run_upkeep();
+                        store.trim();
+                    }
+                }
+            }
+        }
+    });
+
+    shutdown.cancelled().await;
+    let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
+    tracing::info!(timeout = ?config.shutdown_timeout, "shutting down");
+    // 1. Stop taking requests and close client streams.
+    http_shutdown.cancel();
+    // 2. Stop intake upstream; connectors acknowledge what the log already holds.
+    connector_shutdown.cancel();
+    let stragglers = async {
+        loop {
+            tokio::select! {
+                _ = connectors.wait() => break,
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {
+                    tracing::info!(tasks = connectors.len(), "waiting for connectors to drain");
+                }
+            }
+        }
+    };
+    if tokio::time::timeout_at(deadline, stragglers).await.is_err() {
+        tracing::warn!(
+            tasks = connectors.len(),
+            "connectors did not drain before the deadline"
+        );
+    }
+    if tokio::time::timeout_at(deadline, http).await.is_err() {
+        tracing::warn!("HTTP server did not finish before the deadline");
+    }
+    housekeeping.abort();
+    // 3. Flush the log last: draining connectors still append.
+    store.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,232 @@
+//! The REST surface: channels, publish, replay, dead letters, connections, stats, health.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::error::{ApiError, ErrorCode};
+use crate::hub::{LiveRoute, PublishRequest};
+use crate::routing::Route;
+use crate::routing::envelope::{Origin, Transport};
+use crate::store::LogId;
+
+/// A route as `/api/v1/channels` lists it.
+pub fn channel_view(route: &Route, subscribers: usize) -> Value {
+    json!({
+        "id": route.id,
+        "api": route.api,
+        "channel": route.channel,
+        "address": route.address,
+        "direction": route.direction.as_str(),
+        "readable": route.direction.readable,
+        "writable": route.direction.writable,
+        "delivery": route.delivery,
+        "parameters": route.parameters,
+        "servers": route.upstreams,
+        "messages": route.messages,
+        "requestReply": route.request_reply,
+        "liveSubscribers": subscribers,
+    })
+}
+
+pub async fn list_channels(State(state): State<AppState>) -> Json<Value> {
+    let channels: Vec<Value> = state
+        .hub
+        .routes()
+        .map(|r| channel_view(&r.route, r.live_subscribers()))
+        .collect();
+    Json(json!({ "channels": channels }))
+}
+
+pub fn route_or_404(state: &AppState, id: &str) -> Result<Arc<LiveRoute>, ApiError> {
+    state
+        .hub
+        .route(id)
+        .cloned()
+        .ok_or_else(|| ApiError::not_found(format!("no channel '{id}'")))
+}
+
+pub async fn get_channel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let route = route_or_404(&state, &id)?;
+    let log = state.hub.store().stats(&route.log).await?;
+    let dead = state.hub.store().stats(&route.dead_letters).await?;
+    let mut view = channel_view(&route.route, route.live_subscribers());
+    view["log"] = json!(log);
+    view["deadLetters"] = json!(dead);
+    Ok(Json(view))
+}
+
+/// Reads the body up to the payload limit: over it is 413, not a truncated message.
+pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = std::iter::successors(std::error::Error::source(&e), |s| s.source())
+            .any(|s| s.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::PayloadTooLarge,
+                format!("payload exceeds the limit of {limit} bytes"),
+            )
+            .with_details(json!({ "limit": limit }))
+        } else {
+            ApiError::bad_request(format!("cannot read the request body: {e}"))
+        }
+    })
+}
+
+pub async fn publish(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let Query(params) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let route = route_or_404(&state, &id)?;
+    if !route.route.direction.writable {
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::MethodNotAllowed,
+            format!("channel '{id}' is not writable (the application does not send on it)"),
+        ));
+    }
+    let limit = state.hub.config().max_payload_bytes;
+    let payload = read_body(body, limit).await?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let published = state
+        .hub
+        .publish(
+            &id,
+            PublishRequest {
+                payload,
+                content_type,
+                params,
+                headers: Vec::new(),
+                origin: Origin::client(Transport::Http, 0),
+            },
+        )
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(published)).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ReplayQuery {
+    from: Option<u64>,
+    limit: Option<usize>,
+}
+
+/// Most messages one replay request returns.
+const REPLAY_LIMIT_MAX: usize = 1000;
+
+async fn replay(
+    state: &AppState,
+    id: &str,
+    query: Result<Query<ReplayQuery>, axum::extract::rejection::QueryRejection>,
+    dead_letters: bool,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let route = route_or_404(state, id)?;
+    let log: &LogId = if dead_letters {
+        &route.dead_letters
+    } else {
+        &route.log
+    };
+    let limit = query.limit.unwrap_or(100).clamp(1, REPLAY_LIMIT_MAX);
+    let from = query.from.unwrap_or(1);
+    let messages = state.hub.store().read(log, from, limit).await?;
+    let next = messages.last().map_or(from, |m| m.offset + 1);
+    // The frames are already JSON: splice them in instead of parsing them back.
+    let mut body =
+        Vec::with_capacity(64 + messages.iter().map(|m| m.frame().len() + 1).sum::<usize>());
+    body.extend_from_slice(b"{\"channel\":");
+    body.extend_from_slice(&serde_json::to_vec(id).unwrap_or_default());
+    body.extend_from_slice(b",\"messages\":[");
+    for (i, m) in messages.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(m.frame());
+    }
+    body.extend_from_slice(format!("],\"next\":{next}}}").as_bytes());
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+pub async fn replay_messages(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    query: Result<Query<ReplayQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    replay(&state, &id, query, false).await
+}
+
+pub async fn replay_dead_letters(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    query: Result<Query<ReplayQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    replay(&state, &id, query, true).await
+}
+
+pub async fn connections(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({ "connections": state.hub.connections().snapshot() }))
+}
+
+pub async fn stats(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let mut channels = Vec::new();
+    for route in state.hub.routes() {
+        channels.push(json!({
+            "id": route.id(),
+            "log": state.hub.store().stats(&route.log).await?,
+            "deadLetters": state.hub.store().stats(&route.dead_letters).await?,
+            "liveSubscribers": route.live_subscribers(),
+        }));
+    }
+    Ok(Json(json!({
+        "channels": channels,
+        "store": { "bytesOnDisk": state.hub.store().size_on_disk().await },
+    })))
+}
+
+pub async fn healthz() -> &'static str {
+    "ok"
+}
+
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    let connections = state.hub.connections().snapshot();
+    let ready = state.hub.connections().all_connected() && !state.shutdown.is_cancelled();
+    let body = Json(json!({ "ready": ready, "connections": connections }));
+    if ready {
+        (StatusCode::OK, body).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+    }
+}
+
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+pub async fn fallback() -> ApiError {
+    ApiError::not_found("no such endpoint")
+}

@@ -1,0 +1,94 @@
+//! The HTTP surface (axum): admin and channel API, publish, replay, WebSocket, SSE, health and
+//! `/metrics`. Errors are JSON `{"error": {"code", "message", "details"}}` everywhere.
+
+pub mod api;
+pub mod error;
+pub mod stream;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::get;
+use metrics::counter;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::hub::Hub;
+use crate::telemetry::HTTP_REQUESTS;
+
+/// What every handler gets.
+#[derive(Clone)]
+pub struct AppState {
+    pub hub: Arc<Hub>,
+    pub metrics: PrometheusHandle,
+    pub shutdown: CancellationToken,
+    pub connection_ids: Arc<AtomicU64>,
+}
+
+/// The router.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/api/v1/channels", get(api::list_channels))
+        .route("/api/v1/channels/{id}", get(api::get_channel))
+        .route(
+            "/api/v1/channels/{id}/messages",
+            get(api::replay_messages).post(api::publish),
+        )
+        .route(
+            "/api/v1/channels/{id}/dead-letters",
+            get(api::replay_dead_letters),
+        )
+        .route("/api/v1/connections", get(api::connections))
+        .route("/api/v1/stats", get(api::stats))
+        .route("/ws/{id}", get(stream::websocket))
+        .route("/sse/{id}", get(stream::sse))
+        .route("/healthz", get(api::healthz))
+        .route("/readyz", get(api::readyz))
+        .route("/metrics", get(api::metrics))
+        .fallback(api::fallback)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(count_requests))
+        // The body limit is enforced by the handlers (with a 413 in our error format).
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+async fn method_not_allowed() -> error::ApiError {
+    error::ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        error::ErrorCode::MethodNotAllowed,
+        "method not allowed on this endpoint",
+    )
+}
+
+/// Counts requests by route template (never the concrete URI) and status class.
+async fn count_requests(request: Request, next: Next) -> Response {
+    let template = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let response = next.run(request).await;
+    let class = match response.status().as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    counter!(HTTP_REQUESTS, "route" => template, "status" => class).increment(1);
+    response
+}
+
+/// Serves until `shutdown` is cancelled, then finishes in-flight requests.
+pub async fn run(listener: TcpListener, state: AppState) -> std::io::Result<()> {
+    let shutdown = state.shutdown.clone();
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}

@@ -1,0 +1,268 @@
+//! Live streams for web clients: WebSocket (`/ws/{channel}`) and SSE (`/sse/{channel}`).
+//!
+//! Both replay from the log when asked (`?from=`, SSE `Last-Event-ID`) and then go live with no
+//! gap and no duplicate; a client that falls behind is told (`lagged`) and resumed from the log.
+//! Both select on the shutdown token: axum does not wait for upgraded sockets or endless SSE
+//! bodies, so they close themselves (WebSocket close 1001, end of the SSE stream).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::{SinkExt, Stream, StreamExt};
+use serde_json::json;
+
+use super::AppState;
+use super::api::route_or_404;
+use super::error::{ApiError, ErrorCode};
+use crate::hub::{LiveRoute, PublishRequest, Subscription, SubscriptionEvent};
+use crate::routing::envelope::{Delivered, Origin, Transport};
+use crate::telemetry::events::{SubscriberGauge, SubscriberLagged};
+
+/// How often the server pings an idle WebSocket client.
+const PING_INTERVAL: Duration = Duration::from_secs(20);
+/// SSE keep-alive comment interval (proxies close idle connections).
+const SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+fn parse_from(params: &HashMap<String, String>) -> Result<Option<u64>, ApiError> {
+    match params.get("from") {
+        None => Ok(None),
+        Some(v) => v.parse::<u64>().map(Some).map_err(|_| {
+            ApiError::bad_request(format!("`from` must be an offset (a number), not '{v}'"))
+        }),
+    }
+}
+
+fn lagged_notice(skipped: u64, resume_from: u64) -> String {
+    json!({"type": "lagged", "skipped": skipped, "resumeFrom": resume_from}).to_string()
+}
+
+/// Records the delivery of `message` (latency only for live messages: replayed ones did not
+/// just arrive).
+fn delivered(route: &LiveRoute, message: &Delivered, live: bool, transport: Transport) {
+    let latency = live.then(|| message.envelope.ingress.elapsed());
+    route.metrics.message_delivered(transport, latency);
+}
+
+pub async fn websocket(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+    upgrade: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let Query(params) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let route = route_or_404(&state, &id)?;
+    let from = parse_from(&params)?;
+    let subscription = if route.route.direction.readable {
+        Some(state.hub.subscribe(&route, from).await?)
+    } else {
+        None
+    };
+    let connection = state.connection_ids.fetch_add(1, Ordering::Relaxed) + 1;
+    Ok(upgrade
+        .max_message_size(state.hub.config().max_payload_bytes + 4096)
+        .on_upgrade(move |socket| {
+            ws_session(socket, state, route, subscription, params, connection)
+        }))
+}
+
+async fn ws_session(
+    socket: WebSocket,
+    state: AppState,
+    route: Arc<LiveRoute>,
+    mut subscription: Option<Subscription>,
+    mut params: HashMap<String, String>,
+    connection: u64,
+) {
+    params.remove("from");
+    let _gauge = SubscriberGauge::attach(route.id(), Transport::Ws);
+    let (mut sink, mut incoming) = socket.split();
+    let mut ping = tokio::time::interval(PING_INTERVAL);
+    ping.tick().await;
+    let reason = loop {
+        tokio::select! {
+            // Shutdown: close with "going away" so clients reconnect elsewhere or later.
+            _ = state.shutdown.cancelled() => {
+                break Some(CloseFrame { code: close_code::AWAY, reason: "server shutting down".into() });
+            }
+            // The next message for this client (cancel-safe: consumed only when returned).
+            event = async {
+                match subscription.as_mut() {
+                    Some(s) => s.next().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let frame = match event {
+                    Ok(Some(SubscriptionEvent::Message { message, live })) => {
+                        // Never echo a client's own messages back to it.
+                        if message.envelope.origin.connection == connection
+                            && message.envelope.origin.transport == Transport::Ws
+                        {
+                            continue;
+                        }
+                        delivered(&route, &message, live, Transport::Ws);
+                        match Utf8Bytes::try_from(message.frame().clone()) {
+                            Ok(text) => Message::Text(text),
+                            Err(_) => continue,
+                        }
+                    }
+                    Ok(Some(SubscriptionEvent::Lagged { skipped, resume_from })) => {
+                        SubscriberLagged { channel: route.id(), transport: Transport::Ws, skipped }.emit();
+                        Message::Text(lagged_notice(skipped, resume_from).into())
+                    }
+                    Ok(None) => break Some(CloseFrame { code: close_code::AWAY, reason: "channel closed".into() }),
+                    Err(e) => {
+                        let error = ApiError::from(e);
+                        let _ = sink.send(Message::Text(error_frame(&error).into())).await;
+                        break Some(CloseFrame { code: close_code::ERROR, reason: "message log failed".into() });
+                    }
+                };
+                if sink.send(frame).await.is_err() {
+                    break None;
+                }
+            }
+            // A frame from the client: a message to publish, or control.
+            message = incoming.next() => {
+                let payload = match message {
+                    Some(Ok(Message::Text(text))) => bytes::Bytes::from(text),
+                    Some(Ok(Message::Binary(data))) => data,
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break None,
+                };
+                let reply = publish_frame(&state, &route, &params, payload, connection).await;
+                if sink.send(Message::Text(reply.into())).await.is_err() {
+                    break None;
+                }
+            }
+            _ = ping.tick() => {
+                if sink.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
+                    break None;
+                }
+            }
+        }
+    };
+    if let Some(frame) = reason {
+        let _ = sink.send(Message::Close(Some(frame))).await;
+    }
+    let _ = sink.close().await;
+}
+
+fn error_frame(error: &ApiError) -> String {
+    let mut body = error.body();
+    body["type"] = json!("error");
+    body["status"] = json!(error.status.as_u16());
+    body.to_string()
+}
+
+/// Publishes one client frame; the reply frame is an ack with the offset or an error (the
+/// socket stays open either way).
+async fn publish_frame(
+    state: &AppState,
+    route: &LiveRoute,
+    params: &HashMap<String, String>,
+    payload: bytes::Bytes,
+    connection: u64,
+) -> String {
+    if !route.route.direction.writable {
+        let error = ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::MethodNotAllowed,
+            format!("channel '{}' is not writable", route.id()),
+        );
+        return error_frame(&error);
+    }
+    let request = PublishRequest {
+        payload,
+        content_type: None,
+        params: params.clone(),
+        headers: Vec::new(),
+        origin: Origin::client(Transport::Ws, connection),
+    };
+    match state.hub.publish(route.id(), request).await {
+        Ok(published) => json!({
+            "type": "ack",
+            "offset": published.offset,
+            "address": published.address,
+        })
+        .to_string(),
+        Err(failure) => error_frame(&ApiError::from(failure)),
+    }
+}
+
+pub async fn sse(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let Query(params) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let route = route_or_404(&state, &id)?;
+    if !route.route.direction.readable {
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::MethodNotAllowed,
+            format!("channel '{id}' is not readable (the application does not receive on it)"),
+        ));
+    }
+    // A reconnecting EventSource sends Last-Event-ID and repeats the original URL, so the
+    // header wins over `?from=`.
+    let last_event_id = match headers
+        .get("last-event-id")
+        .map(|v| v.to_str().map(str::trim))
+    {
+        None => None,
+        Some(Ok(v)) => Some(v.parse::<u64>().map_err(|_| {
+            ApiError::bad_request(format!("Last-Event-ID must be an offset, not '{v}'"))
+        })?),
+        Some(Err(_)) => return Err(ApiError::bad_request("Last-Event-ID is not text")),
+    };
+    let from = match last_event_id {
+        Some(id) => Some(id + 1),
+        None => parse_from(&params)?,
+    };
+    let subscription = state.hub.subscribe(&route, from).await?;
+    let stream = sse_stream(state, route, subscription);
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(SSE_KEEP_ALIVE))
+        .into_response())
+}
+
+fn sse_stream(
+    state: AppState,
+    route: Arc<LiveRoute>,
+    mut subscription: Subscription,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    async_stream::stream! {
+        let _gauge = SubscriberGauge::attach(route.id(), Transport::Sse);
+        loop {
+            let event = tokio::select! {
+                _ = state.shutdown.cancelled() => break,
+                event = subscription.next() => event,
+            };
+            match event {
+                Ok(Some(SubscriptionEvent::Message { message, live })) => {
+                    delivered(&route, &message, live, Transport::Sse);
+                    let data = String::from_utf8_lossy(message.frame()).into_owned();
+                    yield Ok(Event::default().id(message.offset.to_string()).event("message").data(data));
+                }
+                Ok(Some(SubscriptionEvent::Lagged { skipped, resume_from })) => {
+                    SubscriberLagged { channel: route.id(), transport: Transport::Sse, skipped }.emit();
+                    yield Ok(Event::default().event("lagged").data(lagged_notice(skipped, resume_from)));
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let error = ApiError::from(e);
+                    yield Ok(Event::default().event("error").data(error.body().to_string()));
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,336 @@
+//! The message log and its durable state, in sled. Every sled call lives in this module.
+//!
+//! One tree per channel and kind (`m:{channel}` messages, `d:{channel}` dead letters); keys are
+//! big-endian `u64` offsets, monotonic per tree and continuing after a restart. Appends go through
+//! one writer thread (a dedicated OS thread, never a runtime worker) that commits in groups: it
+//! takes every append waiting (up to `max_batch`), inserts them, hands them to live subscribers,
+//! flushes once, then completes them. So a message is acknowledged upstream only once it is on
+//! disk, and an fsync is shared by every message that arrived while the previous one ran.
+//! Reads run on `spawn_blocking`.
+
+mod record;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::routing::ChannelId;
+use crate::routing::envelope::{Delivered, Envelope};
+
+pub use record::CorruptRecord;
+
+/// Store failures.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open the data directory {path}: {reason}")]
+    Open { path: PathBuf, reason: String },
+    #[error("log {log}: {reason}")]
+    Io { log: String, reason: String },
+    #[error("log {log} offset {offset}: {source}")]
+    Corrupt {
+        log: String,
+        offset: u64,
+        source: CorruptRecord,
+    },
+    #[error("the store is shut down")]
+    Closed,
+}
+
+/// Which log of a channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LogKind {
+    Messages,
+    DeadLetters,
+}
+
+impl LogKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogKind::Messages => "messages",
+            LogKind::DeadLetters => "dead_letters",
+        }
+    }
+}
+
+/// A channel's message log or dead-letter log.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LogId {
+    pub channel: ChannelId,
+    pub kind: LogKind,
+}
+
+impl LogId {
+    pub fn messages(channel: ChannelId) -> Self {
+        Self {
+            channel,
+            kind: LogKind::Messages,
+        }
+    }
+
+    pub fn dead_letters(channel: ChannelId) -> Self {
+        Self {
+            channel,
+            kind: LogKind::DeadLetters,
+        }
+    }
+
+    fn tree_name(&self) -> String {
+        match self.kind {
+            LogKind::Messages => format!("m:{}", self.channel),
+            LogKind::DeadLetters => format!("d:{}", self.channel),
+        }
+    }
+}
+
+impl std::fmt::Display for LogId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.channel, self.kind.as_str())
+    }
+}
+
+/// How much of each log to keep; `None` keeps everything of that measure.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retention {
+    pub max_messages: Option<u64>,
+    #[serde(with = "optional_seconds", rename = "max_age_seconds")]
+    pub max_age: Option<Duration>,
+    pub max_bytes: Option<u64>,
+}
+
+mod optional_seconds {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(d) => s.serialize_some(&d.as_secs()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Ok(Option::<u64>::deserialize(d)?.map(Duration::from_secs))
+    }
+}
+
+/// Store tuning.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Appends committed by one flush at most.
+    pub max_batch: usize,
+    /// Longest an append waits for its flush when appends keep arriving.
+    pub max_flush_delay: Duration,
+    /// Capacity of the append queue (appenders wait when it is full).
+    pub queue_capacity: usize,
+    pub retention: Retention,
+    /// How often retention runs.
+    pub trim_interval: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: 1000,
+            max_flush_delay: Duration::from_millis(5),
+            queue_capacity: 8192,
+            retention: Retention::default(),
+            trim_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The outcome of an append, available once the message is flushed.
+pub struct PendingAppend(oneshot::Receiver<Result<u64, Error>>);
+
+impl PendingAppend {
+    /// Waits for the flush; the offset of the message in its log.
+    pub async fn flushed(self) -> Result<u64, Error> {
+        self.0.await.unwrap_or(Err(Error::Closed))
+    }
+}
+
+/// Position and size of one log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LogStats {
+    pub first_offset: Option<u64>,
+    pub last_offset: Option<u64>,
+    pub messages: u64,
+}
+
+/// Handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    commands: mpsc::Sender<writer::Command>,
+    writer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir` and starts the writer thread.
+    pub fn open(dir: &Path, config: StoreConfig) -> Result<Store, Error> {
+        let db = sled::Config::new()
+            .path(dir)
+            // Durability comes from the writer's explicit group flushes, not a timer.
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| Error::Open {
+                path: dir.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        let (commands, rx) = mpsc::channel(config.queue_capacity);
+        let writer_db = db.clone();
+        let handle = std::thread::Builder::new()
+            .name("stepflow-log-writer".into())
+            .spawn(move || writer::run(writer_db, rx, config))
+            .map_err(|e| Error::Open {
+                path: dir.to_path_buf(),
+                reason: format!("cannot start the log writer: {e}"),
+            })?;
+        Ok(Store {
+            db,
+            commands,
+            writer: Arc::new(std::sync::Mutex::new(Some(handle))),
+        })
+    }
+
+    /// Queues an append. Waits only while the queue is full (backpressure); the returned handle
+    /// completes once the message is flushed. If `live` is given, the message is sent there as
+    /// soon as it has its offset, before the flush, so live subscribers are not delayed by it.
+    pub async fn append(
+        &self,
+        log: LogId,
+        envelope: Envelope,
+        dead_letter_reason: Option<String>,
+        live: Option<broadcast::Sender<Arc<Delivered>>>,
+    ) -> Result<PendingAppend, Error> {
+        let (done, rx) = oneshot::channel();
+        self.commands
+            .send(writer::Command::Append(writer::Append {
+                log,
+                envelope,
+                dead_letter_reason,
+                live,
+                done,
+            }))
+            .await
+            .map_err(|_| Error::Closed)?;
+        Ok(PendingAppend(rx))
+    }
+
+    /// Messages of `log` from offset `from` (inclusive), at most `limit`.
+    pub async fn read(
+        &self,
+        log: &LogId,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<Arc<Delivered>>, Error> {
+        let db = self.db.clone();
+        let log = log.clone();
+        tokio::task::spawn_blocking(move || read_blocking(&db, &log, from, limit))
+            .await
+            .map_err(|e| Error::Io {
+                log: String::new(),
+                reason: format!("read task failed: {e}"),
+            })?
+    }
+
+    /// First and last offset and count of a log.
+    pub async fn stats(&self, log: &LogId) -> Result<LogStats, Error> {
+        let db = self.db.clone();
+        let log = log.clone();
+        tokio::task::spawn_blocking(move || stats_blocking(&db, &log))
+            .await
+            .map_err(|e| Error::Io {
+                log: String::new(),
+                reason: format!("stats task failed: {e}"),
+            })?
+    }
+
+    /// Bytes the store takes on disk.
+    pub async fn size_on_disk(&self) -> u64 {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.size_on_disk().unwrap_or(0))
+            .await
+            .unwrap_or(0)
+    }
+
+    /// Asks the writer to apply retention (it also does after busy batches); call periodically.
+    pub fn trim(&self) {
+        // A full queue means the writer is busy and will trim after its batch anyway.
+        let _ = self.commands.try_send(writer::Command::Trim);
+    }
+
+    /// Flushes what is queued and stops the writer. Appends after this fail with `Closed`.
+    pub async fn shutdown(&self) {
+        let (done, rx) = oneshot::channel();
+        if self
+            .commands
+            .send(writer::Command::Shutdown(done))
+            .await
+            .is_ok()
+        {
+            let _ = rx.await;
+        }
+        let handle = self.writer.lock().ok().and_then(|mut h| h.take());
+        if let Some(handle) = handle {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+    }
+}
+
+fn io_error(log: &LogId, e: sled::Error) -> Error {
+    Error::Io {
+        log: log.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+fn read_blocking(
+    db: &sled::Db,
+    log: &LogId,
+    from: u64,
+    limit: usize,
+) -> Result<Vec<Arc<Delivered>>, Error> {
+    let tree = db
+        .open_tree(log.tree_name())
+        .map_err(|e| io_error(log, e))?;
+    let mut out = Vec::new();
+    for item in tree.range(from.to_be_bytes()..).take(limit) {
+        let (key, value) = item.map_err(|e| io_error(log, e))?;
+        let offset = offset_of(&key);
+        let delivered = record::decode(&log.channel, offset, Bytes::copy_from_slice(&value))
+            .map_err(|source| Error::Corrupt {
+                log: log.to_string(),
+                offset,
+                source,
+            })?;
+        out.push(Arc::new(delivered));
+    }
+    Ok(out)
+}
+
+fn stats_blocking(db: &sled::Db, log: &LogId) -> Result<LogStats, Error> {
+    let tree = db
+        .open_tree(log.tree_name())
+        .map_err(|e| io_error(log, e))?;
+    let first = tree.first().map_err(|e| io_error(log, e))?;
+    let last = tree.last().map_err(|e| io_error(log, e))?;
+    Ok(LogStats {
+        first_offset: first.map(|(k, _)| offset_of(&k)),
+        last_offset: last.map(|(k, _)| offset_of(&k)),
+        messages: tree.len() as u64,
+    })
+}
+
+fn offset_of(key: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    let n = key.len().min(8);
+    a[8 - n..].copy_from_slice(&key[..n]);
+    u64::from_be_bytes(a)
+}

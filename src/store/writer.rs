@@ -1,0 +1,270 @@
+//! The log writer thread: group commit and retention.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use super::{Error, LogId, Retention, StoreConfig, io_error, offset_of, record};
+use crate::routing::envelope::{Delivered, Envelope};
+
+// Appends are nearly every command: boxing them would allocate per message to shrink the rare
+// ones.
+#[allow(clippy::large_enum_variant)]
+pub(super) enum Command {
+    Append(Append),
+    /// Apply retention now (sent periodically by [`super::Store::trim`]'s caller).
+    Trim,
+    Shutdown(oneshot::Sender<()>),
+}
+
+pub(super) struct Append {
+    pub log: LogId,
+    pub envelope: Envelope,
+    pub dead_letter_reason: Option<String>,
+    pub live: Option<broadcast::Sender<Arc<Delivered>>>,
+    pub done: oneshot::Sender<Result<u64, Error>>,
+}
+
+type Completion = oneshot::Sender<Result<u64, Error>>;
+
+struct OpenLog {
+    tree: sled::Tree,
+    next_offset: u64,
+}
+
+pub(super) fn run(db: sled::Db, mut rx: mpsc::Receiver<Command>, config: StoreConfig) {
+    let mut logs: HashMap<LogId, OpenLog> = HashMap::new();
+    let mut last_trim = Instant::now();
+    let mut batch: Vec<Append> = Vec::with_capacity(config.max_batch);
+    let mut completions: Vec<(Completion, Result<u64, Error>)> =
+        Vec::with_capacity(config.max_batch);
+    loop {
+        let Some(first) = rx.blocking_recv() else {
+            break;
+        };
+        let started = Instant::now();
+        let mut trim_requested = false;
+        let mut push = |command: Command, batch: &mut Vec<Append>| match command {
+            Command::Append(a) => {
+                batch.push(a);
+                None
+            }
+            Command::Trim => {
+                trim_requested = true;
+                None
+            }
+            Command::Shutdown(done) => Some(done),
+        };
+        let mut shutdown = push(first, &mut batch);
+        // Group commit: take what is already queued, up to the batch size and delay bounds.
+        while shutdown.is_none()
+            && batch.len() < config.max_batch
+            && started.elapsed() < config.max_flush_delay
+        {
+            match rx.try_recv() {
+                Ok(c) => shutdown = push(c, &mut batch),
+                Err(_) => break,
+            }
+        }
+        for append in batch.drain(..) {
+            let result = insert(&db, &mut logs, &append);
+            if let (Ok(offset), Some(live)) = (&result, &append.live) {
+                // No receiver is fine: nobody is watching this channel live.
+                let _ = live.send(Arc::new(Delivered::new(
+                    *offset,
+                    append.envelope,
+                    append.dead_letter_reason,
+                )));
+            }
+            completions.push((append.done, result));
+        }
+        if !completions.is_empty() {
+            let flushed = db.flush().map_err(|e| Error::Io {
+                log: "flush".into(),
+                reason: e.to_string(),
+            });
+            for (done, result) in completions.drain(..) {
+                let outcome = match (&flushed, result) {
+                    (Ok(_), r) => r,
+                    (Err(e), _) => Err(e.clone()),
+                };
+                let _ = done.send(outcome);
+            }
+        }
+        if trim_requested || last_trim.elapsed() >= config.trim_interval {
+            trim(&logs, &config.retention);
+            last_trim = Instant::now();
+        }
+        if let Some(done) = shutdown {
+            let _ = db.flush();
+            let _ = done.send(());
+            return;
+        }
+    }
+    let _ = db.flush();
+}
+
+fn insert(
+    db: &sled::Db,
+    logs: &mut HashMap<LogId, OpenLog>,
+    append: &Append,
+) -> Result<u64, Error> {
+    if !logs.contains_key(&append.log) {
+        let tree = db
+            .open_tree(append.log.tree_name())
+            .map_err(|e| io_error(&append.log, e))?;
+        let next_offset = match tree.last().map_err(|e| io_error(&append.log, e))? {
+            Some((key, _)) => offset_of(&key) + 1,
+            None => 1,
+        };
+        logs.insert(append.log.clone(), OpenLog { tree, next_offset });
+    }
+    let log = logs.get_mut(&append.log).expect("inserted above");
+    let offset = log.next_offset;
+    let value = record::encode(&append.envelope, append.dead_letter_reason.as_deref());
+    log.tree
+        .insert(offset.to_be_bytes(), value)
+        .map_err(|e| io_error(&append.log, e))?;
+    log.next_offset += 1;
+    Ok(offset)
+}
+
+/// Applies retention to every log this writer has opened.
+fn trim(logs: &HashMap<LogId, OpenLog>, retention: &Retention) {
+    for (id, log) in logs {
+        if let Err(e) = trim_one(&log.tree, retention) {
+            tracing::warn!(log = %id, error = %e, "log retention failed");
+        }
+    }
+}
+
+pub(super) fn trim_one(tree: &sled::Tree, retention: &Retention) -> Result<u64, sled::Error> {
+    let mut removed = 0;
+    if let Some(max) = retention.max_messages {
+        let len = tree.len() as u64;
+        for _ in max..len {
+            if tree.pop_min()?.is_none() {
+                break;
+            }
+            removed += 1;
+        }
+    }
+    if let Some(max_age) = retention.max_age {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+            .as_millis() as u64;
+        let cutoff = now_ms.saturating_sub(max_age.as_millis() as u64);
+        while let Some((key, value)) = tree.first()? {
+            match record::timestamp_ms(&value) {
+                Some(ts) if ts < cutoff => {
+                    tree.remove(key)?;
+                    removed += 1;
+                }
+                _ => break,
+            }
+        }
+    }
+    if let Some(max_bytes) = retention.max_bytes {
+        // Keep the newest records whose sizes add up to at most max_bytes.
+        let mut kept = 0u64;
+        let mut cut_before = None;
+        for item in tree.iter().rev() {
+            let (key, value) = item?;
+            kept += (key.len() + value.len()) as u64;
+            if kept > max_bytes {
+                cut_before = Some(offset_of(&key) + 1);
+                break;
+            }
+        }
+        if let Some(limit) = cut_before {
+            while let Some((key, _)) = tree.first()? {
+                if offset_of(&key) >= limit {
+                    break;
+                }
+                tree.remove(key)?;
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::routing::address::Params;
+    use crate::routing::envelope::{Origin, Transport};
+
+    fn tree_with(n: u64) -> (tempfile::TempDir, sled::Tree) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let tree = db.open_tree("m:test").unwrap();
+        for offset in 1..=n {
+            let envelope = Envelope::new(
+                "test".into(),
+                "a".into(),
+                Params::default(),
+                Bytes::from(vec![b'x'; 100]),
+                Origin::client(Transport::Http, 0),
+            );
+            tree.insert(offset.to_be_bytes(), record::encode(&envelope, None))
+                .unwrap();
+        }
+        (dir, tree)
+    }
+
+    #[test]
+    fn retention_by_count_keeps_the_newest() {
+        let (_dir, tree) = tree_with(10);
+        let removed = trim_one(
+            &tree,
+            &Retention {
+                max_messages: Some(3),
+                ..Retention::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(removed, 7);
+        assert_eq!(offset_of(&tree.first().unwrap().unwrap().0), 8);
+    }
+
+    #[test]
+    fn retention_by_bytes_keeps_the_newest_that_fit() {
+        let (_dir, tree) = tree_with(10);
+        let one = {
+            let (k, v) = tree.first().unwrap().unwrap();
+            (k.len() + v.len()) as u64
+        };
+        trim_one(
+            &tree,
+            &Retention {
+                max_bytes: Some(one * 4 + 1),
+                ..Retention::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(tree.len(), 4);
+        assert_eq!(offset_of(&tree.first().unwrap().unwrap().0), 7);
+    }
+
+    #[test]
+    fn retention_by_age_removes_old_records() {
+        let (_dir, tree) = tree_with(5);
+        std::thread::sleep(Duration::from_millis(1100));
+        let removed = trim_one(
+            &tree,
+            &Retention {
+                max_age: Some(Duration::from_secs(1)),
+                ..Retention::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(removed, 5);
+        assert!(tree.is_empty());
+    }
+}
