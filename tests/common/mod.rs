@@ -1,0 +1,489 @@
+//! Helpers for integration tests: the daemon as a process, brokers, clients. Every wait has a
+//! timeout; every test owns its topics and client ids.
+#![allow(dead_code)]
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use futures::StreamExt;
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// A name unique to this test run: `prefix-<pid>-<n>`.
+pub fn unique(prefix: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Fails (never skips) when the machine's Mosquitto is down, naming the command that starts it.
+pub fn require_mosquitto() {
+    if TcpStream::connect_timeout(&"127.0.0.1:1883".parse().unwrap(), Duration::from_secs(2))
+        .is_err()
+    {
+        panic!(
+            "Mosquitto is not reachable on 127.0.0.1:1883; start it with: mosquitto -d -c /etc/mosquitto/mosquitto.conf"
+        );
+    }
+}
+
+/// A Mosquitto of the test's own on a free port, for tests that stop the broker or need its
+/// limits raised. Killed on drop.
+pub struct OwnMosquitto {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl OwnMosquitto {
+    pub fn start() -> OwnMosquitto {
+        let dir = tempfile::tempdir().unwrap();
+        let mut broker = OwnMosquitto {
+            port: free_port(),
+            dir,
+            child: None,
+        };
+        broker.restart();
+        broker
+    }
+
+    fn binary() -> &'static str {
+        for candidate in ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"] {
+            if Path::new(candidate).exists() {
+                return candidate;
+            }
+        }
+        panic!("the mosquitto binary is missing; install it with: apt-get install -y mosquitto");
+    }
+
+    /// Starts (again) on the same port.
+    pub fn restart(&mut self) {
+        let config = self.dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 1000000\nmax_inflight_messages 1000\nmax_keepalive 65535\n",
+                self.port
+            ),
+        )
+        .unwrap();
+        let child = Command::new(Self::binary())
+            .arg("-c")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto starts");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "own mosquitto did not start on {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for OwnMosquitto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Writes an IoT document (AsyncAPI 3.0) whose topics start with `prefix`, with a `telemetry`
+/// channel the gateway receives and a `commands` channel it sends, on server `broker`.
+pub fn iot_spec(dir: &Path, api: &str, prefix: &str, qos: u8) -> PathBuf {
+    let path = dir.join(format!("{api}.yaml"));
+    std::fs::write(
+        &path,
+        format!(
+            r#"asyncapi: 3.0.0
+x-stepflow-id: {api}
+info: {{title: Test IoT, version: 1.0.0}}
+servers:
+  broker: {{host: '127.0.0.1:1883', protocol: mqtt}}
+channels:
+  telemetry:
+    address: '{prefix}/devices/{{deviceId}}/telemetry'
+    messages:
+      reading:
+        payload:
+          type: object
+          required: [temperature]
+          properties:
+            temperature: {{type: number}}
+            seq: {{type: integer}}
+            pad: {{type: string}}
+  commands:
+    address: '{prefix}/devices/{{deviceId}}/commands'
+    messages:
+      command:
+        payload:
+          type: object
+          required: [action]
+          additionalProperties: false
+          properties:
+            action: {{type: string, enum: [reboot, identify]}}
+            deviceId: {{type: string}}
+operations:
+  receiveTelemetry:
+    action: receive
+    channel: {{$ref: '#/channels/telemetry'}}
+    bindings: {{mqtt: {{qos: {qos}}}}}
+  sendCommand:
+    action: send
+    channel: {{$ref: '#/channels/commands'}}
+    bindings: {{mqtt: {{qos: 1}}}}
+"#
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// The gateway as a process.
+pub struct Daemon {
+    pub port: u16,
+    pub data_dir: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+    log: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Daemon {
+    /// Starts `stepflow run` with `args` (plus `--listen` and `--data-dir` unless given) and
+    /// waits until `/readyz` answers 200.
+    pub async fn start(args: &[&str]) -> Result<Daemon> {
+        let dir = tempfile::tempdir()?;
+        let mut daemon = Daemon {
+            port: free_port(),
+            data_dir: dir.path().join("data"),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            log: dir.path().join("daemon.log"),
+            _dir: Some(dir),
+        };
+        daemon.spawn()?;
+        daemon.wait_ready(Duration::from_secs(20)).await?;
+        Ok(daemon)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let mut command = Command::new(env!("CARGO_BIN_EXE_stepflow"));
+        command
+            .arg("run")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(&self.args)
+            .env("RUST_LOG", "info,stepflow=debug")
+            .env_remove("STEPFLOW_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(log);
+        self.child = Some(command.spawn().context("spawning stepflow")?);
+        Ok(())
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn ws_url(&self, path: &str) -> String {
+        format!("ws://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// What the daemon logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let client = reqwest::Client::new();
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!(
+                    "stepflow exited with {status} before it was ready:\n{}",
+                    self.log()
+                );
+            }
+            if let Ok(r) = client.get(self.url("/readyz")).send().await
+                && r.status() == 200
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("stepflow not ready after {timeout:?}:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL: no cleanup at all.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, and how long the process took to exit (with its status).
+    pub fn terminate(&mut self, timeout: Duration) -> Result<(std::process::ExitStatus, Duration)> {
+        let mut child = self.child.take().ok_or_else(|| anyhow!("not running"))?;
+        let started = Instant::now();
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()?;
+        if !status.success() {
+            bail!("kill -TERM failed");
+        }
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok((status, started.elapsed()));
+            }
+            if started.elapsed() > timeout {
+                let _ = child.kill();
+                bail!(
+                    "stepflow did not exit within {timeout:?} of SIGTERM:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts again with the same data directory, port and arguments.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.kill9();
+        self.spawn()?;
+        self.wait_ready(Duration::from_secs(20)).await
+    }
+
+    pub async fn get_json(&self, path: &str) -> Result<serde_json::Value> {
+        let r = reqwest::get(self.url(path)).await?;
+        Ok(r.json().await?)
+    }
+
+    /// Every message of a channel's log, by following `next`.
+    pub async fn replay_all(&self, channel: &str, log: &str) -> Result<Vec<serde_json::Value>> {
+        let mut out = Vec::new();
+        let mut from = 1;
+        loop {
+            let page = self
+                .get_json(&format!(
+                    "/api/v1/channels/{channel}/{log}?from={from}&limit=1000"
+                ))
+                .await?;
+            let messages = page["messages"].as_array().cloned().unwrap_or_default();
+            if messages.is_empty() {
+                return Ok(out);
+            }
+            from = page["next"].as_u64().unwrap();
+            out.extend(messages);
+        }
+    }
+
+    /// The value of a metric series (summing every series whose labels include `labels`).
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
+        let text = reqwest::get(self.url("/metrics")).await?.text().await?;
+        let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))?;
+        let mut total = 0.0;
+        for sample in scrape.samples.iter().filter(|s| s.metric == name) {
+            if labels.iter().all(|(k, v)| sample.labels.get(k) == Some(*v)) {
+                total += match sample.value {
+                    prometheus_parse::Value::Counter(v)
+                    | prometheus_parse::Value::Gauge(v)
+                    | prometheus_parse::Value::Untyped(v) => v,
+                    _ => 0.0,
+                };
+            }
+        }
+        Ok(total)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!("---- stepflow log ----\n{}", self.log());
+        }
+    }
+}
+
+/// An MQTT test client with its own event loop task.
+pub struct MqttClient {
+    pub client: rumqttc::AsyncClient,
+    pub messages: tokio::sync::mpsc::UnboundedReceiver<rumqttc::Publish>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MqttClient {
+    pub async fn connect(port: u16, id: &str) -> Result<MqttClient> {
+        let mut options = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+        options.set_keep_alive(Duration::from_secs(30));
+        options.set_inflight(1000);
+        options.set_max_packet_size(2 * 1024 * 1024, 2 * 1024 * 1024);
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10_000);
+        let (tx, messages) = tokio::sync::mpsc::unbounded_channel();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut ready = Some(ready_tx);
+            loop {
+                match eventloop.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                        if let Some(r) = ready.take() {
+                            let _ = r.send(());
+                        }
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        let _ = tx.send(p);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(5), ready_rx)
+            .await
+            .context("MQTT test client did not connect")??;
+        Ok(MqttClient {
+            client,
+            messages,
+            task,
+        })
+    }
+
+    pub async fn subscribe(&self, filter: &str) -> Result<()> {
+        self.client
+            .subscribe(filter, rumqttc::QoS::AtLeastOnce)
+            .await?;
+        // The SUBACK arrives on the event loop; give the broker a moment to register it.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Ok(())
+    }
+
+    pub async fn recv(&mut self, timeout: Duration) -> Result<rumqttc::Publish> {
+        tokio::time::timeout(timeout, self.messages.recv())
+            .await
+            .context("no MQTT message in time")?
+            .ok_or_else(|| anyhow!("MQTT client stopped"))
+    }
+}
+
+impl Drop for MqttClient {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+pub async fn ws_connect(url: &str) -> Result<WsStream> {
+    let (ws, _) = tokio_tungstenite::connect_async(url).await?;
+    Ok(ws)
+}
+
+/// The next JSON text frame.
+pub async fn ws_next_json(ws: &mut WsStream, timeout: Duration) -> Result<serde_json::Value> {
+    loop {
+        let frame = tokio::time::timeout(timeout, ws.next())
+            .await
+            .context("no WebSocket frame in time")?
+            .ok_or_else(|| anyhow!("WebSocket closed"))??;
+        match frame {
+            tokio_tungstenite::tungstenite::Message::Text(text) => {
+                return Ok(serde_json::from_str(&text)?);
+            }
+            tokio_tungstenite::tungstenite::Message::Close(c) => bail!("WebSocket closed: {c:?}"),
+            _ => continue,
+        }
+    }
+}
+
+/// An SSE client over reqwest + eventsource-stream.
+pub struct SseClient {
+    stream: std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<eventsource_stream::Event, String>> + Send>,
+    >,
+}
+
+impl SseClient {
+    pub async fn connect(url: &str, last_event_id: Option<u64>) -> Result<SseClient> {
+        use eventsource_stream::Eventsource;
+        let mut request = reqwest::Client::new().get(url);
+        if let Some(id) = last_event_id {
+            request = request.header("Last-Event-ID", id.to_string());
+        }
+        let response = request.send().await?;
+        if response.status() != 200 {
+            bail!(
+                "SSE connect: {} {}",
+                response.status(),
+                response.text().await?
+            );
+        }
+        let stream = response
+            .bytes_stream()
+            .eventsource()
+            .map(|e| e.map_err(|e| e.to_string()));
+        Ok(SseClient {
+            stream: Box::pin(stream),
+        })
+    }
+
+    pub async fn next(&mut self, timeout: Duration) -> Result<eventsource_stream::Event> {
+        tokio::time::timeout(timeout, self.stream.next())
+            .await
+            .context("no SSE event in time")?
+            .ok_or_else(|| anyhow!("SSE stream ended"))?
+            .map_err(|e| anyhow!(e))
+    }
+
+    /// The next `message` event's JSON frame.
+    pub async fn next_message(&mut self, timeout: Duration) -> Result<(String, serde_json::Value)> {
+        loop {
+            let event = self.next(timeout).await?;
+            if event.event == "message" {
+                return Ok((event.id, serde_json::from_str(&event.data)?));
+            }
+        }
+    }
+}

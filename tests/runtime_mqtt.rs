@@ -1,0 +1,779 @@
+//! `stepflow run` end to end against real Mosquitto: MQTT ⇄ routes ⇄ WebSocket / SSE / HTTP,
+//! the sled log, crash and broker-restart recovery, validation, metrics and shutdown.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use common::*;
+use futures::SinkExt;
+use rumqttc::QoS;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    api: String,
+    prefix: String,
+    daemon: Daemon,
+}
+
+impl Setup {
+    /// A daemon on the machine's Mosquitto with a document of its own.
+    async fn shared_broker(extra: &[&str]) -> Setup {
+        require_mosquitto();
+        let dir = tempfile::tempdir().unwrap();
+        let api = unique("iot");
+        let prefix = unique("t");
+        let spec = iot_spec(dir.path(), &api, &prefix, 1);
+        let mut args = vec![
+            "--specs".to_owned(),
+            spec.display().to_string(),
+            "--server".to_owned(),
+            "broker=mqtt://127.0.0.1:1883".to_owned(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let daemon = Daemon::start(&args).await.unwrap();
+        Setup {
+            _dir: dir,
+            api,
+            prefix,
+            daemon,
+        }
+    }
+
+    fn channel(&self, name: &str) -> String {
+        format!("{}.{name}", self.api)
+    }
+
+    fn topic(&self, device: &str, kind: &str) -> String {
+        format!("{}/devices/{device}/{kind}", self.prefix)
+    }
+}
+
+async fn publish(client: &MqttClient, topic: &str, payload: Value) {
+    client
+        .client
+        .publish(topic, QoS::AtLeastOnce, false, payload.to_string())
+        .await
+        .unwrap();
+}
+
+async fn wait_for_log(daemon: &Daemon, channel: &str, count: usize) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let messages = daemon.replay_all(channel, "messages").await.unwrap();
+        if messages.len() >= count || std::time::Instant::now() > deadline {
+            return messages;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_reaches_three_websocket_and_two_sse_clients_with_params() {
+    let s = Setup::shared_broker(&[]).await;
+    let channel = s.channel("telemetry");
+    let mut ws = Vec::new();
+    for _ in 0..3 {
+        ws.push(
+            ws_connect(&s.daemon.ws_url(&format!("/ws/{channel}")))
+                .await
+                .unwrap(),
+        );
+    }
+    let mut sse = Vec::new();
+    for _ in 0..2 {
+        sse.push(
+            SseClient::connect(&s.daemon.url(&format!("/sse/{channel}")), None)
+                .await
+                .unwrap(),
+        );
+    }
+    let device = MqttClient::connect(1883, &unique("device")).await.unwrap();
+    publish(
+        &device,
+        &s.topic("42", "telemetry"),
+        json!({"temperature": 21.5}),
+    )
+    .await;
+
+    for client in &mut ws {
+        let frame = ws_next_json(client, WAIT).await.unwrap();
+        assert_eq!(frame["params"], json!({"deviceId": "42"}));
+        assert_eq!(frame["payload"]["temperature"], 21.5);
+        assert_eq!(frame["address"], s.topic("42", "telemetry"));
+        assert_eq!(frame["offset"], 1);
+    }
+    for client in &mut sse {
+        let (id, frame) = client.next_message(WAIT).await.unwrap();
+        assert_eq!(id, "1");
+        assert_eq!(frame["params"]["deviceId"], "42");
+        assert_eq!(frame["payload"]["temperature"], 21.5);
+    }
+    let log = s.daemon.replay_all(&channel, "messages").await.unwrap();
+    assert_eq!(log.len(), 1);
+
+    // The counters moved, and /metrics is valid Prometheus text.
+    let received = s
+        .daemon
+        .metric(
+            "stepflow_messages_received_total",
+            &[("channel", &channel), ("transport", "mqtt")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(received, 1.0);
+    let delivered_ws = s
+        .daemon
+        .metric(
+            "stepflow_messages_delivered_total",
+            &[("channel", &channel), ("transport", "ws")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(delivered_ws, 3.0);
+    let delivered_sse = s
+        .daemon
+        .metric(
+            "stepflow_messages_delivered_total",
+            &[("channel", &channel), ("transport", "sse")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(delivered_sse, 2.0);
+    let subscribers = s
+        .daemon
+        .metric(
+            "stepflow_subscribers",
+            &[("channel", &channel), ("transport", "ws")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(subscribers, 3.0);
+    let text = reqwest::get(s.daemon.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains(&format!(
+            "stepflow_delivery_latency_seconds_count{{channel=\"{channel}\",transport=\"ws\"}} 3"
+        )),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_sent_over_http_and_websocket_reach_the_device() {
+    let s = Setup::shared_broker(&[]).await;
+    let mut device = MqttClient::connect(1883, &unique("device")).await.unwrap();
+    device
+        .subscribe(&format!("{}/devices/+/commands", s.prefix))
+        .await
+        .unwrap();
+    let channel = s.channel("commands");
+
+    let response = reqwest::Client::new()
+        .post(
+            s.daemon
+                .url(&format!("/api/v1/channels/{channel}/messages?deviceId=42")),
+        )
+        .header("content-type", "application/json")
+        .body(json!({"action": "reboot"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["offset"], 1);
+    assert_eq!(body["address"], s.topic("42", "commands"));
+    let received = device.recv(WAIT).await.unwrap();
+    assert_eq!(received.topic, s.topic("42", "commands"));
+    assert_eq!(
+        serde_json::from_slice::<Value>(&received.payload).unwrap(),
+        json!({"action": "reboot"})
+    );
+
+    // Over a WebSocket: the device id from a payload field this time.
+    let mut ws = ws_connect(&s.daemon.ws_url(&format!("/ws/{channel}")))
+        .await
+        .unwrap();
+    ws.send(Message::Text(
+        json!({"action": "identify", "deviceId": "7"})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    let ack = ws_next_json(&mut ws, WAIT).await.unwrap();
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(ack["offset"], 2);
+    let received = device.recv(WAIT).await.unwrap();
+    assert_eq!(received.topic, s.topic("7", "commands"));
+
+    // A bad frame gets an error frame and the socket stays open.
+    ws.send(Message::Text(
+        json!({"action": "explode", "deviceId": "7"})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    let error = ws_next_json(&mut ws, WAIT).await.unwrap();
+    assert_eq!(error["type"], "error");
+    assert_eq!(error["error"]["code"], "invalid_payload");
+    assert_eq!(error["status"], 400);
+    ws.send(Message::Text(
+        json!({"action": "reboot"}).to_string().into(),
+    ))
+    .await
+    .unwrap();
+    let error = ws_next_json(&mut ws, WAIT).await.unwrap();
+    assert_eq!(error["error"]["code"], "invalid_address", "{error}");
+    ws.send(Message::Text(
+        json!({"action": "reboot", "deviceId": "8"})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(ws_next_json(&mut ws, WAIT).await.unwrap()["type"], "ack");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_and_websocket_clients_resume_without_gaps_or_duplicates() {
+    let s = Setup::shared_broker(&[]).await;
+    let channel = s.channel("telemetry");
+    let topic = s.topic("9", "telemetry");
+    let device = MqttClient::connect(1883, &unique("device")).await.unwrap();
+
+    let mut sse = SseClient::connect(&s.daemon.url(&format!("/sse/{channel}")), None)
+        .await
+        .unwrap();
+    for seq in 1..=3 {
+        publish(&device, &topic, json!({"temperature": 20, "seq": seq})).await;
+    }
+    for expected in 1..=3u64 {
+        let (id, frame) = sse.next_message(WAIT).await.unwrap();
+        assert_eq!(id, expected.to_string());
+        assert_eq!(frame["payload"]["seq"], expected);
+    }
+    drop(sse);
+
+    for seq in 4..=7 {
+        publish(&device, &topic, json!({"temperature": 20, "seq": seq})).await;
+    }
+    assert_eq!(wait_for_log(&s.daemon, &channel, 7).await.len(), 7);
+
+    let mut sse = SseClient::connect(&s.daemon.url(&format!("/sse/{channel}?from=1")), Some(3))
+        .await
+        .unwrap();
+    for expected in 4..=7u64 {
+        let (id, _) = sse.next_message(WAIT).await.unwrap();
+        assert_eq!(id, expected.to_string(), "Last-Event-ID wins over ?from=");
+    }
+    let mut ws = ws_connect(&s.daemon.ws_url(&format!("/ws/{channel}?from=5")))
+        .await
+        .unwrap();
+    for expected in 5..=7u64 {
+        assert_eq!(
+            ws_next_json(&mut ws, WAIT).await.unwrap()["offset"],
+            expected
+        );
+    }
+    // Then live, exactly once each.
+    publish(&device, &topic, json!({"temperature": 20, "seq": 8})).await;
+    let (id, _) = sse.next_message(WAIT).await.unwrap();
+    assert_eq!(id, "8");
+    assert_eq!(ws_next_json(&mut ws, WAIT).await.unwrap()["offset"], 8);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), sse.next_message(WAIT))
+            .await
+            .is_err(),
+        "no duplicate after the live message"
+    );
+}
+
+/// Publishes `count` QoS 1 messages with a `seq` field and waits for every PUBACK.
+async fn publish_acknowledged(
+    port: u16,
+    topic: String,
+    count: u64,
+    per_second: u64,
+    on_progress: tokio::sync::watch::Sender<u64>,
+) -> u64 {
+    let mut options = rumqttc::MqttOptions::new(unique("publisher"), "127.0.0.1", port);
+    options.set_inflight(100);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 1000);
+    let acks = tokio::spawn(async move {
+        let mut acked = 0u64;
+        while acked < count {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
+                    acked += 1;
+                    let _ = on_progress.send(acked);
+                }
+                Ok(_) => {}
+                Err(e) => panic!("publisher lost its broker: {e}"),
+            }
+        }
+        acked
+    });
+    let pause = Duration::from_micros(1_000_000 / per_second.max(1));
+    for seq in 0..count {
+        client
+            .publish(
+                &topic,
+                QoS::AtLeastOnce,
+                false,
+                json!({"temperature": 1, "seq": seq}).to_string(),
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(pause).await;
+    }
+    tokio::time::timeout(Duration::from_secs(60), acks)
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_killed_mid_stream_loses_no_acknowledged_message() {
+    let broker = OwnMosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let api = unique("crash");
+    let prefix = unique("t");
+    let spec = iot_spec(dir.path(), &api, &prefix, 1);
+    let server = format!("broker={}", broker.url());
+    let mut daemon = Daemon::start(&["--specs", spec.to_str().unwrap(), "--server", &server])
+        .await
+        .unwrap();
+    let channel = format!("{api}.telemetry");
+    let total = 3000;
+    let (progress_tx, mut progress) = tokio::sync::watch::channel(0);
+    let publisher = tokio::spawn(publish_acknowledged(
+        broker.port,
+        format!("{prefix}/devices/1/telemetry"),
+        total,
+        1500,
+        progress_tx,
+    ));
+    progress.wait_for(|acked| *acked >= 1000).await.unwrap();
+    daemon.kill9();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    daemon.restart().await.unwrap();
+    assert_eq!(
+        publisher.await.unwrap(),
+        total,
+        "the broker acknowledged every publish"
+    );
+
+    let log = wait_for_log(&daemon, &channel, total as usize).await;
+    let mut seen: BTreeMap<u64, u32> = BTreeMap::new();
+    for m in &log {
+        *seen
+            .entry(m["payload"]["seq"].as_u64().unwrap())
+            .or_default() += 1;
+    }
+    let missing: Vec<u64> = (0..total).filter(|s| !seen.contains_key(s)).collect();
+    let duplicates: u32 = seen.values().map(|n| n - 1).sum();
+    println!(
+        "SIGKILL test: {total} acknowledged by the broker, {} logged, {} duplicates, {} missing",
+        log.len(),
+        duplicates,
+        missing.len()
+    );
+    assert!(
+        missing.is_empty(),
+        "lost {} messages, first {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    let offsets: Vec<u64> = log.iter().map(|m| m["offset"].as_u64().unwrap()).collect();
+    assert!(
+        offsets.windows(2).all(|w| w[1] == w[0] + 1),
+        "offsets continue after the restart"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_reconnects_and_resubscribes_after_a_broker_restart() {
+    let mut broker = OwnMosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let api = unique("outage");
+    let prefix = unique("t");
+    let spec = iot_spec(dir.path(), &api, &prefix, 1);
+    let server = format!("broker={}", broker.url());
+    let daemon = Daemon::start(&["--specs", spec.to_str().unwrap(), "--server", &server])
+        .await
+        .unwrap();
+    let channel = format!("{api}.telemetry");
+    let mut ws = ws_connect(&daemon.ws_url(&format!("/ws/{channel}")))
+        .await
+        .unwrap();
+
+    broker.stop();
+    let client = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let r = client.get(daemon.url("/readyz")).send().await.unwrap();
+        if r.status() == 503 {
+            let body: Value = r.json().await.unwrap();
+            assert_eq!(body["connections"][0]["state"], "disconnected", "{body}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/readyz never reported the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Commands cannot be delivered: refused, not accepted and lost.
+    let response = client
+        .post(daemon.url(&format!(
+            "/api/v1/channels/{api}.commands/messages?deviceId=1"
+        )))
+        .header("content-type", "application/json")
+        .body(r#"{"action":"reboot"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    broker.restart();
+    let mut daemon = daemon;
+    daemon.wait_ready(Duration::from_secs(15)).await.unwrap();
+    let connections = daemon.get_json("/api/v1/connections").await.unwrap();
+    assert!(
+        connections["connections"][0]["disconnects"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
+
+    let device = MqttClient::connect(broker.port, &unique("device"))
+        .await
+        .unwrap();
+    // Subscriptions are restored right after CONNACK; allow the SUBACK a moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    publish(
+        &device,
+        &format!("{prefix}/devices/3/telemetry"),
+        json!({"temperature": 5}),
+    )
+    .await;
+    let frame = ws_next_json(&mut ws, WAIT).await.unwrap();
+    assert_eq!(frame["params"]["deviceId"], "3");
+    assert!(
+        daemon
+            .metric("stepflow_upstream_disconnects_total", &[])
+            .await
+            .unwrap()
+            >= 1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_messages_are_dead_lettered_or_refused_with_their_status() {
+    let s = Setup::shared_broker(&["--max-payload-bytes", "2048"]).await;
+    let telemetry = s.channel("telemetry");
+    let commands = s.channel("commands");
+    let device = MqttClient::connect(1883, &unique("device")).await.unwrap();
+    publish(
+        &device,
+        &s.topic("5", "telemetry"),
+        json!({"temperature": "hot"}),
+    )
+    .await;
+    publish(
+        &device,
+        &s.topic("5", "telemetry"),
+        json!({"temperature": 3}),
+    )
+    .await;
+
+    let deadline = std::time::Instant::now() + WAIT;
+    let dead = loop {
+        let dead = s
+            .daemon
+            .replay_all(&telemetry, "dead-letters")
+            .await
+            .unwrap();
+        if !dead.is_empty() || std::time::Instant::now() > deadline {
+            break dead;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["payload"]["temperature"], "hot");
+    assert!(
+        dead[0]["dead_letter_reason"]
+            .as_str()
+            .unwrap()
+            .contains("/temperature"),
+        "{}",
+        dead[0]
+    );
+    assert_eq!(
+        wait_for_log(&s.daemon, &telemetry, 1).await.len(),
+        1,
+        "the valid one is logged"
+    );
+    assert_eq!(
+        s.daemon
+            .metric("stepflow_dead_letters_total", &[("channel", &telemetry)])
+            .await
+            .unwrap(),
+        1.0
+    );
+
+    let client = reqwest::Client::new();
+    let post = |channel: String, query: &'static str, content_type: &'static str, body: String| {
+        let client = client.clone();
+        let url = s
+            .daemon
+            .url(&format!("/api/v1/channels/{channel}/messages{query}"));
+        async move {
+            let r = client
+                .post(url)
+                .header("content-type", content_type)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, body) = post(
+        commands.clone(),
+        "?deviceId=1",
+        "application/json",
+        json!({"action": 5}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["code"], "invalid_payload");
+    assert_eq!(body["error"]["details"]["instancePath"], "/action");
+    assert_eq!(
+        body["error"]["details"]["schemaPath"],
+        "/properties/action/type"
+    );
+
+    let (status, body) = post(
+        commands.clone(),
+        "?deviceId=1",
+        "application/json",
+        "{not json".into(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_payload"))
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON")
+    );
+
+    let (status, body) = post(
+        commands.clone(),
+        "?deviceId=1",
+        "application/json",
+        format!("{{\"action\":\"{}\"}}", "x".repeat(4096)),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (413, Some("payload_too_large"))
+    );
+
+    let (status, body) = post(
+        format!("{}.nope", s.api),
+        "",
+        "application/json",
+        "{}".into(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("not_found"))
+    );
+
+    let (status, body) = post(
+        telemetry.clone(),
+        "",
+        "application/json",
+        json!({"temperature": 1}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (405, Some("method_not_allowed"))
+    );
+
+    let (status, body) = post(
+        commands.clone(),
+        "?deviceId=1",
+        "text/plain",
+        json!({"action": "reboot"}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (415, Some("unsupported_media_type"))
+    );
+
+    let (status, body) = post(
+        commands.clone(),
+        "?deviceId=a/b",
+        "application/json",
+        json!({"action": "reboot"}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_address"))
+    );
+
+    let r = client
+        .get(s.daemon.url("/api/v1/nothing"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "not_found"
+    );
+    let r = client
+        .get(
+            s.daemon
+                .url(&format!("/api/v1/channels/{telemetry}/messages?from=abc")),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "invalid_request"
+    );
+
+    assert!(
+        s.daemon
+            .metric("stepflow_messages_rejected_total", &[])
+            .await
+            .unwrap()
+            >= 0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_client_streams_and_exits_cleanly() {
+    let mut s = Setup::shared_broker(&[]).await;
+    let channel = s.channel("telemetry");
+    let mut ws = ws_connect(&s.daemon.ws_url(&format!("/ws/{channel}")))
+        .await
+        .unwrap();
+    let mut sse = SseClient::connect(&s.daemon.url(&format!("/sse/{channel}")), None)
+        .await
+        .unwrap();
+    let (status, took) = s.daemon.terminate(Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "exit status {status}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    let close = loop {
+        match tokio::time::timeout(WAIT, futures::StreamExt::next(&mut ws))
+            .await
+            .unwrap()
+        {
+            Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(close.map(|f| u16::from(f.code)), Some(1001));
+    assert!(sse.next(WAIT).await.is_err(), "the SSE stream ended");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_websocket_client_is_told_and_resumed_from_the_log() {
+    require_mosquitto();
+    let dir = tempfile::tempdir().unwrap();
+    let api = unique("lag");
+    let prefix = unique("t");
+    let spec = iot_spec(dir.path(), &api, &prefix, 1);
+    let config = dir.path().join("stepflow.yaml");
+    std::fs::write(&config, "live_buffer: 16\n").unwrap();
+    let daemon = Daemon::start(&[
+        "--specs",
+        spec.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--server",
+        "broker=mqtt://127.0.0.1:1883",
+    ])
+    .await
+    .unwrap();
+    let channel = format!("{api}.telemetry");
+    let mut ws = ws_connect(&daemon.ws_url(&format!("/ws/{channel}")))
+        .await
+        .unwrap();
+    let device = MqttClient::connect(1883, &unique("device")).await.unwrap();
+    // Large messages fill the socket buffers quickly while the client does not read.
+    let count = 600u64;
+    let pad = "x".repeat(32 * 1024);
+    for seq in 1..=count {
+        publish(
+            &device,
+            &format!("{prefix}/devices/1/telemetry"),
+            json!({"temperature": 1, "seq": seq, "pad": pad}),
+        )
+        .await;
+    }
+    assert_eq!(
+        wait_for_log(&daemon, &channel, count as usize).await.len(),
+        count as usize
+    );
+
+    let mut offsets = Vec::new();
+    let mut lagged = 0;
+    while offsets.len() < count as usize {
+        let frame = ws_next_json(&mut ws, Duration::from_secs(20))
+            .await
+            .unwrap();
+        if frame["type"] == "lagged" {
+            lagged += 1;
+            continue;
+        }
+        offsets.push(frame["offset"].as_u64().unwrap());
+    }
+    let unique_offsets: HashSet<u64> = offsets.iter().copied().collect();
+    assert_eq!(
+        offsets,
+        (1..=count).collect::<Vec<_>>(),
+        "every message once, in order"
+    );
+    assert_eq!(unique_offsets.len(), count as usize);
+    assert!(lagged >= 1, "the client was told it lagged");
+    assert!(
+        daemon
+            .metric(
+                "stepflow_subscribers_lagged_total",
+                &[("channel", &channel)]
+            )
+            .await
+            .unwrap()
+            >= 1.0
+    );
+}
