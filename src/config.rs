@@ -75,6 +75,7 @@ pub struct ServerFileConfig {
 pub struct LogFileConfig {
     pub max_batch: Option<usize>,
     pub max_flush_delay_ms: Option<u64>,
+    pub cache_bytes: Option<u64>,
 }
 
 /// The config file.
@@ -109,6 +110,7 @@ pub struct Config {
     pub max_payload_bytes: usize,
     pub log_max_batch: usize,
     pub log_max_flush_delay: Duration,
+    pub log_cache_bytes: u64,
     pub shutdown_timeout: Duration,
     pub live_buffer: usize,
     pub log_format: LogFormat,
@@ -173,6 +175,7 @@ impl Config {
                 .unwrap_or(1024 * 1024),
             log_max_batch: file.log.max_batch.unwrap_or(1000).max(1),
             log_max_flush_delay: Duration::from_millis(file.log.max_flush_delay_ms.unwrap_or(5)),
+            log_cache_bytes: file.log.cache_bytes.unwrap_or(8 * 1024 * 1024),
             shutdown_timeout: Duration::from_secs(
                 args.shutdown_timeout_seconds
                     .or(file.shutdown_timeout_seconds)
@@ -257,7 +260,6 @@ mod tests {
     fn flags_override_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("stepflow.yaml");
-        // SAFETY-free: a variable name unique to this test.
         std::fs::write(
             &file,
             "listen: 127.0.0.1:9000\ndata_dir: /var/lib/stepflow\nservers:\n  mosquitto:\n    url: mqtt://broker:1883\n    password: ${STEPFLOW_TEST_UNSET_VARIABLE_X}\n",

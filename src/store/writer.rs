@@ -34,7 +34,18 @@ struct OpenLog {
     next_offset: u64,
 }
 
-pub(super) fn run(db: sled::Db, mut rx: mpsc::Receiver<Command>, config: StoreConfig) {
+/// How far offsets jump after an unclean stop (see [`super::Store::open`]).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Resume {
+    pub offset_gap: u64,
+}
+
+pub(super) fn run(
+    db: sled::Db,
+    mut rx: mpsc::Receiver<Command>,
+    config: StoreConfig,
+    resume: Resume,
+) {
     let mut logs: HashMap<LogId, OpenLog> = HashMap::new();
     let mut last_trim = Instant::now();
     let mut batch: Vec<Append> = Vec::with_capacity(config.max_batch);
@@ -69,7 +80,7 @@ pub(super) fn run(db: sled::Db, mut rx: mpsc::Receiver<Command>, config: StoreCo
             }
         }
         for append in batch.drain(..) {
-            let result = insert(&db, &mut logs, &append);
+            let result = insert(&db, &mut logs, &append, resume);
             if let (Ok(offset), Some(live)) = (&result, &append.live) {
                 // No receiver is fine: nobody is watching this channel live.
                 let _ = live.send(Arc::new(Delivered::new(
@@ -98,25 +109,40 @@ pub(super) fn run(db: sled::Db, mut rx: mpsc::Receiver<Command>, config: StoreCo
             last_trim = Instant::now();
         }
         if let Some(done) = shutdown {
-            let _ = db.flush();
+            mark_clean(&db);
             let _ = done.send(());
             return;
         }
     }
-    let _ = db.flush();
+    mark_clean(&db);
+}
+
+/// Key in the `meta` tree present only while no writer runs: its absence at open means the
+/// previous process stopped without flushing its last batch.
+pub(super) const CLEAN_STOP_KEY: &[u8] = b"clean-stop";
+
+fn mark_clean(db: &sled::Db) {
+    let result = db
+        .open_tree("meta")
+        .and_then(|meta| meta.insert(CLEAN_STOP_KEY, &[1u8][..]))
+        .and_then(|_| db.flush());
+    if let Err(e) = result {
+        tracing::error!(error = %e, "cannot record a clean stop; offsets will skip ahead at the next start");
+    }
 }
 
 fn insert(
     db: &sled::Db,
     logs: &mut HashMap<LogId, OpenLog>,
     append: &Append,
+    resume: Resume,
 ) -> Result<u64, Error> {
     if !logs.contains_key(&append.log) {
         let tree = db
             .open_tree(append.log.tree_name())
             .map_err(|e| io_error(&append.log, e))?;
         let next_offset = match tree.last().map_err(|e| io_error(&append.log, e))? {
-            Some((key, _)) => offset_of(&key) + 1,
+            Some((key, _)) => offset_of(&key) + 1 + resume.offset_gap,
             None => 1,
         };
         logs.insert(append.log.clone(), OpenLog { tree, next_offset });

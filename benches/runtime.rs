@@ -1,0 +1,166 @@
+//! The runtime's hot paths: live fan-out of one message to many subscribers, and appends to the
+//! sled log with group commit (against one flush per message as the baseline).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use stepflow::routing::address::Params;
+use stepflow::routing::envelope::{Delivered, Envelope, Origin, Transport};
+use stepflow::store::{LogId, Store, StoreConfig};
+use tokio::sync::broadcast;
+
+fn envelope(payload: &Bytes) -> Envelope {
+    let mut params = Params::default();
+    params.insert("deviceId".into(), "42".into());
+    Envelope::new(
+        "bench.telemetry".into(),
+        "devices/42/telemetry".into(),
+        params,
+        payload.clone(),
+        Origin::upstream(Transport::Mqtt, "broker".into()),
+    )
+}
+
+/// The daemon's shape: two worker threads (this machine has two cores).
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+const PAYLOAD: &[u8] =
+    br#"{"temperature": 21.5, "humidity": 40, "battery": 88, "ts": "2026-11-22T10:00:00Z"}"#;
+
+/// One message to N subscribers: each receives the `Arc` and takes the frame it would write
+/// (rendered once, shared).
+fn fan_out(c: &mut Criterion) {
+    let rt = runtime();
+    let payload = Bytes::from_static(PAYLOAD);
+    let mut group = c.benchmark_group("fan_out");
+    for subscribers in [1usize, 10, 100] {
+        group.throughput(Throughput::Elements(subscribers as u64));
+        group.bench_with_input(
+            BenchmarkId::from_parameter(subscribers),
+            &subscribers,
+            |b, &n| {
+                b.iter_custom(|iters| {
+                    rt.block_on(async {
+                        let (tx, _) = broadcast::channel::<Arc<Delivered>>(4096);
+                        let (done_tx, mut done_rx) = tokio::sync::mpsc::channel(n);
+                        for _ in 0..n {
+                            let mut rx = tx.subscribe();
+                            let done = done_tx.clone();
+                            tokio::spawn(async move {
+                                let mut bytes = 0usize;
+                                for _ in 0..iters {
+                                    match rx.recv().await {
+                                        Ok(m) => bytes += m.frame().len(),
+                                        Err(broadcast::error::RecvError::Lagged(_)) => {}
+                                        Err(_) => break,
+                                    }
+                                }
+                                let _ = done.send(bytes).await;
+                            });
+                        }
+                        let started = Instant::now();
+                        for offset in 0..iters {
+                            // Keep within the buffer: the bench measures delivery, not lag.
+                            while tx.len() > 3000 {
+                                tokio::task::yield_now().await;
+                            }
+                            let _ =
+                                tx.send(Arc::new(Delivered::new(offset, envelope(&payload), None)));
+                        }
+                        for _ in 0..n {
+                            done_rx.recv().await;
+                        }
+                        started.elapsed()
+                    })
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+fn log_append(c: &mut Criterion) {
+    let rt = runtime();
+    let payload = Bytes::from_static(PAYLOAD);
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
+    let log = LogId::messages("bench.telemetry".into());
+    let mut group = c.benchmark_group("log_append");
+    group.throughput(Throughput::Elements(1));
+    group.sample_size(20);
+    group.measurement_time(Duration::from_secs(5));
+    // Many appends in flight, as when a broker streams: they share flushes.
+    group.bench_function("group_commit_pipelined", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let started = Instant::now();
+                let mut pending = Vec::with_capacity(iters as usize);
+                for _ in 0..iters {
+                    pending.push(
+                        store
+                            .append(log.clone(), envelope(&payload), None, None)
+                            .await
+                            .unwrap(),
+                    );
+                }
+                for p in pending {
+                    p.flushed().await.unwrap();
+                }
+                started.elapsed()
+            })
+        })
+    });
+    // Baseline: wait for each flush before the next append (one fsync per message).
+    group.bench_function("flush_per_message", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let started = Instant::now();
+                for _ in 0..iters {
+                    store
+                        .append(log.clone(), envelope(&payload), None, None)
+                        .await
+                        .unwrap()
+                        .flushed()
+                        .await
+                        .unwrap();
+                }
+                started.elapsed()
+            })
+        })
+    });
+    group.finish();
+
+    // Disk usage is a measurement, not a timing: print it once.
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
+        let log = LogId::messages("bench.disk".into());
+        let count = 100_000;
+        let mut pending = Vec::new();
+        for _ in 0..count {
+            pending.push(store.append(log.clone(), envelope(&payload), None, None).await.unwrap());
+        }
+        for p in pending {
+            p.flushed().await.unwrap();
+        }
+        let bytes = store.size_on_disk().await;
+        eprintln!(
+            "log_append/disk_usage: {count} messages of {} payload bytes -> {:.1} MiB on disk ({:.0} bytes/message)",
+            PAYLOAD.len(),
+            bytes as f64 / 1048576.0,
+            bytes as f64 / count as f64
+        );
+        store.shutdown().await;
+    });
+}
+
+criterion_group!(benches, fan_out, log_append);
+criterion_main!(benches);

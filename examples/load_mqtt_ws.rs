@@ -1,0 +1,425 @@
+//! Load scenario: MQTT publisher → Mosquitto → StepFlow → N WebSocket subscribers, next to the
+//! baseline MQTT publisher → Mosquitto → N MQTT subscribers, in the same run.
+//!
+//! It starts its own Mosquitto on a free port (its default limits, except
+//! `max_inflight_messages 100`) and the release daemon, then runs both phases at the same rate.
+//! Reports delivered rate, loss, latency percentiles (publish → receive, both on this machine's
+//! clock), the ratios bridged / direct, and the daemon's peak RSS.
+//!
+//!     cargo build --release && cargo run --release --example load_mqtt_ws -- --rate 5000 --subscribers 10 --seconds 10
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::Mutex;
+
+struct Args {
+    rate: u64,
+    subscribers: usize,
+    seconds: u64,
+    payload: usize,
+    binary: PathBuf,
+}
+
+fn args() -> Result<Args> {
+    let mut a = Args {
+        rate: 5000,
+        subscribers: 10,
+        seconds: 10,
+        payload: 100,
+        binary: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/stepflow"),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().context("flag without value")?;
+        match flag.as_str() {
+            "--rate" => a.rate = value.parse()?,
+            "--subscribers" => a.subscribers = value.parse()?,
+            "--seconds" => a.seconds = value.parse()?,
+            "--payload" => a.payload = value.parse()?,
+            "--binary" => a.binary = value.into(),
+            other => bail!("unknown flag {other}"),
+        }
+    }
+    Ok(a)
+}
+
+fn now_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// The `"ts":` number in a frame, without parsing the whole JSON (the observer must stay cheap).
+fn ts_of(text: &[u8]) -> Option<u64> {
+    let key = b"\"ts\":";
+    let at = text.windows(key.len()).position(|w| w == key)? + key.len();
+    let digits: Vec<u8> = text[at..]
+        .iter()
+        .copied()
+        .skip_while(|c| *c == b' ')
+        .take_while(u8::is_ascii_digit)
+        .collect();
+    std::str::from_utf8(&digits).ok()?.parse().ok()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[derive(Default)]
+struct Results {
+    histogram: Option<Histogram<u64>>,
+    received: u64,
+    first: Option<Instant>,
+    last: Option<Instant>,
+}
+
+impl Results {
+    fn record(&mut self, ts: u64) {
+        let latency = now_nanos().saturating_sub(ts);
+        let h = self
+            .histogram
+            .get_or_insert_with(|| Histogram::new_with_bounds(1_000, 60_000_000_000, 3).unwrap());
+        let _ = h.record(latency.max(1_000));
+        self.received += 1;
+        let now = Instant::now();
+        self.first.get_or_insert(now);
+        self.last = Some(now);
+    }
+}
+
+/// Publishes `rate` messages a second for `seconds`, QoS 1, paced every millisecond.
+async fn publish(port: u16, topic: String, rate: u64, seconds: u64, payload: usize) -> Result<u64> {
+    let mut options = MqttOptions::new(
+        format!("load-pub-{}", std::process::id()),
+        "127.0.0.1",
+        port,
+    );
+    options
+        .set_inflight(1000)
+        .set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut eventloop) = AsyncClient::new(options, 10_000);
+    let driver = tokio::spawn(async move {
+        loop {
+            if eventloop.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pad = "x".repeat(payload.saturating_sub(60));
+    let total = rate * seconds;
+    let started = tokio::time::Instant::now();
+    let mut sent = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    while sent < total {
+        tick.tick().await;
+        let due = ((started.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
+        while sent < due {
+            let body = format!(
+                r#"{{"temperature":1,"seq":{sent},"pad":"{pad}","ts":{}}}"#,
+                now_nanos()
+            );
+            client
+                .publish(&topic, QoS::AtLeastOnce, false, body)
+                .await?;
+            sent += 1;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    driver.abort();
+    Ok(sent)
+}
+
+async fn stop_and_collect(
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    results: Vec<Arc<Mutex<Results>>>,
+) -> Vec<Results> {
+    for t in tasks {
+        t.abort();
+    }
+    let mut out = Vec::new();
+    for r in results {
+        out.push(std::mem::take(&mut *r.lock().await));
+    }
+    out
+}
+
+async fn direct_phase(port: u16, topic: &str, a: &Args) -> Result<(u64, Vec<Results>)> {
+    let results: Vec<Arc<Mutex<Results>>> = (0..a.subscribers).map(|_| Arc::default()).collect();
+    let mut tasks = Vec::new();
+    for (i, r) in results.iter().enumerate() {
+        let mut options = MqttOptions::new(
+            format!("load-sub-{}-{i}", std::process::id()),
+            "127.0.0.1",
+            port,
+        );
+        options.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut eventloop) = AsyncClient::new(options, 1000);
+        client.subscribe(topic, QoS::AtLeastOnce).await?;
+        let r = r.clone();
+        tasks.push(tokio::spawn(async move {
+            let _client = client;
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if let Some(ts) = ts_of(&p.payload) {
+                            r.lock().await.record(ts);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent = publish(port, topic.to_owned(), a.rate, a.seconds, a.payload).await?;
+    Ok((sent, stop_and_collect(tasks, results).await))
+}
+
+async fn bridged_phase(
+    port: u16,
+    http: u16,
+    channel: &str,
+    topic: &str,
+    a: &Args,
+) -> Result<(u64, Vec<Results>)> {
+    let results: Vec<Arc<Mutex<Results>>> = (0..a.subscribers).map(|_| Arc::default()).collect();
+    let mut tasks = Vec::new();
+    for r in &results {
+        let (mut ws, _) =
+            tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{http}/ws/{channel}")).await?;
+        let r = r.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(Ok(frame)) = ws.next().await {
+                if let tokio_tungstenite::tungstenite::Message::Text(text) = frame
+                    && let Some(ts) = ts_of(text.as_bytes())
+                {
+                    r.lock().await.record(ts);
+                }
+            }
+        }));
+    }
+    let sent = publish(port, topic.to_owned(), a.rate, a.seconds, a.payload).await?;
+    Ok((sent, stop_and_collect(tasks, results).await))
+}
+
+struct Summary {
+    expected: u64,
+    delivered: u64,
+    rate: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+fn summarize(sent: u64, results: &[Results]) -> Summary {
+    let mut all = Histogram::<u64>::new_with_bounds(1_000, 60_000_000_000, 3).unwrap();
+    let mut delivered = 0;
+    let mut rates = Vec::new();
+    for r in results {
+        if let Some(h) = &r.histogram {
+            all.add(h).unwrap();
+        }
+        delivered += r.received;
+        if let (Some(first), Some(last)) = (r.first, r.last) {
+            let secs = last.duration_since(first).as_secs_f64();
+            if secs > 0.0 {
+                rates.push(r.received as f64 / secs);
+            }
+        }
+    }
+    Summary {
+        expected: sent * results.len() as u64,
+        delivered,
+        rate: if rates.is_empty() {
+            0.0
+        } else {
+            rates.iter().sum::<f64>() / rates.len() as f64
+        },
+        p50_ms: all.value_at_quantile(0.50) as f64 / 1e6,
+        p99_ms: all.value_at_quantile(0.99) as f64 / 1e6,
+        max_ms: all.max() as f64 / 1e6,
+    }
+}
+
+fn rss_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let a = args()?;
+    if !a.binary.exists() {
+        bail!(
+            "{} is missing: run `cargo build --release` first",
+            a.binary.display()
+        );
+    }
+    let dir = tempfile::tempdir()?;
+    let broker_port = free_port();
+    let conf = dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {broker_port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 100\n"
+        ),
+    )?;
+    let _broker = Killed(
+        Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("mosquitto (apt-get install mosquitto)")?,
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let spec = dir.path().join("load.yaml");
+    std::fs::write(
+        &spec,
+        r#"asyncapi: 3.0.0
+x-stepflow-id: load
+info: {title: Load, version: 1.0.0}
+servers:
+  broker: {host: '127.0.0.1:1883', protocol: mqtt}
+channels:
+  telemetry:
+    address: 'load/devices/{deviceId}/telemetry'
+    messages:
+      reading:
+        payload:
+          type: object
+          required: [temperature, seq, ts]
+          properties:
+            temperature: {type: number}
+            seq: {type: integer}
+            ts: {type: integer}
+            pad: {type: string}
+operations:
+  receive:
+    action: receive
+    channel: {$ref: '#/channels/telemetry'}
+    bindings: {mqtt: {qos: 1}}
+"#,
+    )?;
+    let http = free_port();
+    let daemon = Killed(
+        Command::new(&a.binary)
+            .args(["run", "--listen", &format!("127.0.0.1:{http}"), "--specs"])
+            .arg(&spec)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args([
+                "--server",
+                &format!("broker=mqtt://127.0.0.1:{broker_port}"),
+            ])
+            .env("RUST_LOG", "warn")
+            .envs(std::env::vars().filter(|(k, _)| k.starts_with("MALLOC_")))
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    let pid = daemon.0.id();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Ok(r) = reqwest::get(format!("http://127.0.0.1:{http}/readyz")).await
+            && r.status() == 200
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("daemon not ready");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let idle_rss = rss_kib(pid, "VmRSS:");
+
+    println!(
+        "rate {} msg/s, {} subscribers, {} s, payload {} B",
+        a.rate, a.subscribers, a.seconds, a.payload
+    );
+    let (sent_direct, direct) = direct_phase(broker_port, "load/devices/1/telemetry", &a).await?;
+    let direct = summarize(sent_direct, &direct);
+
+    let peak = Arc::new(AtomicU64::new(0));
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (peak, sampling) = (peak.clone(), sampling.clone());
+        tokio::spawn(async move {
+            while sampling.load(Ordering::Relaxed) {
+                peak.fetch_max(rss_kib(pid, "VmRSS:"), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let (sent_bridged, bridged) = bridged_phase(
+        broker_port,
+        http,
+        "load.telemetry",
+        "load/devices/1/telemetry",
+        &a,
+    )
+    .await?;
+    sampling.store(false, Ordering::Relaxed);
+    let _ = sampler.await;
+    let bridged = summarize(sent_bridged, &bridged);
+
+    let row = |name: &str, s: &Summary| {
+        println!(
+            "{name:<8} delivered {}/{} (loss {}), {:.0} msg/s per subscriber, p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+            s.delivered,
+            s.expected,
+            s.expected.saturating_sub(s.delivered),
+            s.rate,
+            s.p50_ms,
+            s.p99_ms,
+            s.max_ms
+        );
+    };
+    row("direct", &direct);
+    row("bridged", &bridged);
+    println!(
+        "ratios bridged/direct: throughput {:.3}, p50 {:.2}, p99 {:.2}",
+        bridged.rate / direct.rate.max(1.0),
+        bridged.p50_ms / direct.p50_ms.max(1e-9),
+        bridged.p99_ms / direct.p99_ms.max(1e-9)
+    );
+    println!(
+        "daemon RSS: idle {:.1} MiB, peak under load {:.1} MiB (VmHWM {:.1} MiB)",
+        idle_rss as f64 / 1024.0,
+        peak.load(Ordering::Relaxed) as f64 / 1024.0,
+        rss_kib(pid, "VmHWM:") as f64 / 1024.0
+    );
+    Ok(())
+}
