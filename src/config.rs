@@ -67,6 +67,8 @@ pub struct ServerFileConfig {
     pub username: Option<String>,
     pub password: Option<String>,
     pub client_id: Option<String>,
+    /// A PEM file of CA certificates to trust for this server's TLS.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Message log tuning as the file writes it.
@@ -123,21 +125,26 @@ impl Config {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
         };
-        let mut servers: BTreeMap<String, ServerOverride> = file
-            .servers
-            .into_iter()
-            .map(|(k, v)| {
-                (
-                    k,
-                    ServerOverride {
-                        url: v.url,
-                        username: v.username,
-                        password: v.password,
-                        client_id: v.client_id,
-                    },
-                )
-            })
-            .collect();
+        let mut servers: BTreeMap<String, ServerOverride> = BTreeMap::new();
+        for (id, v) in file.servers {
+            let ca_pem = match &v.ca_file {
+                Some(path) => Some(std::fs::read(path).map_err(|e| Error::Read {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?),
+                None => None,
+            };
+            servers.insert(
+                id,
+                ServerOverride {
+                    url: v.url,
+                    username: v.username,
+                    password: v.password,
+                    client_id: v.client_id,
+                    ca_pem,
+                },
+            );
+        }
         for flag in &args.servers {
             let (id, url) = flag.split_once('=').ok_or_else(|| Error::BadServerFlag {
                 value: flag.clone(),

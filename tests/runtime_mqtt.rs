@@ -789,3 +789,172 @@ async fn a_lagging_websocket_client_is_told_and_resumed_from_the_log() {
             >= 1.0
     );
 }
+
+/// A CA and a server certificate for 127.0.0.1, made with the openssl command line.
+fn make_certificates(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs (apt-get install openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=stepflow-test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.pem",
+    ]);
+}
+
+/// Mosquitto started as root drops to its own user, which must still read the test's files.
+fn readable_by_all(dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_broker_with_credentials_from_the_environment() {
+    let certs = tempfile::tempdir().unwrap();
+    make_certificates(certs.path());
+    let passwords = certs.path().join("passwd");
+    std::fs::write(&passwords, "").unwrap();
+    for (user, password) in [("gateway", "gw-s3cret"), ("device", "dev-s3cret")] {
+        let out = std::process::Command::new("mosquitto_passwd")
+            .args(["-b", passwords.to_str().unwrap(), user, password])
+            .output()
+            .expect("mosquitto_passwd runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    readable_by_all(certs.path());
+    let c = certs.path();
+    let broker = OwnMosquitto::start_with(&format!(
+        "cafile {}\ncertfile {}\nkeyfile {}\nallow_anonymous false\npassword_file {}",
+        c.join("ca.pem").display(),
+        c.join("server.pem").display(),
+        c.join("server.key").display(),
+        passwords.display()
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let api = unique("tls");
+    let prefix = unique("t");
+    let spec = iot_spec(dir.path(), &api, &prefix, 1);
+    let config = dir.path().join("stepflow.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "servers:\n  broker:\n    url: mqtts://127.0.0.1:{}\n    username: gateway\n    password: ${{STEPFLOW_TEST_MQTT_PASSWORD}}\n    ca_file: {}\n",
+            broker.port,
+            c.join("ca.pem").display()
+        ),
+    )
+    .unwrap();
+    let daemon = Daemon::start_with_env(
+        &[
+            "--specs",
+            spec.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        &[("STEPFLOW_TEST_MQTT_PASSWORD", "gw-s3cret")],
+    )
+    .await
+    .unwrap();
+    let connections = daemon.get_json("/api/v1/connections").await.unwrap();
+    assert_eq!(
+        connections["connections"][0]["url"],
+        format!("mqtts://127.0.0.1:{}", broker.port)
+    );
+    assert!(
+        !daemon.log().contains("gw-s3cret"),
+        "the password never reaches the log"
+    );
+
+    let mut ws = ws_connect(&daemon.ws_url(&format!("/ws/{api}.telemetry")))
+        .await
+        .unwrap();
+    let mut options = rumqttc::MqttOptions::new(unique("device"), "127.0.0.1", broker.port);
+    options.set_credentials("device", "dev-s3cret");
+    options.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::SimpleNative {
+            ca: std::fs::read(c.join("ca.pem")).unwrap(),
+            client_auth: None,
+        },
+    ));
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+    let driver = tokio::spawn(async move {
+        loop {
+            if eventloop.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+    client
+        .publish(
+            format!("{prefix}/devices/tls1/telemetry"),
+            QoS::AtLeastOnce,
+            false,
+            r#"{"temperature": 7}"#,
+        )
+        .await
+        .unwrap();
+    let frame = ws_next_json(&mut ws, WAIT).await.unwrap();
+    assert_eq!(frame["params"]["deviceId"], "tls1");
+    driver.abort();
+}

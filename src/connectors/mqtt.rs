@@ -61,6 +61,9 @@ pub struct MqttServerConfig {
     pub max_packet_size: usize,
     /// Unacknowledged outgoing publishes at most.
     pub inflight: u16,
+    /// Extra CA (PEM) for TLS.
+    #[serde(skip)]
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for MqttServerConfig {
@@ -74,6 +77,10 @@ impl std::fmt::Debug for MqttServerConfig {
             .field("keep_alive", &self.keep_alive)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "***"))
+            .field(
+                "ca_pem",
+                &self.ca_pem.as_ref().map(|c| format!("{} bytes", c.len())),
+            )
             .finish()
     }
 }
@@ -85,6 +92,8 @@ pub struct ServerOverride {
     pub username: Option<String>,
     pub password: Option<String>,
     pub client_id: Option<String>,
+    /// PEM certificate(s) to trust for TLS, in addition to the system's.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl MqttServerConfig {
@@ -162,6 +171,7 @@ impl MqttServerConfig {
             password: overrides.password.clone().or(password),
             max_packet_size,
             inflight: 100,
+            ca_pem: overrides.ca_pem.clone(),
         })
     }
 
@@ -181,9 +191,14 @@ impl MqttServerConfig {
             options.set_credentials(user.clone(), self.password.clone().unwrap_or_default());
         }
         if self.tls {
-            options.set_transport(MqttTransport::tls_with_config(
-                rumqttc::TlsConfiguration::Native,
-            ));
+            let tls = match &self.ca_pem {
+                Some(ca) => rumqttc::TlsConfiguration::SimpleNative {
+                    ca: ca.clone(),
+                    client_auth: None,
+                },
+                None => rumqttc::TlsConfiguration::Native,
+            };
+            options.set_transport(MqttTransport::tls_with_config(tls));
         }
         options
     }

@@ -46,15 +46,23 @@ pub struct OwnMosquitto {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Lines after the `listener` line (per-listener TLS and auth settings).
+    listener_options: String,
 }
 
 impl OwnMosquitto {
     pub fn start() -> OwnMosquitto {
+        Self::start_with("allow_anonymous true")
+    }
+
+    /// Starts with `listener_options` (e.g. TLS files, `password_file`) under the listener.
+    pub fn start_with(listener_options: &str) -> OwnMosquitto {
         let dir = tempfile::tempdir().unwrap();
         let mut broker = OwnMosquitto {
             port: free_port(),
             dir,
             child: None,
+            listener_options: listener_options.to_owned(),
         };
         broker.restart();
         broker
@@ -75,16 +83,18 @@ impl OwnMosquitto {
         std::fs::write(
             &config,
             format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 1000000\nmax_inflight_messages 1000\nmax_keepalive 65535\n",
-                self.port
+                "per_listener_settings true\nlistener {} 127.0.0.1\n{}\npersistence false\nmax_queued_messages 1000000\nmax_inflight_messages 1000\nmax_keepalive 65535\n",
+                self.port, self.listener_options
             ),
         )
         .unwrap();
+        let log_path = self.dir.path().join("mosquitto.log");
+        let log = std::fs::File::create(&log_path).unwrap();
         let child = Command::new(Self::binary())
             .arg("-c")
             .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
             .spawn()
             .expect("mosquitto starts");
         self.child = Some(child);
@@ -92,8 +102,10 @@ impl OwnMosquitto {
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(
                 Instant::now() < deadline,
-                "own mosquitto did not start on {}",
-                self.port
+                "own mosquitto did not start on {}:\n{}\n{}",
+                self.port,
+                std::fs::read_to_string(&log_path).unwrap_or_default(),
+                std::fs::read_to_string(&config).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -173,6 +185,7 @@ pub struct Daemon {
     pub port: u16,
     pub data_dir: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     child: Option<Child>,
     log: PathBuf,
     _dir: Option<tempfile::TempDir>,
@@ -182,11 +195,20 @@ impl Daemon {
     /// Starts `stepflow run` with `args` (plus `--listen` and `--data-dir` unless given) and
     /// waits until `/readyz` answers 200.
     pub async fn start(args: &[&str]) -> Result<Daemon> {
+        Self::start_with_env(args, &[]).await
+    }
+
+    /// Like [`Daemon::start`], with extra environment variables.
+    pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Result<Daemon> {
         let dir = tempfile::tempdir()?;
         let mut daemon = Daemon {
             port: free_port(),
             data_dir: dir.path().join("data"),
             args: args.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
             log: dir.path().join("daemon.log"),
             _dir: Some(dir),
@@ -210,6 +232,7 @@ impl Daemon {
             .arg(&self.data_dir)
             .args(&self.args)
             .env("RUST_LOG", "info,stepflow=debug")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env_remove("STEPFLOW_CONFIG")
             .stdout(Stdio::null())
             .stderr(log);
