@@ -5,6 +5,20 @@
 //! broker-side selector (MQTT filter `devices/+/telemetry`, AMQP topic pattern
 //! `devices.*.telemetry`, Kafka topic or regex), the extraction of parameters from a concrete
 //! address, and the filling of parameters on send. All plain data, no I/O.
+//!
+//! ```
+//! use stepflow::routing::address::AddressTemplate;
+//!
+//! let template = AddressTemplate::parse("devices/{deviceId}/telemetry").unwrap();
+//! let mqtt = template.mqtt().unwrap();
+//! assert_eq!(mqtt.wildcard_selector().pattern, "devices/+/telemetry");
+//! assert_eq!(mqtt.extract("devices/42/telemetry").unwrap().get("deviceId"), Some("42"));
+//! assert_eq!(mqtt.fill(|_| Some("7")).unwrap(), "devices/7/telemetry");
+//!
+//! let amqp = template.amqp().unwrap();
+//! assert_eq!(amqp.wildcard_selector().pattern, "devices.*.telemetry");
+//! assert!(template.kafka().is_err(), "'/' is not legal in a Kafka topic");
+//! ```
 
 use std::fmt;
 use std::sync::Arc;
