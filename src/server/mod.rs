@@ -87,7 +87,14 @@ async fn count_requests(request: Request, next: Next) -> Response {
 
 /// Serves until `shutdown` is cancelled, then finishes in-flight requests.
 pub async fn run(listener: TcpListener, state: AppState) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
     let shutdown = state.shutdown.clone();
+    // Live frames are small and latency-sensitive: do not let Nagle hold them back.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
