@@ -213,6 +213,13 @@ impl Hub {
                     self.config.max_payload_bytes
                 ),
             ))
+        } else if let Some(e) = route
+            .route
+            .parameters
+            .iter()
+            .find_map(|p| envelope.params.get(&p.name).and_then(|v| p.check(v).err()))
+        {
+            Some((RejectReason::InvalidAddress, e.to_string()))
         } else {
             route
                 .route
@@ -508,18 +515,10 @@ fn resolve_params(
             });
         match value {
             Some(v) => {
-                if let Some(allowed) = route
-                    .parameters
-                    .iter()
-                    .find(|p| p.name == name)
-                    .and_then(|p| p.allowed.as_ref())
-                    && !allowed.contains(&v)
-                {
-                    return Err(PublishFailure::InvalidAddress(FillError::NotAllowed {
-                        name: name.to_owned(),
-                        value: v,
-                        allowed: allowed.join(", "),
-                    }));
+                if let Some(parameter) = route.parameters.iter().find(|p| p.name == name) {
+                    parameter
+                        .check(&v)
+                        .map_err(PublishFailure::InvalidAddress)?;
                 }
                 out.insert(name.to_owned(), v);
             }

@@ -307,3 +307,20 @@ fn recursive_schemas_compile_with_a_warning() {
             .is_ok()
     );
 }
+
+#[test]
+fn asyncapi_2_parameter_schemas_are_enforced() {
+    let compiled = shipped();
+    let route = compiled.table.get("smart-building.hvac").expect("route");
+    let building = route
+        .parameters
+        .iter()
+        .find(|p| p.name == "buildingId")
+        .unwrap();
+    assert!(building.check("HQ1").is_ok());
+    let err = building.check("hq-1").unwrap_err();
+    assert!(
+        err.to_string().contains("does not match its schema"),
+        "{err}"
+    );
+}

@@ -60,6 +60,12 @@ pub enum FillError {
         value: String,
         allowed: String,
     },
+    #[error("parameter '{name}' value '{value}' does not match its schema: {reason}")]
+    SchemaMismatch {
+        name: String,
+        value: String,
+        reason: String,
+    },
     #[error(
         "parameter '{name}' value '{value}' contains '{character}', which {protocol} addresses reserve"
     )]

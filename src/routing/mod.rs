@@ -81,6 +81,34 @@ pub struct RouteParameter {
     pub allowed: Option<Vec<String>>,
     pub default: Option<String>,
     pub location: Option<String>,
+    /// The parameter's schema (AsyncAPI 2), compiled; values are checked against it as strings.
+    #[serde(skip)]
+    pub validator: Option<Arc<PayloadSchema>>,
+}
+
+impl RouteParameter {
+    /// Checks a value against `allowed` and the schema.
+    pub fn check(&self, value: &str) -> Result<(), address::FillError> {
+        if let Some(allowed) = &self.allowed
+            && !allowed.iter().any(|a| a == value)
+        {
+            return Err(address::FillError::NotAllowed {
+                name: self.name.clone(),
+                value: value.to_owned(),
+                allowed: allowed.join(", "),
+            });
+        }
+        if let Some(validator) = &self.validator
+            && let Err(e) = validator.validate_json(&Value::String(value.to_owned()))
+        {
+            return Err(address::FillError::SchemaMismatch {
+                name: self.name.clone(),
+                value: value.to_owned(),
+                reason: e.reason,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// How a route maps onto one upstream server.
@@ -352,6 +380,7 @@ impl ChannelCompiler<'_> {
         let upstreams = self.upstreams(template.as_ref(), direction, &address_at);
         let delivery = self.delivery(direction, &upstreams);
         let request_reply = self.request_reply();
+        let parameters = self.parameters();
         if self.errors.len() != errors_before {
             return None;
         }
@@ -361,16 +390,7 @@ impl ChannelCompiler<'_> {
             channel: channel.id.clone(),
             address: channel.address.clone(),
             template,
-            parameters: channel
-                .parameters
-                .iter()
-                .map(|p| RouteParameter {
-                    name: p.name.clone(),
-                    allowed: p.allowed.clone(),
-                    default: p.default.clone(),
-                    location: p.location.clone(),
-                })
-                .collect(),
+            parameters,
             direction,
             delivery,
             upstreams,
@@ -475,6 +495,41 @@ impl ChannelCompiler<'_> {
                 payload,
                 headers,
                 correlation_id: message.correlation_id.clone(),
+            });
+        }
+        out
+    }
+
+    fn parameters(&mut self) -> Vec<RouteParameter> {
+        let mut out = Vec::new();
+        for p in &self.channel.parameters {
+            let validator = p.schema.as_ref().and_then(|schema| {
+                let def = crate::spec::SchemaDef {
+                    format: crate::spec::SchemaFormat::AsyncApi,
+                    schema: schema.clone(),
+                    remote_refs: Vec::new(),
+                    location: self.channel.location.join("parameters").join(&p.name),
+                };
+                match PayloadSchema::compile(&def) {
+                    Ok(v) => Some(Arc::new(v)),
+                    Err(e) => {
+                        self.error(
+                            def.location.clone(),
+                            SpecErrorKind::InvalidSchema {
+                                format: e.format,
+                                reason: e.reason,
+                            },
+                        );
+                        None
+                    }
+                }
+            });
+            out.push(RouteParameter {
+                name: p.name.clone(),
+                allowed: p.allowed.clone(),
+                default: p.default.clone(),
+                location: p.location.clone(),
+                validator,
             });
         }
         out
