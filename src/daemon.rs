@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::connectors::ServerKey;
+use crate::connectors::kafka::{KafkaConnector, KafkaServerConfig};
 use crate::connectors::mqtt::{MqttConnector, MqttServerConfig};
 use crate::hub::{Hub, HubConfig};
 use crate::routing::{self, UpstreamBinding};
@@ -157,6 +158,26 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                         connector_shutdown.clone(),
                         &connectors,
                     );
+                }
+                ProtocolFamily::Kafka => {
+                    let overrides = config.server_override(&api.id, &server.id);
+                    let kafka = KafkaServerConfig::build(
+                        &api.id,
+                        server,
+                        &overrides,
+                        config.max_payload_bytes,
+                    )
+                    .map_err(|e| Error::Connector {
+                        server: key.to_string(),
+                        reason: e.to_string(),
+                    })?;
+                    tracing::info!(server = %key, bootstrap = %kafka.bootstrap_servers, "starting Kafka connector");
+                    KafkaConnector::build(&hub, key.clone(), kafka)
+                        .start(hub.clone(), connector_shutdown.clone(), &connectors)
+                        .map_err(|e| Error::Connector {
+                            server: key.to_string(),
+                            reason: e.to_string(),
+                        })?;
                 }
                 family => tracing::warn!(
                     server = %key,

@@ -323,11 +323,20 @@ impl Hub {
             }
             sends.push((upstream, publisher, concrete));
         }
+        let mut route_params = Params::default();
+        if let Some(t) = &spec.template {
+            for name in t.params() {
+                if let Some(v) = params.get(name) {
+                    route_params.insert(name.into(), v.clone());
+                }
+            }
+        }
         let started = std::time::Instant::now();
         for (upstream, publisher, concrete) in sends {
             let outbound = Outbound {
                 route: spec.clone(),
                 address: concrete,
+                params: route_params.clone(),
                 payload: request.payload.clone(),
                 headers: request.headers.clone(),
             };
@@ -351,14 +360,6 @@ impl Hub {
                 .message_delivered(transport_of(&upstream.binding), Some(started.elapsed()));
         }
 
-        let mut route_params = Params::default();
-        if let Some(t) = &spec.template {
-            for name in t.params() {
-                if let Some(v) = params.get(name) {
-                    route_params.insert(name.into(), v.clone());
-                }
-            }
-        }
         let mut envelope = Envelope::new(
             spec.id.clone(),
             address.clone(),

@@ -5,6 +5,7 @@
 //! This file holds what they share: the connection-state registry behind `/readyz` and
 //! `/api/v1/connections`, the [`Publisher`] interface the hub sends through, and the backoff.
 
+pub mod kafka;
 pub mod mqtt;
 
 use std::collections::BTreeMap;
@@ -156,6 +157,8 @@ pub struct Outbound {
     pub route: Arc<Route>,
     /// The concrete address in the upstream's syntax (MQTT topic, AMQP routing key, ...).
     pub address: String,
+    /// The address parameters (for key templates).
+    pub params: crate::routing::address::Params,
     pub payload: Bytes,
     pub headers: Headers,
 }

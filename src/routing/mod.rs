@@ -154,6 +154,9 @@ pub struct KafkaRoute {
     pub group_id: String,
     /// The message binding's `key` schema, as written.
     pub key: Option<Value>,
+    /// How the gateway keys what it produces: `bindings.kafka.x-stepflow-key`, a template of
+    /// address parameters (`{deviceId}`); without it the key is the concrete address.
+    pub key_template: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -697,11 +700,35 @@ impl ChannelCompiler<'_> {
             .messages
             .iter()
             .find_map(|m| m.bindings.get("kafka").and_then(|k| k.get("key")).cloned());
+        let key_template = self
+            .channel
+            .bindings
+            .get("kafka")
+            .and_then(|k| k.get("x-stepflow-key"))
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        if let (Some(t), Some(address)) = (&key_template, template) {
+            let names: Vec<&str> = address.params().collect();
+            let unknown = crate::spec::source::placeholder_names(t)
+                .into_iter()
+                .find(|n| !names.contains(&n.as_str()));
+            if let Some(name) = unknown {
+                self.error(
+                    self.channel.location.join("bindings").join("kafka").join("x-stepflow-key"),
+                    SpecErrorKind::InvalidBinding {
+                        protocol: "kafka",
+                        problem: format!("key template '{t}' names '{name}', which is not a parameter of the address"),
+                    },
+                );
+                return None;
+            }
+        }
         Some(UpstreamBinding::Kafka(KafkaRoute {
             topic,
             subscription,
             group_id,
             key,
+            key_template,
         }))
     }
 

@@ -103,6 +103,14 @@ pub async fn publish(
     }
     let limit = state.hub.config().max_payload_bytes;
     let payload = read_body(body, limit).await?;
+    // `X-Header-<name>: value` request headers become message headers `<name>: value`.
+    let message_headers: Vec<(String, String)> = headers
+        .iter()
+        .filter_map(|(name, value)| {
+            let name = name.as_str().strip_prefix("x-header-")?;
+            Some((name.to_owned(), value.to_str().ok()?.to_owned()))
+        })
+        .collect();
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -115,7 +123,7 @@ pub async fn publish(
                 payload,
                 content_type,
                 params,
-                headers: Vec::new(),
+                headers: message_headers,
                 origin: Origin::client(Transport::Http, 0),
             },
         )

@@ -198,6 +198,33 @@ impl Daemon {
         Self::start_with_env(args, &[]).await
     }
 
+    /// Starts and waits only for `/healthz` (the process serves), not for readiness.
+    pub async fn start_serving(args: &[&str]) -> Result<Daemon> {
+        let dir = tempfile::tempdir()?;
+        let mut daemon = Daemon {
+            port: free_port(),
+            data_dir: dir.path().join("data"),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
+            child: None,
+            log: dir.path().join("daemon.log"),
+            _dir: Some(dir),
+        };
+        daemon.spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = reqwest::get(daemon.url("/healthz")).await
+                && r.status() == 200
+            {
+                return Ok(daemon);
+            }
+            if Instant::now() > deadline {
+                bail!("stepflow not serving:\n{}", daemon.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Like [`Daemon::start`], with extra environment variables.
     pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Result<Daemon> {
         let dir = tempfile::tempdir()?;

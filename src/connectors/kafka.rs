@@ -1,0 +1,558 @@
+//! Kafka connector (rdkafka): one consumer per server and consumer group, one idempotent
+//! producer per server.
+//!
+//! Source: subscribes the readable routes' topics (literal names, or anchored regexes for
+//! parameterised addresses). A record is logged (or dead-lettered) by the hub, and only once the
+//! log has flushed it is its offset stored; librdkafka commits stored offsets every second, on
+//! partition revoke and on close. So the group's committed offset never passes the log: a crash
+//! re-reads what was not flushed (at-least-once, duplicates possible).
+//!
+//! Sink: `acks=all`, `enable.idempotence=true`; a publish completes on the delivery report.
+//! Key: the channel's `bindings.kafka.x-stepflow-key` template (`{deviceId}`, parameters only),
+//! else the concrete address. Headers: the envelope's headers.
+//!
+//! Kafka has no connection event: a metadata probe every two seconds (on a blocking thread)
+//! drives the connection state behind `/readyz`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::mqtt::ServerOverride;
+use super::{ConnectionState, Connections, Outbound, PublishError, Publisher, ServerKey};
+use crate::hub::{Hub, LiveRoute};
+use crate::routing::address::ProtocolAddress;
+use crate::routing::envelope::{Envelope, Origin, Transport};
+use crate::routing::{Upstream, UpstreamBinding};
+use crate::spec::{Protocol, Server};
+use crate::store::PendingAppend;
+use crate::telemetry::events::{MessageUnmatched, UpstreamConnectionChanged};
+
+/// Why a Kafka server cannot be used.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    #[error("server {server}: {reason}")]
+    Config { server: String, reason: String },
+}
+
+/// Connection settings of one Kafka server.
+#[derive(Clone, PartialEq, Serialize)]
+pub struct KafkaServerConfig {
+    pub bootstrap_servers: String,
+    pub client_id: String,
+    /// `PLAINTEXT`, `SSL`, `SASL_PLAINTEXT`, `SASL_SSL`.
+    pub security_protocol: String,
+    /// `PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512` when SASL is used.
+    pub sasl_mechanism: Option<String>,
+    pub username: Option<String>,
+    #[serde(skip)]
+    pub password: Option<String>,
+    pub max_message_bytes: usize,
+}
+
+impl std::fmt::Debug for KafkaServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaServerConfig")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("client_id", &self.client_id)
+            .field("security_protocol", &self.security_protocol)
+            .field("sasl_mechanism", &self.sasl_mechanism)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+impl KafkaServerConfig {
+    /// Bootstrap servers from the override URL (`kafka://h1:9092,h2:9092`) or the document's
+    /// host; SASL and TLS from the server's protocol and security schemes.
+    pub fn build(
+        api: &str,
+        server: &Server,
+        overrides: &ServerOverride,
+        max_message_bytes: usize,
+    ) -> Result<KafkaServerConfig, Error> {
+        let bootstrap = match &overrides.url {
+            Some(url) => url
+                .split_once("://")
+                .map_or(url.as_str(), |(_, rest)| rest)
+                .trim_end_matches('/')
+                .to_owned(),
+            None => server.host.clone(),
+        };
+        if bootstrap.is_empty() {
+            return Err(Error::Config {
+                server: server.id.clone(),
+                reason: "no bootstrap servers".into(),
+            });
+        }
+        let tls = server.protocol == Protocol::KafkaSecure
+            || overrides
+                .url
+                .as_deref()
+                .is_some_and(|u| u.starts_with("kafka-secure://") || u.starts_with("kafkas://"));
+        let mechanism = server
+            .security
+            .iter()
+            .find_map(|s| match s.scheme_type.as_str() {
+                "plain" | "userPassword" => Some("PLAIN".to_owned()),
+                "scramSha256" => Some("SCRAM-SHA-256".to_owned()),
+                "scramSha512" => Some("SCRAM-SHA-512".to_owned()),
+                _ => None,
+            });
+        let sasl = mechanism.is_some() || overrides.username.is_some();
+        let security_protocol = match (sasl, tls) {
+            (true, true) => "SASL_SSL",
+            (true, false) => "SASL_PLAINTEXT",
+            (false, true) => "SSL",
+            (false, false) => "PLAINTEXT",
+        };
+        Ok(KafkaServerConfig {
+            bootstrap_servers: bootstrap,
+            client_id: overrides
+                .client_id
+                .clone()
+                .unwrap_or_else(|| format!("stepflow-{api}-{}", server.id)),
+            security_protocol: security_protocol.to_owned(),
+            sasl_mechanism: sasl.then(|| mechanism.unwrap_or_else(|| "PLAIN".to_owned())),
+            username: overrides.username.clone(),
+            password: overrides.password.clone(),
+            max_message_bytes,
+        })
+    }
+
+    /// All librdkafka settings in one place; a setting is never given twice.
+    fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.bootstrap_servers)
+            .set("client.id", &self.client_id)
+            .set("security.protocol", &self.security_protocol)
+            .set(
+                "message.max.bytes",
+                (self.max_message_bytes + 64 * 1024).to_string(),
+            )
+            // Notice quickly when a broker goes away or comes back.
+            .set("reconnect.backoff.ms", "100")
+            .set("reconnect.backoff.max.ms", "5000");
+        if let Some(mechanism) = &self.sasl_mechanism {
+            c.set("sasl.mechanism", mechanism);
+            if let Some(user) = &self.username {
+                c.set("sasl.username", user);
+            }
+            if let Some(password) = &self.password {
+                c.set("sasl.password", password);
+            }
+        }
+        c
+    }
+}
+
+/// One Kafka server's connector.
+pub struct KafkaConnector {
+    key: ServerKey,
+    config: KafkaServerConfig,
+    routes: Vec<Arc<LiveRoute>>,
+}
+
+/// How a record's topic finds its route.
+#[derive(Clone)]
+struct Subscribed {
+    route: Arc<LiveRoute>,
+    /// The topic form of the address (parameters extracted from the topic), or `None` for a
+    /// fixed topic from `bindings.kafka.topic`.
+    topic: Option<ProtocolAddress>,
+    /// The subscription: a topic name or an anchored regex.
+    pattern: String,
+}
+
+impl Subscribed {
+    fn matches(&self, topic: &str) -> Option<crate::routing::address::Params> {
+        match &self.topic {
+            Some(address) => address.extract(topic),
+            None => (self.pattern == topic).then(Default::default),
+        }
+    }
+}
+
+const INGRESS_CAPACITY: usize = 1024;
+const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+
+impl KafkaConnector {
+    pub fn build(hub: &Hub, key: ServerKey, config: KafkaServerConfig) -> KafkaConnector {
+        let routes = hub
+            .routes()
+            .filter(|r| {
+                r.route.api == key.api
+                    && r.route.upstreams.iter().any(|u| {
+                        u.server == key.server && matches!(u.binding, UpstreamBinding::Kafka(_))
+                    })
+            })
+            .cloned()
+            .collect();
+        KafkaConnector {
+            key,
+            config,
+            routes,
+        }
+    }
+
+    /// Creates the clients (nothing blocks: librdkafka connects in its own threads), starts the
+    /// consumer, ack and probe tasks, and registers the producer with the hub.
+    pub fn start(
+        self,
+        hub: Arc<Hub>,
+        shutdown: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Result<(), Error> {
+        let connections = hub.connections().clone();
+        connections.register(
+            self.key.clone(),
+            "kafka",
+            format!("kafka://{}", self.config.bootstrap_servers),
+        );
+        let fail = |e: rdkafka::error::KafkaError| Error::Config {
+            server: self.key.to_string(),
+            reason: e.to_string(),
+        };
+        let producer: FutureProducer = self
+            .config
+            .client_config()
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("message.timeout.ms", "10000")
+            .set("linger.ms", "1")
+            .create()
+            .map_err(fail)?;
+        hub.register_publisher(
+            self.key.clone(),
+            Arc::new(KafkaPublisher {
+                key: self.key.clone(),
+                producer: producer.clone(),
+                connections: connections.clone(),
+            }),
+        );
+        tracker.spawn(probe(
+            self.key.clone(),
+            producer,
+            connections.clone(),
+            shutdown.clone(),
+        ));
+
+        // One consumer per consumer group on this server.
+        let mut groups: BTreeMap<String, Vec<Subscribed>> = BTreeMap::new();
+        for route in self.routes.iter().filter(|r| r.route.direction.readable) {
+            for upstream in &route.route.upstreams {
+                if let UpstreamBinding::Kafka(k) = &upstream.binding
+                    && upstream.server == self.key.server
+                {
+                    groups
+                        .entry(k.group_id.clone())
+                        .or_default()
+                        .push(Subscribed {
+                            route: route.clone(),
+                            topic: k.topic.clone(),
+                            pattern: k.subscription.pattern.clone(),
+                        });
+                }
+            }
+        }
+        for (group, subscribed) in groups {
+            let consumer: StreamConsumer = self
+                .config
+                .client_config()
+                .set("group.id", &group)
+                .set("enable.auto.commit", "true")
+                .set("auto.commit.interval.ms", "1000")
+                // Offsets are stored by the ack task, after the log flushed the record.
+                .set("enable.auto.offset.store", "false")
+                .set("auto.offset.reset", "earliest")
+                .set("session.timeout.ms", "6000")
+                .set("heartbeat.interval.ms", "1000")
+                // Regex subscriptions pick up new topics this often.
+                .set("topic.metadata.refresh.interval.ms", "5000")
+                .create()
+                .map_err(fail)?;
+            let mut patterns: Vec<&str> = subscribed.iter().map(|s| s.pattern.as_str()).collect();
+            patterns.sort_unstable();
+            patterns.dedup();
+            consumer.subscribe(&patterns).map_err(fail)?;
+            tracing::info!(server = %self.key, group = %group, topics = ?patterns, "Kafka consumer subscribed");
+            let consumer = Arc::new(consumer);
+            let (tx, rx) = mpsc::channel(INGRESS_CAPACITY);
+            tracker.spawn(consume(
+                hub.clone(),
+                self.key.clone(),
+                consumer.clone(),
+                subscribed,
+                tx,
+                shutdown.clone(),
+            ));
+            tracker.spawn(store_offsets(consumer, rx));
+        }
+        Ok(())
+    }
+}
+
+/// A record whose appends are on their way to the log.
+struct InFlight {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    appends: Vec<PendingAppend>,
+}
+
+async fn consume(
+    hub: Arc<Hub>,
+    key: ServerKey,
+    consumer: Arc<StreamConsumer>,
+    routes: Vec<Subscribed>,
+    acks: mpsc::Sender<InFlight>,
+    shutdown: CancellationToken,
+) {
+    let server: Arc<str> = key.server.clone().into();
+    loop {
+        let message = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            // Cancel-safe: a record is only consumed when returned.
+            m = consumer.recv() => m,
+        };
+        let message = match message {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(server = %key, error = %e, "Kafka consumer error");
+                continue;
+            }
+        };
+        let topic = message.topic().to_owned();
+        let payload = Bytes::copy_from_slice(message.payload().unwrap_or_default());
+        let mut headers = Vec::new();
+        if let Some(h) = message.headers() {
+            for header in h.iter() {
+                let value = header
+                    .value
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default();
+                headers.push((header.key.to_owned(), value));
+            }
+        }
+        if let Some(k) = message.key() {
+            headers.push(("kafka_key".into(), String::from_utf8_lossy(k).into_owned()));
+        }
+        headers.push(("kafka_partition".into(), message.partition().to_string()));
+        headers.push(("kafka_offset".into(), message.offset().to_string()));
+        if let Some(ts) = message.timestamp().to_millis() {
+            headers.push(("kafka_timestamp".into(), ts.to_string()));
+        }
+        let mut appends = Vec::new();
+        let mut matched = false;
+        let mut failed = false;
+        for sub in &routes {
+            let Some(params) = sub.matches(&topic) else {
+                continue;
+            };
+            matched = true;
+            let mut envelope = Envelope::new(
+                sub.route.id().clone(),
+                topic.clone(),
+                params,
+                payload.clone(),
+                Origin::upstream(Transport::Kafka, server.clone()),
+            );
+            envelope.headers = headers.clone();
+            match hub.ingest(&sub.route, envelope).await {
+                Ok(p) => appends.push(p),
+                Err(e) => {
+                    tracing::error!(channel = %sub.route.id(), error = %e, "cannot log record; its offset is not stored");
+                    failed = true;
+                }
+            }
+        }
+        if !matched {
+            MessageUnmatched {
+                server: &server,
+                address: &topic,
+            }
+            .emit();
+        }
+        if failed {
+            // Not storing this offset (or any later one on the partition would pass it):
+            // stop and let a restart re-read from the committed offset.
+            tracing::error!(server = %key, "stopping the Kafka consumer after a log failure");
+            break;
+        }
+        let in_flight = InFlight {
+            topic,
+            partition: message.partition(),
+            offset: message.offset(),
+            appends,
+        };
+        if acks.send(in_flight).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// Stores each record's offset once its appends are flushed, in arrival order; commits the
+/// stored offsets when the consumer stops.
+async fn store_offsets(consumer: Arc<StreamConsumer>, mut rx: mpsc::Receiver<InFlight>) {
+    while let Some(record) = rx.recv().await {
+        let mut safe = true;
+        for append in record.appends {
+            if let Err(e) = append.flushed().await {
+                tracing::error!(topic = %record.topic, error = %e, "log flush failed; offset not stored");
+                safe = false;
+            }
+        }
+        if !safe {
+            break;
+        }
+        if let Err(e) = consumer.store_offset(&record.topic, record.partition, record.offset) {
+            // The partition was revoked meanwhile: its new owner re-reads the record.
+            tracing::debug!(topic = %record.topic, partition = record.partition, error = %e, "offset not stored");
+        }
+    }
+    let _ = tokio::task::spawn_blocking(move || {
+        if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+            tracing::debug!(error = %e, "final offset commit");
+        }
+    })
+    .await;
+}
+
+/// Marks the server connected while its metadata can be fetched.
+async fn probe(
+    key: ServerKey,
+    producer: FutureProducer,
+    connections: Connections,
+    shutdown: CancellationToken,
+) {
+    let mut connected: Option<bool> = None;
+    loop {
+        let p = producer.clone();
+        let ok = tokio::task::spawn_blocking(move || {
+            p.client()
+                .fetch_metadata(None, Duration::from_millis(1500))
+                .map(|m| !m.brokers().is_empty())
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        let now = ok.is_ok() && ok.as_ref().is_ok_and(|b| *b);
+        if connected != Some(now) {
+            let error = ok.err();
+            UpstreamConnectionChanged {
+                server: &key.to_string(),
+                protocol: "kafka",
+                connected: now,
+                error: error.as_deref(),
+            }
+            .emit();
+            connections.set(
+                &key,
+                if now {
+                    ConnectionState::Connected
+                } else {
+                    ConnectionState::Disconnected
+                },
+                error,
+            );
+            connected = Some(now);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+        }
+    }
+    let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;
+}
+
+struct KafkaPublisher {
+    key: ServerKey,
+    producer: FutureProducer,
+    connections: Connections,
+}
+
+/// `{param}` placeholders of a key template filled from the concrete address's parameters.
+fn render_key(template: &str, params: &crate::routing::address::Params) -> Option<String> {
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let close = rest[open..].find('}')? + open;
+        out.push_str(params.get(&rest[open + 1..close])?);
+        rest = &rest[close + 1..];
+    }
+    out.push_str(rest);
+    Some(out)
+}
+
+impl Publisher for KafkaPublisher {
+    fn is_connected(&self) -> bool {
+        self.connections.is_connected(&self.key)
+    }
+
+    fn publish(
+        &self,
+        upstream: &Upstream,
+        message: Outbound,
+    ) -> BoxFuture<'static, Result<(), PublishError>> {
+        let producer = self.producer.clone();
+        let server = self.key.server.clone();
+        let key = match &upstream.binding {
+            UpstreamBinding::Kafka(k) => k
+                .key_template
+                .as_deref()
+                .and_then(|t| render_key(t, &message.params))
+                .unwrap_or_else(|| message.address.clone()),
+            _ => message.address.clone(),
+        };
+        async move {
+            let mut headers = OwnedHeaders::new();
+            for (name, value) in &message.headers {
+                headers = headers.insert(Header {
+                    key: name,
+                    value: Some(value.as_bytes()),
+                });
+            }
+            let record = FutureRecord::to(&message.address)
+                .payload(&message.payload[..])
+                .key(&key)
+                .headers(headers);
+            match producer.send(record, Duration::from_secs(0)).await {
+                Ok(_) => Ok(()),
+                Err((e, _)) => Err(PublishError::Refused {
+                    server,
+                    reason: e.to_string(),
+                }),
+            }
+        }
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::address::Params;
+
+    #[test]
+    fn keys_render_from_parameters() {
+        let mut p = Params::default();
+        p.insert("deviceId".into(), "42".into());
+        assert_eq!(render_key("{deviceId}", &p).as_deref(), Some("42"));
+        assert_eq!(render_key("dev-{deviceId}", &p).as_deref(), Some("dev-42"));
+        assert_eq!(render_key("{missing}", &p), None);
+    }
+}
