@@ -116,8 +116,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let connector_shutdown = CancellationToken::new();
     for api in &apis {
         for server in &api.servers {
+            // A server is connected to only if a route reads from or writes to it.
             let uses = hub.routes().any(|r| {
                 r.route.api == api.id
+                    && (r.route.direction.readable || r.route.direction.writable)
                     && r.route.upstreams.iter().any(|u| {
                         u.server == server.id
                             && !matches!(
@@ -153,7 +155,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                         mqtt.port
                     );
                     tracing::info!(server = %key, url = %url, client_id = %mqtt.client_id, "starting MQTT connector");
-                    MqttConnector::build(&hub, key, url, mqtt).start(
+                    MqttConnector::build(&hub, key, url, mqtt, server.optional).start(
                         hub.clone(),
                         connector_shutdown.clone(),
                         &connectors,
@@ -172,7 +174,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                         reason: e.to_string(),
                     })?;
                     tracing::info!(server = %key, bootstrap = %kafka.bootstrap_servers, "starting Kafka connector");
-                    KafkaConnector::build(&hub, key.clone(), kafka)
+                    KafkaConnector::build(&hub, key.clone(), kafka, server.optional)
                         .start(hub.clone(), connector_shutdown.clone(), &connectors)
                         .map_err(|e| Error::Connector {
                             server: key.to_string(),

@@ -33,9 +33,13 @@ fn validate_accepts_the_shipped_specs() {
         text.contains("smart-building.yaml (AsyncAPI 2.6.0"),
         "{text}"
     );
+    assert!(
+        text.contains("analytics-kafka.yaml (AsyncAPI 3.0.0"),
+        "{text}"
+    );
     assert_eq!(
         text.lines().filter(|l| l.starts_with("ok ")).count(),
-        2,
+        3,
         "{text}"
     );
 }

@@ -173,6 +173,26 @@ async fn records_reach_websocket_sse_and_the_log_with_key_and_headers() {
             .unwrap(),
         1.0
     );
+    // Consumer lag comes from librdkafka's statistics (every 5 s).
+    let series = format!("stepflow_kafka_consumer_lag{{channel=\"{channel}\"}}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = reqwest::get(daemon.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if let Some(line) = text.lines().find(|l| l.starts_with(&series)) {
+            assert!(line.ends_with(" 0"), "nothing left to consume: {line}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no consumer lag gauge:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

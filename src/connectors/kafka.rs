@@ -21,10 +21,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{ClientConfig, ClientContext, Statistics};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -163,6 +163,7 @@ impl KafkaServerConfig {
 pub struct KafkaConnector {
     key: ServerKey,
     config: KafkaServerConfig,
+    optional: bool,
     routes: Vec<Arc<LiveRoute>>,
 }
 
@@ -186,11 +187,74 @@ impl Subscribed {
     }
 }
 
+/// Consumer context that turns librdkafka's statistics into the consumer-lag gauge per channel.
+struct LagReporter {
+    routes: Vec<Subscribed>,
+}
+
+/// librdkafka reports every failed connection attempt as an error; the probe already reports
+/// the state change once (`UpstreamConnectionChanged`), so its own lines go to debug.
+fn log_librdkafka(level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+    use rdkafka::config::RDKafkaLogLevel as L;
+    match level {
+        L::Emerg | L::Alert | L::Critical => tracing::error!(facility, "librdkafka: {message}"),
+        _ => tracing::debug!(facility, "librdkafka: {message}"),
+    }
+}
+
+/// The producer's context: logging only.
+#[derive(Clone)]
+struct Quiet;
+
+impl ClientContext for Quiet {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+        log_librdkafka(level, facility, message);
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        tracing::debug!(error = %error, "librdkafka: {reason}");
+    }
+}
+
+impl ClientContext for LagReporter {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+        log_librdkafka(level, facility, message);
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        tracing::debug!(error = %error, "librdkafka: {reason}");
+    }
+
+    fn stats(&self, statistics: Statistics) {
+        let mut lag: BTreeMap<&str, i64> = BTreeMap::new();
+        for (topic, t) in &statistics.topics {
+            // -1 means unknown (no committed offset or high watermark yet).
+            let topic_lag: i64 = t.partitions.values().map(|p| p.consumer_lag.max(0)).sum();
+            for sub in self.routes.iter().filter(|s| s.matches(topic).is_some()) {
+                *lag.entry(sub.route.id()).or_default() += topic_lag;
+            }
+        }
+        for (channel, value) in lag {
+            metrics::gauge!(crate::telemetry::KAFKA_CONSUMER_LAG, "channel" => channel.to_owned())
+                .set(value as f64);
+        }
+    }
+}
+
+impl ConsumerContext for LagReporter {}
+
+type GatewayConsumer = StreamConsumer<LagReporter>;
+
 const INGRESS_CAPACITY: usize = 1024;
 const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 
 impl KafkaConnector {
-    pub fn build(hub: &Hub, key: ServerKey, config: KafkaServerConfig) -> KafkaConnector {
+    pub fn build(
+        hub: &Hub,
+        key: ServerKey,
+        config: KafkaServerConfig,
+        optional: bool,
+    ) -> KafkaConnector {
         let routes = hub
             .routes()
             .filter(|r| {
@@ -204,6 +268,7 @@ impl KafkaConnector {
         KafkaConnector {
             key,
             config,
+            optional,
             routes,
         }
     }
@@ -217,23 +282,24 @@ impl KafkaConnector {
         tracker: &TaskTracker,
     ) -> Result<(), Error> {
         let connections = hub.connections().clone();
-        connections.register(
+        connections.register_with(
             self.key.clone(),
             "kafka",
             format!("kafka://{}", self.config.bootstrap_servers),
+            self.optional,
         );
         let fail = |e: rdkafka::error::KafkaError| Error::Config {
             server: self.key.to_string(),
             reason: e.to_string(),
         };
-        let producer: FutureProducer = self
+        let producer: FutureProducer<Quiet> = self
             .config
             .client_config()
             .set("acks", "all")
             .set("enable.idempotence", "true")
             .set("message.timeout.ms", "10000")
             .set("linger.ms", "1")
-            .create()
+            .create_with_context(Quiet)
             .map_err(fail)?;
         hub.register_publisher(
             self.key.clone(),
@@ -269,10 +335,14 @@ impl KafkaConnector {
             }
         }
         for (group, subscribed) in groups {
-            let consumer: StreamConsumer = self
+            let context = LagReporter {
+                routes: subscribed.clone(),
+            };
+            let consumer: GatewayConsumer = self
                 .config
                 .client_config()
                 .set("group.id", &group)
+                .set("statistics.interval.ms", "5000")
                 .set("enable.auto.commit", "true")
                 .set("auto.commit.interval.ms", "1000")
                 // Offsets are stored by the ack task, after the log flushed the record.
@@ -282,7 +352,7 @@ impl KafkaConnector {
                 .set("heartbeat.interval.ms", "1000")
                 // Regex subscriptions pick up new topics this often.
                 .set("topic.metadata.refresh.interval.ms", "5000")
-                .create()
+                .create_with_context(context)
                 .map_err(fail)?;
             let mut patterns: Vec<&str> = subscribed.iter().map(|s| s.pattern.as_str()).collect();
             patterns.sort_unstable();
@@ -316,7 +386,7 @@ struct InFlight {
 async fn consume(
     hub: Arc<Hub>,
     key: ServerKey,
-    consumer: Arc<StreamConsumer>,
+    consumer: Arc<GatewayConsumer>,
     routes: Vec<Subscribed>,
     acks: mpsc::Sender<InFlight>,
     shutdown: CancellationToken,
@@ -406,7 +476,7 @@ async fn consume(
 
 /// Stores each record's offset once its appends are flushed, in arrival order; commits the
 /// stored offsets when the consumer stops.
-async fn store_offsets(consumer: Arc<StreamConsumer>, mut rx: mpsc::Receiver<InFlight>) {
+async fn store_offsets(consumer: Arc<GatewayConsumer>, mut rx: mpsc::Receiver<InFlight>) {
     while let Some(record) = rx.recv().await {
         let mut safe = true;
         for append in record.appends {
@@ -434,7 +504,7 @@ async fn store_offsets(consumer: Arc<StreamConsumer>, mut rx: mpsc::Receiver<InF
 /// Marks the server connected while its metadata can be fetched.
 async fn probe(
     key: ServerKey,
-    producer: FutureProducer,
+    producer: FutureProducer<Quiet>,
     connections: Connections,
     shutdown: CancellationToken,
 ) {
@@ -480,7 +550,7 @@ async fn probe(
 
 struct KafkaPublisher {
     key: ServerKey,
-    producer: FutureProducer,
+    producer: FutureProducer<Quiet>,
     connections: Connections,
 }
 

@@ -53,6 +53,8 @@ pub struct ConnectionStatus {
     pub since: u64,
     pub last_error: Option<String>,
     pub disconnects: u64,
+    /// Not required for readiness (`x-stepflow-optional`).
+    pub optional: bool,
 }
 
 /// Every upstream connection's state; written by connectors, read by the HTTP server.
@@ -63,7 +65,19 @@ pub struct Connections {
 
 impl Connections {
     pub fn register(&self, key: ServerKey, protocol: &'static str, url: String) {
+        self.register_with(key, protocol, url, false);
+    }
+
+    /// Registers an upstream; an optional one does not hold back readiness.
+    pub fn register_with(
+        &self,
+        key: ServerKey,
+        protocol: &'static str,
+        url: String,
+        optional: bool,
+    ) {
         let status = ConnectionStatus {
+            optional,
             api: key.api.clone(),
             server: key.server.clone(),
             protocol,
@@ -112,11 +126,14 @@ impl Connections {
             .unwrap_or_default()
     }
 
-    /// Ready when every registered upstream is connected.
+    /// Ready when every required upstream is connected.
     pub fn all_connected(&self) -> bool {
         self.inner
             .read()
-            .map(|m| m.values().all(|s| s.state == ConnectionState::Connected))
+            .map(|m| {
+                m.values()
+                    .all(|s| s.optional || s.state == ConnectionState::Connected)
+            })
             .unwrap_or(false)
     }
 }
@@ -247,5 +264,16 @@ mod tests {
         let s = &c.snapshot()[0];
         assert_eq!(s.disconnects, 1);
         assert_eq!(s.last_error.as_deref(), Some("refused"));
+
+        // An optional upstream that is down does not hold back readiness; a required one does.
+        let analytics = ServerKey {
+            api: "analytics".into(),
+            server: "kafka".into(),
+        };
+        c.set(&key, ConnectionState::Connected, None);
+        c.register_with(analytics.clone(), "kafka", "kafka://x".into(), true);
+        assert!(c.all_connected());
+        c.set(&key, ConnectionState::Disconnected, None);
+        assert!(!c.all_connected());
     }
 }

@@ -214,6 +214,7 @@ const INGRESS_CAPACITY: usize = 1024;
 pub struct MqttConnector {
     key: ServerKey,
     url: String,
+    optional: bool,
     config: MqttServerConfig,
     routes: Vec<Arc<LiveRoute>>,
 }
@@ -225,6 +226,7 @@ impl MqttConnector {
         key: ServerKey,
         url: String,
         config: MqttServerConfig,
+        optional: bool,
     ) -> MqttConnector {
         let routes = hub
             .routes()
@@ -239,6 +241,7 @@ impl MqttConnector {
         MqttConnector {
             key,
             url,
+            optional,
             config,
             routes,
         }
@@ -248,7 +251,7 @@ impl MqttConnector {
     pub fn start(self, hub: Arc<Hub>, shutdown: CancellationToken, tracker: &TaskTracker) {
         let (client, eventloop) = AsyncClient::new(self.config.to_mqtt_options(), REQUEST_CAPACITY);
         let connections = hub.connections().clone();
-        connections.register(self.key.clone(), "mqtt", self.url.clone());
+        connections.register_with(self.key.clone(), "mqtt", self.url.clone(), self.optional);
         let pending = Arc::new(Mutex::new(PendingPublishes::default()));
         let publisher = Arc::new(MqttPublisher {
             key: self.key.clone(),
@@ -672,6 +675,7 @@ mod tests {
             pathname: None,
             security: Vec::new(),
             bindings,
+            optional: false,
         }
     }
 

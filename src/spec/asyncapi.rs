@@ -201,6 +201,9 @@ fn read_server(
     };
     let security = read_security(reader, root, server, major);
     let bindings = read_bindings(reader, server, BindingTarget::Server);
+    let optional = reader
+        .boolean(server, "x-stepflow-optional")
+        .unwrap_or(false);
     Some(Server {
         id,
         protocol: protocol?,
@@ -209,6 +212,7 @@ fn read_server(
         pathname,
         security,
         bindings,
+        optional,
     })
 }
 

@@ -206,6 +206,8 @@ pub struct Server {
     /// Names of the security schemes the server requires.
     pub security: Vec<SecurityScheme>,
     pub bindings: Bindings,
+    /// `x-stepflow-optional: true`: the gateway connects, but `/readyz` does not wait for it.
+    pub optional: bool,
 }
 
 impl Server {

@@ -202,6 +202,7 @@ fn read_servers(reader: &mut Reader<'_>, owner: &Node, prefix: &str) -> Vec<Serv
             pathname: pathname.filter(|p| p != "/"),
             security: Vec::new(),
             bindings: Default::default(),
+            optional: false,
         });
     }
     out

@@ -35,6 +35,9 @@ pub const LOG_BYTES: &str = "stepflow_log_bytes_total";
 pub const QUEUE_OVERFLOWS: &str = "stepflow_queue_overflows_total";
 /// Publishes to an upstream that failed, by channel, server and reason.
 pub const PUBLISH_FAILURES: &str = "stepflow_publish_failures_total";
+/// Kafka consumer lag (messages behind the high watermark), by channel, from librdkafka's
+/// statistics every 5 s.
+pub const KAFKA_CONSUMER_LAG: &str = "stepflow_kafka_consumer_lag";
 /// HTTP requests, by matched route template and status class.
 pub const HTTP_REQUESTS: &str = "stepflow_http_requests_total";
 
