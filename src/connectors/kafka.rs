@@ -350,6 +350,9 @@ impl KafkaConnector {
                 .set("auto.offset.reset", "earliest")
                 .set("session.timeout.ms", "6000")
                 .set("heartbeat.interval.ms", "1000")
+                // A fetch returns as soon as one byte is there; this only bounds idle polls
+                // (and the wait on brokers that do not honour fetch.min.bytes).
+                .set("fetch.wait.max.ms", "100")
                 // Regex subscriptions pick up new topics this often.
                 .set("topic.metadata.refresh.interval.ms", "5000")
                 .create_with_context(context)
