@@ -230,9 +230,10 @@ async fn posts_and_websocket_frames_are_produced_with_key_and_headers() {
         .unwrap();
     assert_eq!(header.value, Some(&b"t-1"[..]));
 
-    let mut ws = ws_connect(&daemon.ws_url(&format!("/ws/{channel}?deviceId=9")))
-        .await
-        .unwrap();
+    let mut ws =
+        ws_connect(&daemon.ws_url(&format!("/ws/{channel}?deviceId=9&x-header-trace-id=w-1")))
+            .await
+            .unwrap();
     ws.send(WsMessage::Text(
         json!({"action": "identify"}).to_string().into(),
     ))
@@ -244,6 +245,13 @@ async fn posts_and_websocket_frames_are_produced_with_key_and_headers() {
         .unwrap()
         .unwrap();
     assert_eq!(record.key(), Some(&b"9"[..]));
+    let header = record
+        .headers()
+        .unwrap()
+        .iter()
+        .find(|h| h.key == "trace-id")
+        .unwrap();
+    assert_eq!(header.value, Some(&b"w-1"[..]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -620,6 +620,63 @@ mod tests {
     use super::*;
     use crate::routing::address::Params;
 
+    fn server(protocol: Protocol, scheme: Option<&str>) -> Server {
+        Server {
+            id: "kafka".into(),
+            protocol,
+            protocol_version: None,
+            host: "k1:9092,k2:9092".into(),
+            pathname: None,
+            security: scheme
+                .map(|t| crate::spec::SecurityScheme {
+                    name: "s".into(),
+                    scheme_type: t.into(),
+                    details: serde_json::Value::Null,
+                })
+                .into_iter()
+                .collect(),
+            bindings: Default::default(),
+            optional: false,
+        }
+    }
+
+    #[test]
+    fn security_comes_from_the_protocol_and_schemes() {
+        let plain = KafkaServerConfig::build(
+            "a",
+            &server(Protocol::Kafka, None),
+            &ServerOverride::default(),
+            1,
+        )
+        .unwrap();
+        assert_eq!(plain.security_protocol, "PLAINTEXT");
+        assert_eq!(plain.bootstrap_servers, "k1:9092,k2:9092");
+        let scram = KafkaServerConfig::build(
+            "a",
+            &server(Protocol::KafkaSecure, Some("scramSha512")),
+            &ServerOverride {
+                username: Some("gw".into()),
+                password: Some("secret".into()),
+                url: Some("kafka-secure://b1:9093".into()),
+                ..ServerOverride::default()
+            },
+            1,
+        )
+        .unwrap();
+        assert_eq!(scram.security_protocol, "SASL_SSL");
+        assert_eq!(scram.sasl_mechanism.as_deref(), Some("SCRAM-SHA-512"));
+        assert_eq!(scram.bootstrap_servers, "b1:9093");
+        assert!(!format!("{scram:?}").contains("secret"));
+        let ssl = KafkaServerConfig::build(
+            "a",
+            &server(Protocol::KafkaSecure, None),
+            &ServerOverride::default(),
+            1,
+        )
+        .unwrap();
+        assert_eq!(ssl.security_protocol, "SSL");
+    }
+
     #[test]
     fn keys_render_from_parameters() {
         let mut p = Params::default();

@@ -182,7 +182,11 @@ async fn publish_frame(
         payload,
         content_type: None,
         params: params.clone(),
-        headers: Vec::new(),
+        // `?x-header-<name>=value` on the WebSocket URL: headers for every published frame.
+        headers: params
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix("x-header-")?.to_owned(), v.clone())))
+            .collect(),
         origin: Origin::client(Transport::Ws, connection),
     };
     match state.hub.publish(route.id(), request).await {
