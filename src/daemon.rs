@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::connectors::ServerKey;
+use crate::connectors::amqp::{AmqpConnector, AmqpServerConfig};
 use crate::connectors::kafka::{KafkaConnector, KafkaServerConfig};
 use crate::connectors::mqtt::{MqttConnector, MqttServerConfig};
 use crate::hub::{Hub, HubConfig};
@@ -180,6 +181,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                             server: key.to_string(),
                             reason: e.to_string(),
                         })?;
+                }
+                ProtocolFamily::Amqp => {
+                    let overrides = config.server_override(&api.id, &server.id);
+                    let amqp = AmqpServerConfig::build(server, &overrides, 100);
+                    tracing::info!(server = %key, url = %amqp.display_url, "starting AMQP connector");
+                    AmqpConnector::build(&hub, key.clone(), amqp, server.optional).start(
+                        hub.clone(),
+                        connector_shutdown.clone(),
+                        &connectors,
+                    );
                 }
                 family => tracing::warn!(
                     server = %key,

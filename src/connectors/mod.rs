@@ -5,6 +5,7 @@
 //! This file holds what they share: the connection-state registry behind `/readyz` and
 //! `/api/v1/connections`, the [`Publisher`] interface the hub sends through, and the backoff.
 
+pub mod amqp;
 pub mod kafka;
 pub mod mqtt;
 

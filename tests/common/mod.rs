@@ -537,3 +537,95 @@ impl SseClient {
         }
     }
 }
+
+/// Fails (never skips) when the machine's RabbitMQ is down, naming the command that starts it.
+pub fn require_rabbitmq() {
+    if TcpStream::connect_timeout(&"127.0.0.1:5672".parse().unwrap(), Duration::from_secs(2))
+        .is_err()
+    {
+        panic!(
+            "RabbitMQ is not reachable on 127.0.0.1:5672; start it with: rabbitmq-server -detached (it takes ~10 s to accept)"
+        );
+    }
+}
+
+/// An AMQP document whose exchange and queues start with `prefix`: a `telemetry` channel the
+/// gateway consumes (topic exchange, its own queue) and a `commands` channel it publishes to
+/// (persistent, priority 5, mandatory).
+pub fn amqp_spec(dir: &Path, api: &str, prefix: &str) -> PathBuf {
+    let path = dir.join(format!("{api}.yaml"));
+    std::fs::write(
+        &path,
+        format!(
+            r#"asyncapi: 3.0.0
+x-stepflow-id: {api}
+info: {{title: AMQP test, version: 1.0.0}}
+servers:
+  rabbit: {{host: '127.0.0.1:5672', protocol: amqp}}
+channels:
+  telemetry:
+    address: 'devices/{{deviceId}}/telemetry'
+    bindings:
+      amqp:
+        is: routingKey
+        exchange: {{name: {prefix}.events, type: topic, durable: true, autoDelete: false}}
+        queue: {{name: {prefix}.telemetry, durable: true, exclusive: false, autoDelete: false}}
+    messages:
+      reading:
+        payload: {{type: object, required: [temperature], properties: {{temperature: {{type: number}}, seq: {{type: integer}}}}}}
+  commands:
+    address: 'devices/{{deviceId}}/commands'
+    bindings:
+      amqp:
+        is: routingKey
+        exchange: {{name: {prefix}.events, type: topic, durable: true, autoDelete: false}}
+    messages:
+      command:
+        payload: {{type: object, required: [action], properties: {{action: {{type: string}}}}}}
+operations:
+  receiveTelemetry:
+    action: receive
+    channel: {{$ref: '#/channels/telemetry'}}
+  sendCommand:
+    action: send
+    channel: {{$ref: '#/channels/commands'}}
+    bindings:
+      amqp: {{deliveryMode: 2, priority: 5, mandatory: true}}
+"#
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// A plain AMQP client for the test's side of the conversation.
+pub async fn amqp_channel() -> Result<(lapin::Connection, lapin::Channel)> {
+    let connection = lapin::Connection::connect(
+        "amqp://127.0.0.1:5672",
+        lapin::ConnectionProperties::default(),
+    )
+    .await?;
+    let channel = connection.create_channel().await?;
+    Ok((connection, channel))
+}
+
+/// Deletes a test's exchange and queues.
+pub async fn amqp_cleanup(prefix: &str, queues: &[&str]) {
+    if let Ok((connection, channel)) = amqp_channel().await {
+        for q in queues {
+            let _ = channel
+                .queue_delete(
+                    format!("{prefix}.{q}").into(),
+                    lapin::options::QueueDeleteOptions::default(),
+                )
+                .await;
+        }
+        let _ = channel
+            .exchange_delete(
+                format!("{prefix}.events").into(),
+                lapin::options::ExchangeDeleteOptions::default(),
+            )
+            .await;
+        let _ = connection.close(200, "done".into()).await;
+    }
+}

@@ -1,0 +1,706 @@
+//! AMQP 0-9-1 connector (lapin) for RabbitMQ: one connection per server, one consuming channel
+//! (prefetch from config) and one publishing channel with publisher confirms.
+//!
+//! Topology comes from the channel's `amqp` binding and is declared on every (re)connect:
+//! `is: routingKey` declares the exchange (name, type, durable, autoDelete; `amq.*` exchanges are
+//! RabbitMQ's own and only used) and, for readable routes, a queue (the binding's, or
+//! `stepflow.{route}`) bound with the topic pattern; `is: queue` consumes that queue.
+//!
+//! A delivery is acknowledged only after the log flushed it (or its dead letter); if it cannot be
+//! logged it is nacked with requeue. lapin does not recover connections by itself: a supervisor
+//! task reconnects with backoff, redeclares the topology and restarts the consumers; RabbitMQ
+//! requeues what was delivered and not acknowledged on the lost connection.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::mqtt::ServerOverride;
+use super::{Backoff, ConnectionState, Connections, Outbound, PublishError, Publisher, ServerKey};
+use crate::hub::{Hub, LiveRoute};
+use crate::routing::envelope::{Envelope, Origin, Transport};
+use crate::routing::{AmqpRoute, Upstream, UpstreamBinding};
+use crate::spec::{Protocol, Server};
+use crate::store::PendingAppend;
+use crate::telemetry::events::UpstreamConnectionChanged;
+
+/// Connection settings of one AMQP server.
+#[derive(Clone, PartialEq)]
+pub struct AmqpServerConfig {
+    /// `amqp://user:password@host:port/vhost` (the password never printed).
+    uri: String,
+    /// The URI without credentials, for logs and `/api/v1/connections`.
+    pub display_url: String,
+    pub prefetch: u16,
+}
+
+impl std::fmt::Debug for AmqpServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpServerConfig")
+            .field("url", &self.display_url)
+            .field("prefetch", &self.prefetch)
+            .finish()
+    }
+}
+
+/// Percent-encodes a URI userinfo or vhost component.
+fn encode(part: &str) -> String {
+    let mut out = String::new();
+    for b in part.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl AmqpServerConfig {
+    /// Host from the override URL or the document (`host:port`, vhost from `pathname`),
+    /// credentials from the config file (RabbitMQ's `guest` when none are given).
+    pub fn build(server: &Server, overrides: &ServerOverride, prefetch: u16) -> AmqpServerConfig {
+        let (scheme, rest) = match &overrides.url {
+            Some(url) => {
+                let (s, r) = url.split_once("://").unwrap_or(("amqp", url));
+                (s.to_owned(), r.to_owned())
+            }
+            None => (
+                if server.protocol == Protocol::Amqps {
+                    "amqps"
+                } else {
+                    "amqp"
+                }
+                .to_owned(),
+                format!(
+                    "{}{}",
+                    server.host,
+                    server.pathname.as_deref().unwrap_or("")
+                ),
+            ),
+        };
+        let (userinfo, hostpath) = match rest.rsplit_once('@') {
+            Some((u, h)) => (Some(u.to_owned()), h.to_owned()),
+            None => (None, rest),
+        };
+        let (host, vhost) = match hostpath.split_once('/') {
+            Some((h, v)) if !v.is_empty() => (h.to_owned(), Some(v.to_owned())),
+            Some((h, _)) => (h.to_owned(), None),
+            None => (hostpath, None),
+        };
+        let credentials = match (&overrides.username, &overrides.password, userinfo) {
+            (Some(u), p, _) => Some(format!(
+                "{}:{}",
+                encode(u),
+                encode(p.as_deref().unwrap_or(""))
+            )),
+            (None, _, Some(u)) => Some(u),
+            (None, _, None) => None,
+        };
+        // A vhost of "/" is written %2f; an absent vhost means RabbitMQ's default "/".
+        let vhost_part = vhost
+            .map(|v| format!("/{}", encode(&v)))
+            .unwrap_or_default();
+        let uri = match &credentials {
+            Some(c) => format!("{scheme}://{c}@{host}{vhost_part}"),
+            None => format!("{scheme}://{host}{vhost_part}"),
+        };
+        AmqpServerConfig {
+            uri,
+            display_url: format!("{scheme}://{host}{vhost_part}"),
+            prefetch,
+        }
+    }
+}
+
+/// One AMQP server's connector.
+pub struct AmqpConnector {
+    key: ServerKey,
+    config: AmqpServerConfig,
+    optional: bool,
+    routes: Vec<(Arc<LiveRoute>, AmqpRoute)>,
+}
+
+impl AmqpConnector {
+    pub fn build(
+        hub: &Hub,
+        key: ServerKey,
+        config: AmqpServerConfig,
+        optional: bool,
+    ) -> AmqpConnector {
+        let routes = hub
+            .routes()
+            .filter(|r| r.route.api == key.api)
+            .filter_map(|r| {
+                r.route.upstreams.iter().find_map(|u| match &u.binding {
+                    UpstreamBinding::Amqp(a) if u.server == key.server => {
+                        Some((r.clone(), a.clone()))
+                    }
+                    _ => None,
+                })
+            })
+            .collect();
+        AmqpConnector {
+            key,
+            config,
+            optional,
+            routes,
+        }
+    }
+
+    pub fn start(self, hub: Arc<Hub>, shutdown: CancellationToken, tracker: &TaskTracker) {
+        let connections = hub.connections().clone();
+        connections.register_with(
+            self.key.clone(),
+            "amqp",
+            self.config.display_url.clone(),
+            self.optional,
+        );
+        let publish_channel: Arc<RwLock<Option<Channel>>> = Arc::default();
+        hub.register_publisher(
+            self.key.clone(),
+            Arc::new(AmqpPublisher {
+                key: self.key.clone(),
+                channel: publish_channel.clone(),
+                connections: connections.clone(),
+            }),
+        );
+        let supervisor = Supervisor {
+            hub,
+            key: self.key,
+            config: self.config,
+            routes: self.routes,
+            connections,
+            publish_channel,
+            tracker: tracker.clone(),
+        };
+        tracker.spawn(supervisor.run(shutdown));
+    }
+}
+
+struct Supervisor {
+    hub: Arc<Hub>,
+    key: ServerKey,
+    config: AmqpServerConfig,
+    routes: Vec<(Arc<LiveRoute>, AmqpRoute)>,
+    connections: Connections,
+    publish_channel: Arc<RwLock<Option<Channel>>>,
+    tracker: TaskTracker,
+}
+
+impl Supervisor {
+    fn changed(&self, connected: bool, error: Option<String>) {
+        UpstreamConnectionChanged {
+            server: &self.key.to_string(),
+            protocol: "amqp",
+            connected,
+            error: error.as_deref(),
+        }
+        .emit();
+        self.connections.set(
+            &self.key,
+            if connected {
+                ConnectionState::Connected
+            } else {
+                ConnectionState::Disconnected
+            },
+            error,
+        );
+    }
+
+    async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        let mut was_connected = true;
+        loop {
+            let session = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                s = self.connect() => s,
+            };
+            match session {
+                Ok((connection, lost)) => {
+                    backoff.reset();
+                    was_connected = true;
+                    self.changed(true, None);
+                    // Until the connection fails or we stop.
+                    let reason = tokio::select! {
+                        _ = shutdown.cancelled() => None,
+                        reason = lost => Some(reason),
+                    };
+                    if let Ok(mut slot) = self.publish_channel.write() {
+                        *slot = None;
+                    }
+                    match reason {
+                        None => {
+                            // Consumers stop on the token and acknowledge what is logged; give
+                            // them the drain window before closing the connection.
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            let _ = connection.close(200, "stepflow shutting down".into()).await;
+                            self.connections
+                                .set(&self.key, ConnectionState::Disconnected, None);
+                            return;
+                        }
+                        Some(reason) => self.changed(false, Some(reason)),
+                    }
+                }
+                Err(e) => {
+                    if was_connected {
+                        self.changed(false, Some(e));
+                        was_connected = false;
+                    }
+                }
+            }
+            let delay = backoff.next_delay();
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Connects, declares the topology, starts the consumers and the confirm channel. The
+    /// returned future completes (with a reason) when the connection is lost.
+    async fn connect(&self) -> Result<(Connection, BoxFuture<'static, String>), String> {
+        let connection = Connection::connect(&self.config.uri, ConnectionProperties::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        let (lost_tx, mut lost_rx) = mpsc::channel::<String>(4);
+        {
+            let lost_tx = lost_tx.clone();
+            let mut events = Box::pin(connection.events_listener());
+            // Not tracked: it ends with the connection, and must not hold back shutdown.
+            tokio::spawn(async move {
+                while let Some(event) = events.next().await {
+                    if let lapin::Event::Error(e) = event {
+                        let _ = lost_tx.try_send(e.to_string());
+                        break;
+                    }
+                }
+            });
+        }
+        let publish = connection
+            .create_channel()
+            .await
+            .map_err(|e| e.to_string())?;
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        let consume = connection
+            .create_channel()
+            .await
+            .map_err(|e| e.to_string())?;
+        consume
+            .basic_qos(self.config.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut consumers = Vec::new();
+        for (route, amqp) in &self.routes {
+            declare(&publish, amqp, route.route.direction.readable)
+                .await
+                .map_err(|e| format!("declaring the topology of {}: {e}", route.id()))?;
+            if !route.route.direction.readable {
+                continue;
+            }
+            let Some(queue) = &amqp.queue else { continue };
+            let consumer = consume
+                .basic_consume(
+                    queue.name.as_str().into(),
+                    format!("stepflow-{}", route.id()).into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            consumers.push((route.clone(), amqp.clone(), consumer));
+        }
+        if let Ok(mut slot) = self.publish_channel.write() {
+            *slot = Some(publish);
+        }
+        for (route, amqp, consumer) in consumers {
+            let (acks_tx, acks_rx) = mpsc::channel(1024);
+            self.tracker.spawn(consume_route(
+                self.hub.clone(),
+                self.key.server.clone().into(),
+                route,
+                amqp,
+                consumer,
+                acks_tx,
+                lost_tx.clone(),
+            ));
+            self.tracker.spawn(acknowledge(acks_rx));
+        }
+        let lost = async move {
+            lost_rx
+                .recv()
+                .await
+                .unwrap_or_else(|| "connection closed".into())
+        }
+        .boxed();
+        Ok((connection, lost))
+    }
+}
+
+/// Declares what a route needs: its exchange (unless it is RabbitMQ's own `amq.*`), and for a
+/// readable route its queue and binding.
+async fn declare(channel: &Channel, amqp: &AmqpRoute, readable: bool) -> lapin::Result<()> {
+    if let Some(x) = &amqp.exchange
+        && !x.name.starts_with("amq.")
+        && !x.name.is_empty()
+    {
+        let kind = match x.kind.as_str() {
+            "topic" => ExchangeKind::Topic,
+            "fanout" => ExchangeKind::Fanout,
+            "headers" => ExchangeKind::Headers,
+            _ => ExchangeKind::Direct,
+        };
+        channel
+            .exchange_declare(
+                x.name.as_str().into(),
+                kind,
+                ExchangeDeclareOptions {
+                    durable: x.durable,
+                    auto_delete: x.auto_delete,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    if !readable {
+        return Ok(());
+    }
+    if let Some(q) = &amqp.queue {
+        channel
+            .queue_declare(
+                q.name.as_str().into(),
+                QueueDeclareOptions {
+                    durable: q.durable,
+                    exclusive: q.exclusive,
+                    auto_delete: q.auto_delete,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        if let (Some(x), Some(key)) = (&amqp.exchange, &amqp.binding_key) {
+            channel
+                .queue_bind(
+                    q.name.as_str().into(),
+                    x.name.as_str().into(),
+                    key.pattern.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        } else if let Some(x) = amqp
+            .exchange
+            .as_ref()
+            .filter(|x| x.kind == "fanout" || x.kind == "headers")
+        {
+            channel
+                .queue_bind(
+                    q.name.as_str().into(),
+                    x.name.as_str().into(),
+                    "".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+fn value_text(value: &AMQPValue) -> String {
+    match value {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.as_str().to_owned(),
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::ShortInt(n) => n.to_string(),
+        AMQPValue::LongUInt(n) => n.to_string(),
+        AMQPValue::Double(n) => n.to_string(),
+        AMQPValue::Float(n) => n.to_string(),
+        AMQPValue::Timestamp(t) => t.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+struct Delivered {
+    acker: lapin::Acker,
+    appends: Vec<PendingAppend>,
+}
+
+async fn consume_route(
+    hub: Arc<Hub>,
+    server: Arc<str>,
+    route: Arc<LiveRoute>,
+    amqp: AmqpRoute,
+    mut consumer: lapin::Consumer,
+    acks: mpsc::Sender<Delivered>,
+    lost: mpsc::Sender<String>,
+) {
+    while let Some(delivery) = consumer.next().await {
+        let delivery = match delivery {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = lost.try_send(e.to_string());
+                break;
+            }
+        };
+        let routing_key = delivery.routing_key.as_str().to_owned();
+        let params = amqp
+            .routing_key
+            .as_ref()
+            .and_then(|k| k.extract(&routing_key))
+            .unwrap_or_default();
+        let p = &delivery.properties;
+        let mut headers: Vec<(String, String)> = p
+            .headers()
+            .as_ref()
+            .map(|t| {
+                t.inner()
+                    .iter()
+                    .map(|(k, v)| (k.as_str().to_owned(), value_text(v)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        headers.push(("amqp_routing_key".into(), routing_key.clone()));
+        headers.push((
+            "amqp_exchange".into(),
+            delivery.exchange.as_str().to_owned(),
+        ));
+        headers.push(("amqp_redelivered".into(), delivery.redelivered.to_string()));
+        for (name, value) in [
+            ("amqp_content_type", p.content_type()),
+            ("amqp_correlation_id", p.correlation_id()),
+            ("amqp_reply_to", p.reply_to()),
+            ("amqp_message_id", p.message_id()),
+        ] {
+            if let Some(v) = value {
+                headers.push((name.into(), v.as_str().to_owned()));
+            }
+        }
+        if let Some(mode) = p.delivery_mode() {
+            headers.push(("amqp_delivery_mode".into(), mode.to_string()));
+        }
+        if let Some(priority) = p.priority() {
+            headers.push(("amqp_priority".into(), priority.to_string()));
+        }
+        let mut envelope = Envelope::new(
+            route.id().clone(),
+            routing_key,
+            params,
+            Bytes::from(delivery.data),
+            Origin::upstream(Transport::Amqp, server.clone()),
+        );
+        envelope.headers = headers;
+        let appends = match hub.ingest(&route, envelope).await {
+            Ok(p) => vec![p],
+            Err(e) => {
+                tracing::error!(channel = %route.id(), error = %e, "cannot log delivery; requeueing it");
+                let _ = delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await;
+                continue;
+            }
+        };
+        if acks
+            .send(Delivered {
+                acker: delivery.acker,
+                appends,
+            })
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+}
+
+/// Acks each delivery once logged; nacks with requeue what could not be flushed.
+async fn acknowledge(mut rx: mpsc::Receiver<Delivered>) {
+    while let Some(d) = rx.recv().await {
+        let mut logged = true;
+        for append in d.appends {
+            logged &= append.flushed().await.is_ok();
+        }
+        let result = if logged {
+            d.acker.ack(BasicAckOptions::default()).await
+        } else {
+            d.acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await
+        };
+        if result.is_err() {
+            // The channel is gone: RabbitMQ requeues this delivery for the next consumer.
+            continue;
+        }
+    }
+}
+
+struct AmqpPublisher {
+    key: ServerKey,
+    channel: Arc<RwLock<Option<Channel>>>,
+    connections: Connections,
+}
+
+impl Publisher for AmqpPublisher {
+    fn is_connected(&self) -> bool {
+        self.connections.is_connected(&self.key)
+    }
+
+    fn publish(
+        &self,
+        upstream: &Upstream,
+        message: Outbound,
+    ) -> BoxFuture<'static, Result<(), PublishError>> {
+        let server = self.key.server.clone();
+        let channel = self.channel.read().ok().and_then(|c| c.clone());
+        let amqp = match &upstream.binding {
+            UpstreamBinding::Amqp(a) => Some(a.clone()),
+            _ => None,
+        };
+        async move {
+            let (Some(channel), Some(amqp)) = (channel, amqp) else {
+                return Err(PublishError::NotConnected { server });
+            };
+            // `is: queue` routes publish to the queue through the default exchange.
+            let (exchange, routing_key) = match (&amqp.exchange, &amqp.queue) {
+                (Some(x), _) => (x.name.clone(), message.address.clone()),
+                (None, Some(q)) => (String::new(), q.name.clone()),
+                (None, None) => (String::new(), message.address.clone()),
+            };
+            let mut headers = FieldTable::default();
+            for (name, value) in &message.headers {
+                headers.insert(name.as_str().into(), AMQPValue::LongString(LongString::from(value.as_bytes())));
+            }
+            let list = |names: &[String]| {
+                AMQPValue::FieldArray(
+                    names
+                        .iter()
+                        .map(|n| AMQPValue::LongString(LongString::from(n.as_bytes())))
+                        .collect::<Vec<_>>()
+                        .into(),
+                )
+            };
+            if !amqp.publish.cc.is_empty() {
+                headers.insert("CC".into(), list(&amqp.publish.cc));
+            }
+            if !amqp.publish.bcc.is_empty() {
+                headers.insert("BCC".into(), list(&amqp.publish.bcc));
+            }
+            let mut properties = BasicProperties::default()
+                .with_headers(headers)
+                .with_delivery_mode(amqp.publish.delivery_mode.unwrap_or(2))
+                .with_content_type(ShortString::from("application/json"));
+            if let Some(priority) = amqp.publish.priority {
+                properties = properties.with_priority(priority);
+            }
+            if let Some(expiration) = amqp.publish.expiration {
+                properties = properties.with_expiration(expiration.to_string().into());
+            }
+            let confirm = channel
+                .basic_publish(
+                    exchange.as_str().into(),
+                    routing_key.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: amqp.publish.mandatory,
+                        ..BasicPublishOptions::default()
+                    },
+                    &message.payload,
+                    properties,
+                )
+                .await
+                .map_err(|e| PublishError::NotConnected {
+                    server: format!("{server}: {e}"),
+                })?;
+            match confirm.await {
+                Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => Ok(()),
+                Ok(Confirmation::Ack(Some(_))) => Err(PublishError::Refused {
+                    server,
+                    reason: format!("unroutable: no queue is bound for routing key '{routing_key}' (returned, mandatory)"),
+                }),
+                Ok(Confirmation::Nack(_)) => Err(PublishError::Refused {
+                    server,
+                    reason: "the broker nacked the message".into(),
+                }),
+                Err(e) => Err(PublishError::NotConnected {
+                    server: format!("{server}: {e}"),
+                }),
+            }
+        }
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(host: &str, pathname: Option<&str>) -> Server {
+        Server {
+            id: "rabbit".into(),
+            protocol: Protocol::Amqp,
+            protocol_version: None,
+            host: host.into(),
+            pathname: pathname.map(str::to_owned),
+            security: Vec::new(),
+            bindings: Default::default(),
+            optional: false,
+        }
+    }
+
+    #[test]
+    fn uri_from_document_and_overrides() {
+        let c = AmqpServerConfig::build(
+            &server("127.0.0.1:5672", None),
+            &ServerOverride::default(),
+            50,
+        );
+        assert_eq!(c.uri, "amqp://127.0.0.1:5672");
+        let c = AmqpServerConfig::build(
+            &server("rabbit:5672", Some("/production")),
+            &ServerOverride {
+                username: Some("gw".into()),
+                password: Some("p@ss/word".into()),
+                ..ServerOverride::default()
+            },
+            50,
+        );
+        assert_eq!(c.uri, "amqp://gw:p%40ss%2Fword@rabbit:5672/production");
+        assert_eq!(c.display_url, "amqp://rabbit:5672/production");
+        assert!(!format!("{c:?}").contains("ss"), "no password in Debug");
+        let c = AmqpServerConfig::build(
+            &server("x", None),
+            &ServerOverride {
+                url: Some("amqps://u:p@broker:5671/vh".into()),
+                ..ServerOverride::default()
+            },
+            50,
+        );
+        assert_eq!(c.uri, "amqps://u:p@broker:5671/vh");
+    }
+}
