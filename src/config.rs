@@ -69,6 +69,8 @@ pub struct ServerFileConfig {
     pub client_id: Option<String>,
     /// A PEM file of CA certificates to trust for this server's TLS.
     pub ca_file: Option<PathBuf>,
+    /// AMQP prefetch (`basic.qos`), default 1000.
+    pub prefetch: Option<u16>,
 }
 
 /// Message log tuning as the file writes it.
@@ -142,6 +144,7 @@ impl Config {
                     password: v.password,
                     client_id: v.client_id,
                     ca_pem,
+                    prefetch: v.prefetch,
                 },
             );
         }

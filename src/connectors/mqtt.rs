@@ -94,6 +94,8 @@ pub struct ServerOverride {
     pub client_id: Option<String>,
     /// PEM certificate(s) to trust for TLS, in addition to the system's.
     pub ca_pem: Option<Vec<u8>>,
+    /// AMQP `basic.qos` prefetch: unacknowledged deliveries the broker may send at once.
+    pub prefetch: Option<u16>,
 }
 
 impl MqttServerConfig {
