@@ -5,68 +5,20 @@
 //!     cargo build --release && cargo run --release --example load_amqp_ws -- --rate 5000 --subscribers 10 --seconds 10
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::process::{Command, Stdio};
+
+mod common;
+use common::*;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use futures::StreamExt;
-use hdrhistogram::Histogram;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
     ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use tokio::sync::Mutex;
-
-fn now_nanos() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
-
-fn ts_of(text: &[u8]) -> Option<u64> {
-    let key = b"\"ts\":";
-    let at = text.windows(key.len()).position(|w| w == key)? + key.len();
-    let digits: Vec<u8> = text[at..]
-        .iter()
-        .copied()
-        .skip_while(|c| *c == b' ')
-        .take_while(u8::is_ascii_digit)
-        .collect();
-    std::str::from_utf8(&digits).ok()?.parse().ok()
-}
-
-#[derive(Default)]
-struct Results {
-    histogram: Option<Histogram<u64>>,
-    received: u64,
-    first: Option<Instant>,
-    last: Option<Instant>,
-}
-
-impl Results {
-    fn record(&mut self, ts: u64) {
-        let latency = now_nanos().saturating_sub(ts);
-        let h = self
-            .histogram
-            .get_or_insert_with(|| Histogram::new_with_bounds(1_000, 60_000_000_000, 3).unwrap());
-        let _ = h.record(latency.max(1_000));
-        self.received += 1;
-        let now = Instant::now();
-        self.first.get_or_insert(now);
-        self.last = Some(now);
-    }
-}
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 async fn publish(exchange: &str, routing_key: &str, rate: u64, seconds: u64) -> Result<u64> {
     let connection =
@@ -102,51 +54,6 @@ async fn publish(exchange: &str, routing_key: &str, rate: u64, seconds: u64) -> 
     while confirms.next().await.is_some() {}
     tokio::time::sleep(Duration::from_secs(2)).await;
     Ok(sent)
-}
-
-async fn stop_and_collect(
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-    results: Vec<Arc<Mutex<Results>>>,
-) -> Vec<Results> {
-    for t in tasks {
-        t.abort();
-    }
-    let mut out = Vec::new();
-    for r in results {
-        out.push(std::mem::take(&mut *r.lock().await));
-    }
-    out
-}
-
-fn summarize(name: &str, sent: u64, results: &[Results]) -> (f64, f64) {
-    let mut all = Histogram::<u64>::new_with_bounds(1_000, 60_000_000_000, 3).unwrap();
-    let mut delivered = 0;
-    let mut rates = Vec::new();
-    for r in results {
-        if let Some(h) = &r.histogram {
-            all.add(h).unwrap();
-        }
-        delivered += r.received;
-        if let (Some(first), Some(last)) = (r.first, r.last) {
-            let secs = last.duration_since(first).as_secs_f64();
-            if secs > 0.0 {
-                rates.push(r.received as f64 / secs);
-            }
-        }
-    }
-    let expected = sent * results.len() as u64;
-    let rate = if rates.is_empty() {
-        0.0
-    } else {
-        rates.iter().sum::<f64>() / rates.len() as f64
-    };
-    let p99 = all.value_at_quantile(0.99) as f64 / 1e6;
-    println!(
-        "{name:<8} delivered {delivered}/{expected} (loss {}), {rate:.0} msg/s per subscriber, p50 {:.3} ms, p99 {p99:.3} ms",
-        expected.saturating_sub(delivered),
-        all.value_at_quantile(0.50) as f64 / 1e6,
-    );
-    (rate, p99)
 }
 
 #[tokio::main]
@@ -208,23 +115,12 @@ operations:
             .spawn()
             .context("run `cargo build --release` first")?,
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(r) = reqwest::get(format!("http://127.0.0.1:{http}/readyz")).await
-            && r.status() == 200
-        {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("daemon not ready");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_ready(http).await?;
     println!("rate {rate} msg/s, {subscribers} subscribers, {seconds} s");
 
     let admin =
         Connection::connect("amqp://127.0.0.1:5672", ConnectionProperties::default()).await?;
-    let results: Vec<Arc<Mutex<Results>>> = (0..subscribers).map(|_| Arc::default()).collect();
+    let results = shared(subscribers);
     let mut tasks = Vec::new();
     for (i, r) in results.iter().enumerate() {
         let channel = admin.create_channel().await?;
@@ -268,34 +164,13 @@ operations:
         }));
     }
     let sent = publish(&exchange, "direct.1", rate, seconds).await?;
-    let (direct_rate, direct_p99) =
-        summarize("direct", sent, &stop_and_collect(tasks, results).await);
+    let direct = summarize(sent, &stop_and_collect(tasks, results).await);
 
-    let results: Vec<Arc<Mutex<Results>>> = (0..subscribers).map(|_| Arc::default()).collect();
-    let mut tasks = Vec::new();
-    for r in &results {
-        let (mut ws, _) =
-            tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{http}/ws/load.telemetry"))
-                .await?;
-        let r = r.clone();
-        tasks.push(tokio::spawn(async move {
-            while let Some(Ok(frame)) = ws.next().await {
-                if let tokio_tungstenite::tungstenite::Message::Text(text) = frame
-                    && let Some(ts) = ts_of(text.as_bytes())
-                {
-                    r.lock().await.record(ts);
-                }
-            }
-        }));
-    }
+    let results = shared(subscribers);
+    let tasks = websocket_subscribers(http, "load.telemetry", &results).await?;
     let sent = publish(&exchange, "devices.1.telemetry", rate, seconds).await?;
-    let (bridged_rate, bridged_p99) =
-        summarize("bridged", sent, &stop_and_collect(tasks, results).await);
-    println!(
-        "ratios bridged/direct: throughput {:.3}, p99 {:.2}",
-        bridged_rate / direct_rate.max(1.0),
-        bridged_p99 / direct_p99.max(1e-9)
-    );
+    let bridged = summarize(sent, &stop_and_collect(tasks, results).await);
+    report(&direct, &bridged);
     let cleanup = admin.create_channel().await?;
     let _ = cleanup
         .queue_delete(

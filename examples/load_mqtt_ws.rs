@@ -9,16 +9,17 @@
 //!     cargo build --release && cargo run --release --example load_mqtt_ws -- --rate 5000 --subscribers 10 --seconds 10
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+
+mod common;
+use common::*;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use futures::StreamExt;
-use hdrhistogram::Histogram;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use tokio::sync::Mutex;
 
 struct Args {
     rate: u64,
@@ -49,63 +50,6 @@ fn args() -> Result<Args> {
         }
     }
     Ok(a)
-}
-
-fn now_nanos() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
-
-/// The `"ts":` number in a frame, without parsing the whole JSON (the observer must stay cheap).
-fn ts_of(text: &[u8]) -> Option<u64> {
-    let key = b"\"ts\":";
-    let at = text.windows(key.len()).position(|w| w == key)? + key.len();
-    let digits: Vec<u8> = text[at..]
-        .iter()
-        .copied()
-        .skip_while(|c| *c == b' ')
-        .take_while(u8::is_ascii_digit)
-        .collect();
-    std::str::from_utf8(&digits).ok()?.parse().ok()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-#[derive(Default)]
-struct Results {
-    histogram: Option<Histogram<u64>>,
-    received: u64,
-    first: Option<Instant>,
-    last: Option<Instant>,
-}
-
-impl Results {
-    fn record(&mut self, ts: u64) {
-        let latency = now_nanos().saturating_sub(ts);
-        let h = self
-            .histogram
-            .get_or_insert_with(|| Histogram::new_with_bounds(1_000, 60_000_000_000, 3).unwrap());
-        let _ = h.record(latency.max(1_000));
-        self.received += 1;
-        let now = Instant::now();
-        self.first.get_or_insert(now);
-        self.last = Some(now);
-    }
 }
 
 /// Publishes `rate` messages a second for `seconds`, QoS 1, paced every millisecond.
@@ -152,22 +96,8 @@ async fn publish(port: u16, topic: String, rate: u64, seconds: u64, payload: usi
     Ok(sent)
 }
 
-async fn stop_and_collect(
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-    results: Vec<Arc<Mutex<Results>>>,
-) -> Vec<Results> {
-    for t in tasks {
-        t.abort();
-    }
-    let mut out = Vec::new();
-    for r in results {
-        out.push(std::mem::take(&mut *r.lock().await));
-    }
-    out
-}
-
 async fn direct_phase(port: u16, topic: &str, a: &Args) -> Result<(u64, Vec<Results>)> {
-    let results: Vec<Arc<Mutex<Results>>> = (0..a.subscribers).map(|_| Arc::default()).collect();
+    let results = shared(a.subscribers);
     let mut tasks = Vec::new();
     for (i, r) in results.iter().enumerate() {
         let mut options = MqttOptions::new(
@@ -206,7 +136,7 @@ async fn bridged_phase(
     topic: &str,
     a: &Args,
 ) -> Result<(u64, Vec<Results>)> {
-    let results: Vec<Arc<Mutex<Results>>> = (0..a.subscribers).map(|_| Arc::default()).collect();
+    let results = shared(a.subscribers);
     let mut tasks = Vec::new();
     for r in &results {
         let (mut ws, _) =
@@ -224,45 +154,6 @@ async fn bridged_phase(
     }
     let sent = publish(port, topic.to_owned(), a.rate, a.seconds, a.payload).await?;
     Ok((sent, stop_and_collect(tasks, results).await))
-}
-
-struct Summary {
-    expected: u64,
-    delivered: u64,
-    rate: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    max_ms: f64,
-}
-
-fn summarize(sent: u64, results: &[Results]) -> Summary {
-    let mut all = Histogram::<u64>::new_with_bounds(1_000, 60_000_000_000, 3).unwrap();
-    let mut delivered = 0;
-    let mut rates = Vec::new();
-    for r in results {
-        if let Some(h) = &r.histogram {
-            all.add(h).unwrap();
-        }
-        delivered += r.received;
-        if let (Some(first), Some(last)) = (r.first, r.last) {
-            let secs = last.duration_since(first).as_secs_f64();
-            if secs > 0.0 {
-                rates.push(r.received as f64 / secs);
-            }
-        }
-    }
-    Summary {
-        expected: sent * results.len() as u64,
-        delivered,
-        rate: if rates.is_empty() {
-            0.0
-        } else {
-            rates.iter().sum::<f64>() / rates.len() as f64
-        },
-        p50_ms: all.value_at_quantile(0.50) as f64 / 1e6,
-        p99_ms: all.value_at_quantile(0.99) as f64 / 1e6,
-        max_ms: all.max() as f64 / 1e6,
-    }
 }
 
 fn rss_kib(pid: u32, field: &str) -> u64 {
@@ -351,18 +242,7 @@ operations:
             .spawn()?,
     );
     let pid = daemon.0.id();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Ok(r) = reqwest::get(format!("http://127.0.0.1:{http}/readyz")).await
-            && r.status() == 200
-        {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("daemon not ready");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_ready(http).await?;
     let idle_rss = rss_kib(pid, "VmRSS:");
 
     println!(
@@ -395,26 +275,7 @@ operations:
     let _ = sampler.await;
     let bridged = summarize(sent_bridged, &bridged);
 
-    let row = |name: &str, s: &Summary| {
-        println!(
-            "{name:<8} delivered {}/{} (loss {}), {:.0} msg/s per subscriber, p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
-            s.delivered,
-            s.expected,
-            s.expected.saturating_sub(s.delivered),
-            s.rate,
-            s.p50_ms,
-            s.p99_ms,
-            s.max_ms
-        );
-    };
-    row("direct", &direct);
-    row("bridged", &bridged);
-    println!(
-        "ratios bridged/direct: throughput {:.3}, p50 {:.2}, p99 {:.2}",
-        bridged.rate / direct.rate.max(1.0),
-        bridged.p50_ms / direct.p50_ms.max(1e-9),
-        bridged.p99_ms / direct.p99_ms.max(1e-9)
-    );
+    report(&direct, &bridged);
     println!(
         "daemon RSS: idle {:.1} MiB, peak under load {:.1} MiB (VmHWM {:.1} MiB)",
         idle_rss as f64 / 1024.0,

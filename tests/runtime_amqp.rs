@@ -50,17 +50,6 @@ async fn publish(channel: &lapin::Channel, prefix: &str, routing_key: &str, payl
         .unwrap();
 }
 
-async fn wait_for_log(daemon: &Daemon, channel: &str, count: usize) -> Vec<Value> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let messages = daemon.replay_all(channel, "messages").await.unwrap();
-        if messages.len() >= count || std::time::Instant::now() > deadline {
-            return messages;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_reach_websocket_sse_and_the_log_with_routing_key_and_properties() {
     let dir = tempfile::tempdir().unwrap();
@@ -95,7 +84,7 @@ async fn messages_reach_websocket_sse_and_the_log_with_routing_key_and_propertie
     assert_eq!(frame["headers"]["trace-id"], "abc-123");
     let (_, frame) = sse.next_message(WAIT).await.unwrap();
     assert_eq!(frame["headers"]["amqp_routing_key"], "devices.42.telemetry");
-    assert_eq!(wait_for_log(&daemon, &channel, 1).await.len(), 1);
+    assert_eq!(daemon.wait_for_log(&channel, 1).await.len(), 1);
     amqp_cleanup(&prefix, &["telemetry"]).await;
 }
 
@@ -248,7 +237,7 @@ async fn daemon_killed_mid_stream_loses_no_message() {
         .await;
     }
     daemon.restart().await.unwrap();
-    let log = wait_for_log(&daemon, &channel, total as usize).await;
+    let log = daemon.wait_for_log(&channel, total as usize).await;
     let mut seen: BTreeMap<u64, u32> = BTreeMap::new();
     for m in &log {
         *seen

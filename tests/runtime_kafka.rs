@@ -125,17 +125,6 @@ async fn start_daemon(kafka: &Kafka, dir: &std::path::Path, api: &str) -> Daemon
         .unwrap()
 }
 
-async fn wait_for_log(daemon: &Daemon, channel: &str, count: usize) -> Vec<Value> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let messages = daemon.replay_all(channel, "messages").await.unwrap();
-        if messages.len() >= count || std::time::Instant::now() > deadline {
-            return messages;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_reach_websocket_sse_and_the_log_with_key_and_headers() {
     let kafka = Kafka::start();
@@ -162,7 +151,7 @@ async fn records_reach_websocket_sse_and_the_log_with_key_and_headers() {
     assert_eq!(frame["address"], format!("{}.telemetry", kafka.prefix));
     let (_, frame) = sse.next_message(WAIT).await.unwrap();
     assert_eq!(frame["headers"]["kafka_key"], "device-7");
-    assert_eq!(wait_for_log(&daemon, &channel, 1).await.len(), 1);
+    assert_eq!(daemon.wait_for_log(&channel, 1).await.len(), 1);
     assert_eq!(
         daemon
             .metric(
@@ -293,7 +282,7 @@ async fn daemon_killed_mid_stream_loses_no_record_and_commits_never_pass_the_log
             .await;
     }
     daemon.restart().await.unwrap();
-    let log = wait_for_log(&daemon, &channel, total as usize).await;
+    let log = daemon.wait_for_log(&channel, total as usize).await;
     let mut seen: BTreeMap<u64, u32> = BTreeMap::new();
     let mut logged_end: BTreeMap<i32, i64> = BTreeMap::new();
     for m in &log {
@@ -382,5 +371,5 @@ async fn broker_absent_at_start_then_the_daemon_connects_when_it_appears() {
     kafka
         .produce(&producer, "late", &json!({"temperature": 3}))
         .await;
-    assert_eq!(wait_for_log(&daemon, &channel, 1).await.len(), 1);
+    assert_eq!(daemon.wait_for_log(&channel, 1).await.len(), 1);
 }

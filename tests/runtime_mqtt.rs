@@ -63,17 +63,6 @@ async fn publish(client: &MqttClient, topic: &str, payload: Value) {
         .unwrap();
 }
 
-async fn wait_for_log(daemon: &Daemon, channel: &str, count: usize) -> Vec<Value> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let messages = daemon.replay_all(channel, "messages").await.unwrap();
-        if messages.len() >= count || std::time::Instant::now() > deadline {
-            return messages;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn telemetry_reaches_three_websocket_and_two_sse_clients_with_params() {
     let s = Setup::shared_broker(&[]).await;
@@ -269,7 +258,7 @@ async fn sse_and_websocket_clients_resume_without_gaps_or_duplicates() {
     for seq in 4..=7 {
         publish(&device, &topic, json!({"temperature": 20, "seq": seq})).await;
     }
-    assert_eq!(wait_for_log(&s.daemon, &channel, 7).await.len(), 7);
+    assert_eq!(s.daemon.wait_for_log(&channel, 7).await.len(), 7);
 
     let mut sse = SseClient::connect(&s.daemon.url(&format!("/sse/{channel}?from=1")), Some(3))
         .await
@@ -375,7 +364,7 @@ async fn daemon_killed_mid_stream_loses_no_acknowledged_message() {
         "the broker acknowledged every publish"
     );
 
-    let log = wait_for_log(&daemon, &channel, total as usize).await;
+    let log = daemon.wait_for_log(&channel, total as usize).await;
     let mut seen: BTreeMap<u64, u32> = BTreeMap::new();
     for m in &log {
         *seen
@@ -535,7 +524,7 @@ async fn invalid_messages_are_dead_lettered_or_refused_with_their_status() {
         dead[0]
     );
     assert_eq!(
-        wait_for_log(&s.daemon, &telemetry, 1).await.len(),
+        s.daemon.wait_for_log(&telemetry, 1).await.len(),
         1,
         "the valid one is logged"
     );
@@ -754,7 +743,7 @@ async fn a_lagging_websocket_client_is_told_and_resumed_from_the_log() {
         .await;
     }
     assert_eq!(
-        wait_for_log(&daemon, &channel, count as usize).await.len(),
+        daemon.wait_for_log(&channel, count as usize).await.len(),
         count as usize
     );
 

@@ -369,6 +369,18 @@ impl Daemon {
         }
     }
 
+    /// The channel's log once it holds at least `count` messages (or what it holds after 60 s).
+    pub async fn wait_for_log(&self, channel: &str, count: usize) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let messages = self.replay_all(channel, "messages").await.unwrap();
+            if messages.len() >= count || Instant::now() > deadline {
+                return messages;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// The value of a metric series (summing every series whose labels include `labels`).
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
         let text = reqwest::get(self.url("/metrics")).await?.text().await?;

@@ -1,0 +1,194 @@
+//! What the load scenarios share: latency bookkeeping, the daemon process, result summaries.
+#![allow(dead_code)]
+
+use std::process::Child;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use hdrhistogram::Histogram;
+use tokio::sync::Mutex;
+
+/// Wall-clock nanoseconds: publisher and subscribers run on one machine, one clock.
+pub fn now_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// The `"ts":` number in a frame, without parsing the whole JSON (the observer must stay cheap).
+pub fn ts_of(text: &[u8]) -> Option<u64> {
+    let key = b"\"ts\":";
+    let at = text.windows(key.len()).position(|w| w == key)? + key.len();
+    let digits: Vec<u8> = text[at..]
+        .iter()
+        .copied()
+        .skip_while(|c| *c == b' ')
+        .take_while(u8::is_ascii_digit)
+        .collect();
+    std::str::from_utf8(&digits).ok()?.parse().ok()
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process killed when dropped.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One subscriber's latencies and receive times.
+#[derive(Default)]
+pub struct Results {
+    histogram: Option<Histogram<u64>>,
+    pub received: u64,
+    first: Option<Instant>,
+    last: Option<Instant>,
+}
+
+impl Results {
+    pub fn record(&mut self, ts: u64) {
+        let latency = now_nanos().saturating_sub(ts);
+        let h = self
+            .histogram
+            .get_or_insert_with(|| Histogram::new_with_bounds(1_000, 60_000_000_000, 3).unwrap());
+        let _ = h.record(latency.max(1_000));
+        self.received += 1;
+        let now = Instant::now();
+        self.first.get_or_insert(now);
+        self.last = Some(now);
+    }
+}
+
+pub type Shared = Arc<Mutex<Results>>;
+
+pub fn shared(n: usize) -> Vec<Shared> {
+    (0..n).map(|_| Arc::default()).collect()
+}
+
+pub async fn stop_and_collect(
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    results: Vec<Shared>,
+) -> Vec<Results> {
+    for t in tasks {
+        t.abort();
+    }
+    let mut out = Vec::new();
+    for r in results {
+        out.push(std::mem::take(&mut *r.lock().await));
+    }
+    out
+}
+
+/// All subscribers of one phase.
+pub struct Summary {
+    pub expected: u64,
+    pub delivered: u64,
+    /// Mean of the subscribers' receive rates.
+    pub rate: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+pub fn summarize(sent: u64, results: &[Results]) -> Summary {
+    let mut all = Histogram::<u64>::new_with_bounds(1_000, 60_000_000_000, 3).unwrap();
+    let mut delivered = 0;
+    let mut rates = Vec::new();
+    for r in results {
+        if let Some(h) = &r.histogram {
+            all.add(h).unwrap();
+        }
+        delivered += r.received;
+        if let (Some(first), Some(last)) = (r.first, r.last) {
+            let secs = last.duration_since(first).as_secs_f64();
+            if secs > 0.0 {
+                rates.push(r.received as f64 / secs);
+            }
+        }
+    }
+    Summary {
+        expected: sent * results.len() as u64,
+        delivered,
+        rate: if rates.is_empty() {
+            0.0
+        } else {
+            rates.iter().sum::<f64>() / rates.len() as f64
+        },
+        p50_ms: all.value_at_quantile(0.50) as f64 / 1e6,
+        p99_ms: all.value_at_quantile(0.99) as f64 / 1e6,
+        max_ms: all.max() as f64 / 1e6,
+    }
+}
+
+/// Prints both phases and their ratios.
+pub fn report(direct: &Summary, bridged: &Summary) {
+    for (name, s) in [("direct", direct), ("bridged", bridged)] {
+        println!(
+            "{name:<8} delivered {}/{} (loss {}), {:.0} msg/s per subscriber, p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+            s.delivered,
+            s.expected,
+            s.expected.saturating_sub(s.delivered),
+            s.rate,
+            s.p50_ms,
+            s.p99_ms,
+            s.max_ms
+        );
+    }
+    println!(
+        "ratios bridged/direct: throughput {:.3}, p50 {:.2}, p99 {:.2}",
+        bridged.rate / direct.rate.max(1.0),
+        bridged.p50_ms / direct.p50_ms.max(1e-9),
+        bridged.p99_ms / direct.p99_ms.max(1e-9)
+    );
+}
+
+/// Waits until the daemon's `/readyz` answers 200.
+pub async fn wait_ready(http: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Ok(r) = reqwest::get(format!("http://127.0.0.1:{http}/readyz")).await
+            && r.status() == 200
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("daemon not ready");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Connects `n` WebSocket clients to a channel, each recording latencies.
+pub async fn websocket_subscribers(
+    http: u16,
+    channel: &str,
+    results: &[Shared],
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    use futures::StreamExt;
+    let mut tasks = Vec::new();
+    for r in results {
+        let (mut ws, _) =
+            tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{http}/ws/{channel}")).await?;
+        let r = r.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(Ok(frame)) = ws.next().await {
+                if let tokio_tungstenite::tungstenite::Message::Text(text) = frame
+                    && let Some(ts) = ts_of(text.as_bytes())
+                {
+                    r.lock().await.record(ts);
+                }
+            }
+        }));
+    }
+    Ok(tasks)
+}
