@@ -75,6 +75,14 @@ async fn messages_reach_websocket_sse_and_the_log_with_routing_key_and_propertie
     )
     .await;
 
+    // An invalid one goes to the dead-letter log and is acknowledged (not redelivered).
+    publish(
+        &ch,
+        &prefix,
+        "devices.42.telemetry",
+        &json!({"temperature": "warm"}),
+    )
+    .await;
     let frame = ws_next_json(&mut ws, WAIT).await.unwrap();
     assert_eq!(frame["params"]["deviceId"], "42");
     assert_eq!(frame["payload"]["temperature"], 22.5);
@@ -85,6 +93,33 @@ async fn messages_reach_websocket_sse_and_the_log_with_routing_key_and_propertie
     let (_, frame) = sse.next_message(WAIT).await.unwrap();
     assert_eq!(frame["headers"]["amqp_routing_key"], "devices.42.telemetry");
     assert_eq!(daemon.wait_for_log(&channel, 1).await.len(), 1);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let dead = daemon.replay_all(&channel, "dead-letters").await.unwrap();
+        if dead.len() == 1 {
+            assert_eq!(dead[0]["payload"]["temperature"], "warm");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no dead letter");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let queue = ch
+        .queue_declare(
+            format!("{prefix}.telemetry").as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        queue.message_count(),
+        0,
+        "both deliveries were acknowledged"
+    );
     amqp_cleanup(&prefix, &["telemetry"]).await;
 }
 
@@ -115,6 +150,23 @@ async fn posts_and_websocket_frames_reach_an_independent_consumer() {
         .await
         .unwrap();
     }
+    let audit = format!("{prefix}.audit");
+    ch.queue_declare(
+        audit.as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        audit.as_str().into(),
+        format!("{prefix}.events").as_str().into(),
+        "audit.commands".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     let mut consumer = ch
         .basic_consume(
             queue.as_str().into(),
@@ -152,11 +204,38 @@ async fn posts_and_websocket_frames_reach_an_independent_consumer() {
         .get("trace-id")
         .cloned();
     assert_eq!(trace, Some(AMQPValue::LongString(LongString::from("t-7"))));
+    assert_eq!(
+        delivery
+            .properties
+            .expiration()
+            .as_ref()
+            .map(|e| e.as_str()),
+        Some("60000")
+    );
     delivery
         .acker
         .ack(BasicAckOptions::default())
         .await
         .unwrap();
+    // The operation binding's cc: a copy under the `audit.commands` routing key.
+    let copy = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Some(m) = ch
+                .basic_get(
+                    audit.as_str().into(),
+                    lapin::options::BasicGetOptions { no_ack: true },
+                )
+                .await
+                .unwrap()
+            {
+                return m;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(copy.delivery.routing_key.as_str(), "devices.42.commands");
 
     let mut ws = ws_connect(&daemon.ws_url(&format!("/ws/{channel}?deviceId=9")))
         .await
@@ -174,7 +253,14 @@ async fn posts_and_websocket_frames_reach_an_independent_consumer() {
         .unwrap();
     assert_eq!(delivery.routing_key.as_str(), "devices.9.commands");
 
-    // Mandatory and unroutable: returned by the broker, reported, not accepted.
+    // Mandatory and unroutable: returned by the broker, reported, not accepted. (The cc copy
+    // would make any message routable while the audit queue exists.)
+    ch.queue_delete(
+        audit.as_str().into(),
+        lapin::options::QueueDeleteOptions::default(),
+    )
+    .await
+    .unwrap();
     let response = client
         .post(daemon.url(&format!(
             "/api/v1/channels/{channel}/messages?deviceId=1000"
@@ -193,7 +279,7 @@ async fn posts_and_websocket_frames_reach_an_independent_consumer() {
             .contains("unroutable"),
         "{body}"
     );
-    amqp_cleanup(&prefix, &["telemetry", "cmdq"]).await;
+    amqp_cleanup(&prefix, &["telemetry", "cmdq", "audit"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

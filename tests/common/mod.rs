@@ -602,7 +602,7 @@ operations:
     action: send
     channel: {{$ref: '#/channels/commands'}}
     bindings:
-      amqp: {{deliveryMode: 2, priority: 5, mandatory: true}}
+      amqp: {{deliveryMode: 2, priority: 5, mandatory: true, expiration: 60000, cc: [audit.commands]}}
 "#
         ),
     )
