@@ -36,7 +36,6 @@ use crate::routing::envelope::{Envelope, Origin, Transport};
 use crate::routing::{AmqpRoute, Upstream, UpstreamBinding};
 use crate::spec::{Protocol, Server};
 use crate::store::PendingAppend;
-use crate::telemetry::events::UpstreamConnectionChanged;
 
 /// Connection settings of one AMQP server.
 #[derive(Clone, PartialEq)]
@@ -204,22 +203,7 @@ struct Supervisor {
 
 impl Supervisor {
     fn changed(&self, connected: bool, error: Option<String>) {
-        UpstreamConnectionChanged {
-            server: &self.key.to_string(),
-            protocol: "amqp",
-            connected,
-            error: error.as_deref(),
-        }
-        .emit();
-        self.connections.set(
-            &self.key,
-            if connected {
-                ConnectionState::Connected
-            } else {
-                ConnectionState::Disconnected
-            },
-            error,
-        );
+        self.connections.report(&self.key, "amqp", connected, error);
     }
 
     async fn run(self, shutdown: CancellationToken) {

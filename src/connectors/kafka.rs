@@ -31,14 +31,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::mqtt::ServerOverride;
-use super::{ConnectionState, Connections, Outbound, PublishError, Publisher, ServerKey};
+use super::{Connections, Outbound, PublishError, Publisher, ServerKey};
 use crate::hub::{Hub, LiveRoute};
 use crate::routing::address::ProtocolAddress;
 use crate::routing::envelope::{Envelope, Origin, Transport};
 use crate::routing::{Upstream, UpstreamBinding};
 use crate::spec::{Protocol, Server};
 use crate::store::PendingAppend;
-use crate::telemetry::events::{MessageUnmatched, UpstreamConnectionChanged};
+use crate::telemetry::events::MessageUnmatched;
 
 /// Why a Kafka server cannot be used.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -524,23 +524,7 @@ async fn probe(
         .unwrap_or_else(|e| Err(e.to_string()));
         let now = ok.is_ok() && ok.as_ref().is_ok_and(|b| *b);
         if connected != Some(now) {
-            let error = ok.err();
-            UpstreamConnectionChanged {
-                server: &key.to_string(),
-                protocol: "kafka",
-                connected: now,
-                error: error.as_deref(),
-            }
-            .emit();
-            connections.set(
-                &key,
-                if now {
-                    ConnectionState::Connected
-                } else {
-                    ConnectionState::Disconnected
-                },
-                error,
-            );
+            connections.report(&key, "kafka", now, ok.err());
             connected = Some(now);
         }
         tokio::select! {

@@ -112,6 +112,29 @@ impl Connections {
         }
     }
 
+    /// An upstream came up or went down: the log line, the metrics and the state, together.
+    pub fn report(
+        &self,
+        key: &ServerKey,
+        protocol: &'static str,
+        connected: bool,
+        error: Option<String>,
+    ) {
+        crate::telemetry::events::UpstreamConnectionChanged {
+            server: &key.to_string(),
+            protocol,
+            connected,
+            error: error.as_deref(),
+        }
+        .emit();
+        let state = if connected {
+            ConnectionState::Connected
+        } else {
+            ConnectionState::Disconnected
+        };
+        self.set(key, state, error);
+    }
+
     pub fn is_connected(&self, key: &ServerKey) -> bool {
         self.inner
             .read()

@@ -33,7 +33,7 @@ use crate::routing::UpstreamBinding;
 use crate::routing::envelope::{Envelope, Origin, Transport};
 use crate::spec::{Protocol, Server};
 use crate::store::PendingAppend;
-use crate::telemetry::events::{MessageUnmatched, QueueOverflowed, UpstreamConnectionChanged};
+use crate::telemetry::events::{MessageUnmatched, QueueOverflowed};
 
 /// Why an MQTT server cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -453,22 +453,7 @@ impl EventLoopTask {
     }
 
     fn changed(&self, connected: bool, error: Option<String>) {
-        UpstreamConnectionChanged {
-            server: &self.key.to_string(),
-            protocol: "mqtt",
-            connected,
-            error: error.as_deref(),
-        }
-        .emit();
-        self.connections.set(
-            &self.key,
-            if connected {
-                ConnectionState::Connected
-            } else {
-                ConnectionState::Disconnected
-            },
-            error,
-        );
+        self.connections.report(&self.key, "mqtt", connected, error);
     }
 
     async fn run(
