@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::*;
@@ -324,14 +323,7 @@ async fn daemon_killed_mid_stream_loses_no_message() {
     }
     daemon.restart().await.unwrap();
     let log = daemon.wait_for_log(&channel, total as usize).await;
-    let mut seen: BTreeMap<u64, u32> = BTreeMap::new();
-    for m in &log {
-        *seen
-            .entry(m["payload"]["seq"].as_u64().unwrap())
-            .or_default() += 1;
-    }
-    let missing: Vec<u64> = (0..total).filter(|s| !seen.contains_key(s)).collect();
-    let duplicates: u32 = seen.values().map(|n| n - 1).sum();
+    let (missing, duplicates) = sequence_report(&log, total);
     let redelivered = log
         .iter()
         .filter(|m| m["headers"]["amqp_redelivered"] == "true")

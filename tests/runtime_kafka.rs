@@ -283,12 +283,9 @@ async fn daemon_killed_mid_stream_loses_no_record_and_commits_never_pass_the_log
     }
     daemon.restart().await.unwrap();
     let log = daemon.wait_for_log(&channel, total as usize).await;
-    let mut seen: BTreeMap<u64, u32> = BTreeMap::new();
+    let (missing, duplicates) = sequence_report(&log, total);
     let mut logged_end: BTreeMap<i32, i64> = BTreeMap::new();
     for m in &log {
-        *seen
-            .entry(m["payload"]["seq"].as_u64().unwrap())
-            .or_default() += 1;
         let partition: i32 = m["headers"]["kafka_partition"]
             .as_str()
             .unwrap()
@@ -302,8 +299,6 @@ async fn daemon_killed_mid_stream_loses_no_record_and_commits_never_pass_the_log
         let end = logged_end.entry(partition).or_insert(0);
         *end = (*end).max(offset + 1);
     }
-    let missing: Vec<u64> = (0..total).filter(|s| !seen.contains_key(s)).collect();
-    let duplicates: u32 = seen.values().map(|n| n - 1).sum();
     println!(
         "Kafka SIGKILL test: {total} produced, {} logged, {duplicates} duplicates, {} missing",
         log.len(),

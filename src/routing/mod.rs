@@ -443,48 +443,20 @@ impl ChannelCompiler<'_> {
     fn messages(&mut self) -> Vec<RouteMessage> {
         let mut out = Vec::new();
         for message in &self.channel.messages {
-            let payload =
-                message
-                    .payload
-                    .as_ref()
-                    .and_then(|def| match PayloadSchema::compile(def) {
-                        Ok(schema) => {
-                            if let PayloadSchema::Unchecked { reason } = &schema {
-                                self.warnings.push(SpecWarning {
-                                    location: def.location.clone(),
-                                    message: format!("payload not validated: {reason}"),
-                                });
-                            }
-                            Some(Arc::new(schema))
-                        }
-                        Err(e) => {
-                            self.error(
-                                def.location.clone(),
-                                SpecErrorKind::InvalidSchema {
-                                    format: e.format,
-                                    reason: e.reason,
-                                },
-                            );
-                            None
-                        }
+            let payload = message.payload.as_ref().and_then(|def| {
+                let schema = self.compile_schema(def)?;
+                if let PayloadSchema::Unchecked { reason } = &*schema {
+                    self.warnings.push(SpecWarning {
+                        location: def.location.clone(),
+                        message: format!("payload not validated: {reason}"),
                     });
-            let headers =
-                message
-                    .headers
-                    .as_ref()
-                    .and_then(|def| match PayloadSchema::compile(def) {
-                        Ok(schema) => Some(Arc::new(schema)),
-                        Err(e) => {
-                            self.error(
-                                def.location.clone(),
-                                SpecErrorKind::InvalidSchema {
-                                    format: e.format,
-                                    reason: e.reason,
-                                },
-                            );
-                            None
-                        }
-                    });
+                }
+                Some(schema)
+            });
+            let headers = message
+                .headers
+                .as_ref()
+                .and_then(|def| self.compile_schema(def));
             let format = message.payload.as_ref().map(|p| p.format.clone());
             out.push(RouteMessage {
                 id: message.id.clone(),
@@ -503,6 +475,23 @@ impl ChannelCompiler<'_> {
         out
     }
 
+    /// Compiles a schema; a schema that does not compile is an error at its location.
+    fn compile_schema(&mut self, def: &crate::spec::SchemaDef) -> Option<Arc<PayloadSchema>> {
+        match PayloadSchema::compile(def) {
+            Ok(schema) => Some(Arc::new(schema)),
+            Err(e) => {
+                self.error(
+                    def.location.clone(),
+                    SpecErrorKind::InvalidSchema {
+                        format: e.format,
+                        reason: e.reason,
+                    },
+                );
+                None
+            }
+        }
+    }
+
     fn parameters(&mut self) -> Vec<RouteParameter> {
         let mut out = Vec::new();
         for p in &self.channel.parameters {
@@ -513,19 +502,7 @@ impl ChannelCompiler<'_> {
                     remote_refs: Vec::new(),
                     location: self.channel.location.join("parameters").join(&p.name),
                 };
-                match PayloadSchema::compile(&def) {
-                    Ok(v) => Some(Arc::new(v)),
-                    Err(e) => {
-                        self.error(
-                            def.location.clone(),
-                            SpecErrorKind::InvalidSchema {
-                                format: e.format,
-                                reason: e.reason,
-                            },
-                        );
-                        None
-                    }
-                }
+                self.compile_schema(&def)
             });
             out.push(RouteParameter {
                 name: p.name.clone(),

@@ -641,3 +641,17 @@ pub async fn amqp_cleanup(prefix: &str, queues: &[&str]) {
         let _ = connection.close(200, "done".into()).await;
     }
 }
+
+/// Which of the sequence numbers `0..total` (the payloads' `seq`) a log lacks, and how many
+/// extra copies it holds: the at-least-once bookkeeping of the crash tests.
+pub fn sequence_report(log: &[serde_json::Value], total: u64) -> (Vec<u64>, u32) {
+    let mut seen: std::collections::BTreeMap<u64, u32> = std::collections::BTreeMap::new();
+    for m in log {
+        *seen
+            .entry(m["payload"]["seq"].as_u64().unwrap())
+            .or_default() += 1;
+    }
+    let missing = (0..total).filter(|s| !seen.contains_key(s)).collect();
+    let duplicates = seen.values().map(|n| n - 1).sum();
+    (missing, duplicates)
+}
