@@ -49,6 +49,42 @@ async fn publish(channel: &lapin::Channel, prefix: &str, routing_key: &str, payl
         .unwrap();
 }
 
+/// Declares `{prefix}.{name}` bound to the test's exchange with `keys`.
+async fn declare_bound(ch: &lapin::Channel, prefix: &str, name: &str, keys: &[&str]) -> String {
+    let queue = format!("{prefix}.{name}");
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    for key in keys {
+        ch.queue_bind(
+            queue.as_str().into(),
+            format!("{prefix}.events").as_str().into(),
+            (*key).into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    }
+    queue
+}
+
+/// A consumer of `queue` with manual acks.
+async fn consume(ch: &lapin::Channel, queue: &str) -> lapin::Consumer {
+    ch.basic_consume(
+        queue.into(),
+        "test".into(),
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_reach_websocket_sse_and_the_log_with_routing_key_and_properties() {
     let dir = tempfile::tempdir().unwrap();
@@ -129,52 +165,16 @@ async fn posts_and_websocket_frames_reach_an_independent_consumer() {
     let prefix = unique("a");
     let daemon = start(dir.path(), &api, &prefix).await;
     let (_conn, ch) = amqp_channel().await.unwrap();
-    let queue = format!("{prefix}.cmdq");
-    ch.queue_declare(
-        queue.as_str().into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
     // Only device 42 and 9 have a consumer: others are unroutable.
-    for key in ["devices.42.commands", "devices.9.commands"] {
-        ch.queue_bind(
-            queue.as_str().into(),
-            format!("{prefix}.events").as_str().into(),
-            key.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    }
-    let audit = format!("{prefix}.audit");
-    ch.queue_declare(
-        audit.as_str().into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
+    let queue = declare_bound(
+        &ch,
+        &prefix,
+        "cmdq",
+        &["devices.42.commands", "devices.9.commands"],
     )
-    .await
-    .unwrap();
-    ch.queue_bind(
-        audit.as_str().into(),
-        format!("{prefix}.events").as_str().into(),
-        "audit.commands".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    let mut consumer = ch
-        .basic_consume(
-            queue.as_str().into(),
-            "test".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    .await;
+    let audit = declare_bound(&ch, &prefix, "audit", &["audit.commands"]).await;
+    let mut consumer = consume(&ch, &queue).await;
     let channel = format!("{api}.commands");
     let client = reqwest::Client::new();
     let response = client
@@ -339,5 +339,275 @@ async fn daemon_killed_mid_stream_loses_no_message() {
         missing.len(),
         &missing[..missing.len().min(10)]
     );
+    amqp_cleanup(&prefix, &["telemetry"]).await;
+}
+
+/// A TLS listener added to the running RabbitMQ on a port of the test's own (RabbitMQ reads its
+/// listeners at boot; `rabbit_networking` starts one at run time without a restart), stopped
+/// when dropped.
+struct RabbitTlsListener {
+    port: u16,
+}
+
+impl RabbitTlsListener {
+    fn start(certs: &std::path::Path) -> RabbitTlsListener {
+        let port = free_port();
+        let file = |name: &str| certs.join(name).display().to_string();
+        rabbitmqctl_eval(&format!(
+            r#"rabbit_networking:start_ssl_listener({{"127.0.0.1", {port}}}, [{{certfile, "{}"}}, {{keyfile, "{}"}}, {{cacertfile, "{}"}}], 1)."#,
+            file("server.pem"),
+            file("server.key"),
+            file("ca.pem")
+        ));
+        RabbitTlsListener { port }
+    }
+}
+
+impl Drop for RabbitTlsListener {
+    fn drop(&mut self) {
+        rabbitmqctl_eval(&format!(
+            r#"rabbit_networking:stop_tcp_listener({{"127.0.0.1", {}}})."#,
+            self.port
+        ));
+    }
+}
+
+fn rabbitmqctl_eval(expression: &str) {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["eval", expression])
+        .output()
+        .expect("rabbitmqctl runs (it comes with rabbitmq-server)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.trim() == "ok",
+        "rabbitmqctl eval {expression}: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqps_with_a_private_ca_and_credentials_from_the_environment() {
+    require_rabbitmq();
+    let certs = tempfile::tempdir().unwrap();
+    make_certificates(certs.path());
+    readable_by_all(certs.path());
+    let tls = RabbitTlsListener::start(certs.path());
+    let dir = tempfile::tempdir().unwrap();
+    let api = unique("atls");
+    let prefix = unique("a");
+    let spec = amqp_spec(dir.path(), &api, &prefix);
+    let config = |ca: bool| {
+        let path = dir.path().join(format!("stepflow-{ca}.yaml"));
+        let mut text = format!(
+            "servers:\n  rabbit:\n    url: amqps://127.0.0.1:{}\n    username: guest\n    password: ${{STEPFLOW_TEST_AMQP_PASSWORD}}\n",
+            tls.port
+        );
+        if ca {
+            text.push_str(&format!(
+                "    ca_file: {}\n",
+                certs.path().join("ca.pem").display()
+            ));
+        }
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let env = [("STEPFLOW_TEST_AMQP_PASSWORD", "guest")];
+
+    // Without the CA the broker's certificate is refused: TLS is verified, not just on.
+    let untrusting = config(false);
+    let refused = Daemon::start_serving_with_env(
+        &[
+            "--specs",
+            spec.to_str().unwrap(),
+            "--config",
+            untrusting.to_str().unwrap(),
+        ],
+        &env,
+    )
+    .await
+    .unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let c = refused.get_json("/api/v1/connections").await.unwrap();
+        let c = &c["connections"][0];
+        if let Some(error) = c["last_error"].as_str() {
+            assert_eq!(c["state"], "disconnected", "{c}");
+            assert!(
+                error.to_lowercase().contains("certificate"),
+                "the error names the certificate: {error}"
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no TLS error: {c}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ready = reqwest::get(refused.url("/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 503);
+    drop(refused);
+
+    let trusting = config(true);
+    let daemon = Daemon::start_with_env(
+        &[
+            "--specs",
+            spec.to_str().unwrap(),
+            "--config",
+            trusting.to_str().unwrap(),
+        ],
+        &env,
+    )
+    .await
+    .unwrap();
+    let connections = daemon.get_json("/api/v1/connections").await.unwrap();
+    assert_eq!(
+        connections["connections"][0]["url"],
+        format!("amqps://127.0.0.1:{}", tls.port)
+    );
+    assert_eq!(connections["connections"][0]["state"], "connected");
+    let in_tls = rabbitmq_tls_connections();
+    assert!(in_tls >= 1, "RabbitMQ sees the gateway over TLS");
+
+    // Both ways over the TLS connection: a delivery to WebSocket, a POST to a consumer.
+    let mut ws = ws_connect(&daemon.ws_url(&format!("/ws/{api}.telemetry")))
+        .await
+        .unwrap();
+    let (_conn, ch) = amqp_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    publish(
+        &ch,
+        &prefix,
+        "devices.t1.telemetry",
+        &json!({"temperature": 3}),
+    )
+    .await;
+    let frame = ws_next_json(&mut ws, WAIT).await.unwrap();
+    assert_eq!(frame["params"]["deviceId"], "t1");
+    let queue = declare_bound(&ch, &prefix, "cmdq", &["devices.t1.commands"]).await;
+    let mut consumer = consume(&ch, &queue).await;
+    let response = reqwest::Client::new()
+        .post(daemon.url(&format!(
+            "/api/v1/channels/{api}.commands/messages?deviceId=t1"
+        )))
+        .header("content-type", "application/json")
+        .body(json!({"action": "reboot"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let delivery = tokio::time::timeout(WAIT, consumer.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(delivery.routing_key.as_str(), "devices.t1.commands");
+    delivery.ack(BasicAckOptions::default()).await.unwrap();
+    assert!(!daemon.log().contains("STEPFLOW_TEST_AMQP_PASSWORD=guest"));
+    amqp_cleanup(&prefix, &["telemetry", "cmdq", "audit"]).await;
+}
+
+/// How many client connections RabbitMQ has over TLS.
+fn rabbitmq_tls_connections() -> usize {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "ssl", "--quiet", "--no-table-headers"])
+        .output()
+        .expect("rabbitmqctl runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.trim() == "true")
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_nacks_deliveries_with_requeue_and_the_log_heals_when_space_returns() {
+    require_rabbitmq();
+    let disk = SmallDisk::mount(16);
+    let dir = tempfile::tempdir().unwrap();
+    let api = unique("afull");
+    let prefix = unique("a");
+    let spec = amqp_spec(dir.path(), &api, &prefix);
+    let daemon = Daemon::start_in(
+        &disk.path.join("data"),
+        &["--specs", spec.to_str().unwrap()],
+    )
+    .await
+    .unwrap();
+    let channel = format!("{api}.telemetry");
+    let (_conn, ch) = amqp_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let send = |seq: u64| {
+        let ch = ch.clone();
+        let prefix = prefix.clone();
+        async move {
+            publish(
+                &ch,
+                &prefix,
+                "devices.7.telemetry",
+                &json!({"temperature": 1, "seq": seq}),
+            )
+            .await
+        }
+    };
+    for seq in 0..5 {
+        send(seq).await;
+    }
+    assert_eq!(daemon.wait_for_log(&channel, 5).await.len(), 5);
+
+    let filler = disk.fill();
+    let total = 25;
+    for seq in 5..total {
+        send(seq).await;
+    }
+    // The log fails, says so, and nothing is acknowledged meanwhile.
+    wait_for_log_failure(&daemon).await;
+    let replay = reqwest::get(daemon.url(&format!("/api/v1/channels/{channel}/messages?from=0")))
+        .await
+        .unwrap();
+    assert_eq!(replay.status(), 503, "reads say the log is unavailable");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Space comes back: the log reopens by itself and the requeued deliveries are logged.
+    let log = free_disk_and_check_the_log(&daemon, &filler, &channel, total, "AMQP").await;
+    let requeued = log
+        .iter()
+        .filter(|m| m["payload"]["seq"].as_u64().unwrap() >= 5)
+        .filter(|m| m["headers"]["amqp_redelivered"] == "true")
+        .count();
+    println!("AMQP full-disk test: {requeued} logged from a redelivery");
+    assert!(
+        requeued >= 1,
+        "deliveries that could not be logged were nacked with requeue and came back"
+    );
+    let ready = reqwest::get(daemon.url("/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+    assert_eq!(
+        daemon.metric("stepflow_log_available", &[]).await.unwrap(),
+        1.0
+    );
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let queue = ch
+            .queue_declare(
+                format!("{prefix}.telemetry").as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        if queue.message_count() == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "deliveries left in the queue"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(daemon);
     amqp_cleanup(&prefix, &["telemetry"]).await;
 }

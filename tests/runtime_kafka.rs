@@ -368,3 +368,52 @@ async fn broker_absent_at_start_then_the_daemon_connects_when_it_appears() {
         .await;
     assert_eq!(daemon.wait_for_log(&channel, 1).await.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_stops_offsets_and_the_records_are_read_again_when_space_returns() {
+    let kafka = Kafka::start();
+    let disk = SmallDisk::mount(16);
+    let dir = tempfile::tempdir().unwrap();
+    let api = unique("kfull");
+    let spec = kafka.spec(dir.path(), &api);
+    let server = format!("broker=kafka://{}", kafka.bootstrap());
+    let daemon = Daemon::start_in(
+        &disk.path.join("data"),
+        &["--specs", spec.to_str().unwrap(), "--server", &server],
+    )
+    .await
+    .unwrap();
+    let channel = format!("{api}.telemetry");
+    let producer = kafka.producer();
+    let send = |seq: u64| {
+        let producer = producer.clone();
+        let kafka = &kafka;
+        async move {
+            kafka
+                .produce(
+                    &producer,
+                    &format!("d{}", seq % 3),
+                    &json!({"temperature": 1, "seq": seq}),
+                )
+                .await
+        }
+    };
+    for seq in 0..5 {
+        send(seq).await;
+    }
+    assert_eq!(daemon.wait_for_log(&channel, 5).await.len(), 5);
+
+    let filler = disk.fill();
+    let total = 25;
+    for seq in 5..total {
+        send(seq).await;
+    }
+    wait_for_log_failure(&daemon).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    free_disk_and_check_the_log(&daemon, &filler, &channel, total, "Kafka").await;
+    assert!(
+        daemon.log().contains("restarts from the committed offsets"),
+        "the records came back by a new consumer"
+    );
+}

@@ -293,10 +293,11 @@ async fn sse_and_websocket_clients_resume_without_gaps_or_duplicates() {
 async fn publish_acknowledged(
     port: u16,
     topic: String,
-    count: u64,
+    seqs: std::ops::Range<u64>,
     per_second: u64,
     on_progress: tokio::sync::watch::Sender<u64>,
 ) -> u64 {
+    let count = seqs.end - seqs.start;
     let mut options = rumqttc::MqttOptions::new(unique("publisher"), "127.0.0.1", port);
     options.set_inflight(100);
     let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 1000);
@@ -315,7 +316,7 @@ async fn publish_acknowledged(
         acked
     });
     let pause = Duration::from_micros(1_000_000 / per_second.max(1));
-    for seq in 0..count {
+    for seq in seqs {
         client
             .publish(
                 &topic,
@@ -350,7 +351,7 @@ async fn daemon_killed_mid_stream_loses_no_acknowledged_message() {
     let publisher = tokio::spawn(publish_acknowledged(
         broker.port,
         format!("{prefix}/devices/1/telemetry"),
-        total,
+        0..total,
         1500,
         progress_tx,
     ));
@@ -772,81 +773,6 @@ async fn a_lagging_websocket_client_is_told_and_resumed_from_the_log() {
     );
 }
 
-/// A CA and a server certificate for 127.0.0.1, made with the openssl command line.
-fn make_certificates(dir: &std::path::Path) {
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl runs (apt-get install openssl)");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=stepflow-test-ca",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=127.0.0.1",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-    ]);
-    std::fs::write(
-        dir.join("san.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
-    )
-    .unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "san.ext",
-        "-out",
-        "server.pem",
-    ]);
-}
-
-/// Mosquitto started as root drops to its own user, which must still read the test's files.
-fn readable_by_all(dir: &std::path::Path) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_broker_with_credentials_from_the_environment() {
     let certs = tempfile::tempdir().unwrap();
@@ -939,4 +865,40 @@ async fn tls_broker_with_credentials_from_the_environment() {
     let frame = ws_next_json(&mut ws, WAIT).await.unwrap();
     assert_eq!(frame["params"]["deviceId"], "tls1");
     driver.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_leaves_messages_unacknowledged_and_they_are_redelivered_when_space_returns() {
+    let broker = OwnMosquitto::start();
+    let disk = SmallDisk::mount(16);
+    let dir = tempfile::tempdir().unwrap();
+    let api = unique("full");
+    let prefix = unique("t");
+    let spec = iot_spec(dir.path(), &api, &prefix, 1);
+    let server = format!("broker={}", broker.url());
+    let daemon = Daemon::start_in(
+        &disk.path.join("data"),
+        &["--specs", spec.to_str().unwrap(), "--server", &server],
+    )
+    .await
+    .unwrap();
+    let channel = format!("{api}.telemetry");
+    let topic = format!("{prefix}/devices/1/telemetry");
+    let (progress, _) = tokio::sync::watch::channel(0);
+    publish_acknowledged(broker.port, topic.clone(), 0..5, 1000, progress.clone()).await;
+    assert_eq!(daemon.wait_for_log(&channel, 5).await.len(), 5);
+
+    let filler = disk.fill();
+    let total = 25;
+    publish_acknowledged(broker.port, topic, 5..total, 1000, progress).await;
+    wait_for_log_failure(&daemon).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    free_disk_and_check_the_log(&daemon, &filler, &channel, total, "MQTT").await;
+    assert!(
+        daemon
+            .log()
+            .contains("reconnecting so that the broker redelivers"),
+        "the messages came back by a session resume"
+    );
 }

@@ -21,9 +21,11 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties,
+    DefaultConnectionBuilder, ExchangeKind,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -35,7 +37,7 @@ use crate::hub::{Hub, LiveRoute};
 use crate::routing::envelope::{Envelope, Origin, Transport};
 use crate::routing::{AmqpRoute, Upstream, UpstreamBinding};
 use crate::spec::{Protocol, Server};
-use crate::store::PendingAppend;
+use crate::store::{PendingAppend, Store};
 
 /// Connection settings of one AMQP server.
 #[derive(Clone, PartialEq)]
@@ -45,6 +47,8 @@ pub struct AmqpServerConfig {
     /// The URI without credentials, for logs and `/api/v1/connections`.
     pub display_url: String,
     pub prefetch: u16,
+    /// Extra CA (PEM) trusted for `amqps`, next to the system's roots.
+    ca_pem: Option<String>,
 }
 
 impl std::fmt::Debug for AmqpServerConfig {
@@ -52,6 +56,10 @@ impl std::fmt::Debug for AmqpServerConfig {
         f.debug_struct("AmqpServerConfig")
             .field("url", &self.display_url)
             .field("prefetch", &self.prefetch)
+            .field(
+                "ca_pem",
+                &self.ca_pem.as_ref().map(|c| format!("{} bytes", c.len())),
+            )
             .finish()
     }
 }
@@ -122,6 +130,10 @@ impl AmqpServerConfig {
             uri,
             display_url: format!("{scheme}://{host}{vhost_part}"),
             prefetch,
+            ca_pem: overrides
+                .ca_pem
+                .as_ref()
+                .map(|pem| String::from_utf8_lossy(pem).into_owned()),
         }
     }
 }
@@ -258,7 +270,16 @@ impl Supervisor {
     /// Connects, declares the topology, starts the consumers and the confirm channel. The
     /// returned future completes (with a reason) when the connection is lost.
     async fn connect(&self) -> Result<(Connection, BoxFuture<'static, String>), String> {
-        let connection = Connection::connect(&self.config.uri, ConnectionProperties::default())
+        let tls = OwnedTLSConfig {
+            identity: None,
+            cert_chain: self.config.ca_pem.clone(),
+        };
+        let connection = DefaultConnectionBuilder::new()
+            .map_err(|e| e.to_string())?
+            .with_uri_str(self.config.uri.clone())
+            .with_properties(ConnectionProperties::default())
+            .with_tls_config(tls)
+            .connect()
             .await
             .map_err(|e| e.to_string())?;
         let (lost_tx, mut lost_rx) = mpsc::channel::<String>(4);
@@ -325,7 +346,8 @@ impl Supervisor {
                 acks_tx,
                 lost_tx.clone(),
             ));
-            self.tracker.spawn(acknowledge(acks_rx));
+            self.tracker
+                .spawn(acknowledge(acks_rx, self.hub.store().clone()));
         }
         let lost = async move {
             lost_rx
@@ -521,8 +543,10 @@ async fn consume_route(
     }
 }
 
-/// Acks each delivery once logged; nacks with requeue what could not be flushed.
-async fn acknowledge(mut rx: mpsc::Receiver<Delivered>) {
+/// Acks each delivery once logged; nacks with requeue what could not be flushed, once the log
+/// is back: RabbitMQ hands a requeued delivery straight back, and nacking at once would spin on
+/// it while the log is down.
+async fn acknowledge(mut rx: mpsc::Receiver<Delivered>, store: Store) {
     while let Some(d) = rx.recv().await {
         let mut logged = true;
         for append in d.appends {
@@ -531,6 +555,7 @@ async fn acknowledge(mut rx: mpsc::Receiver<Delivered>) {
         let result = if logged {
             d.acker.ack(BasicAckOptions::default()).await
         } else {
+            store.available().await;
             d.acker
                 .nack(BasicNackOptions {
                     requeue: true,

@@ -335,46 +335,112 @@ impl KafkaConnector {
             }
         }
         for (group, subscribed) in groups {
-            let context = LagReporter {
-                routes: subscribed.clone(),
+            let consumer_config = ConsumerConfig {
+                client: self.config.clone(),
+                group,
+                subscribed,
             };
-            let consumer: GatewayConsumer = self
-                .config
-                .client_config()
-                .set("group.id", &group)
-                .set("statistics.interval.ms", "5000")
-                .set("enable.auto.commit", "true")
-                .set("auto.commit.interval.ms", "1000")
-                // Offsets are stored by the ack task, after the log flushed the record.
-                .set("enable.auto.offset.store", "false")
-                .set("auto.offset.reset", "earliest")
-                .set("session.timeout.ms", "6000")
-                .set("heartbeat.interval.ms", "1000")
-                // A fetch returns as soon as one byte is there; this only bounds idle polls
-                // (and the wait on brokers that do not honour fetch.min.bytes).
-                .set("fetch.wait.max.ms", "100")
-                // Regex subscriptions pick up new topics this often.
-                .set("topic.metadata.refresh.interval.ms", "5000")
-                .create_with_context(context)
-                .map_err(fail)?;
-            let mut patterns: Vec<&str> = subscribed.iter().map(|s| s.pattern.as_str()).collect();
-            patterns.sort_unstable();
-            patterns.dedup();
-            consumer.subscribe(&patterns).map_err(fail)?;
-            tracing::info!(server = %self.key, group = %group, topics = ?patterns, "Kafka consumer subscribed");
-            let consumer = Arc::new(consumer);
-            let (tx, rx) = mpsc::channel(INGRESS_CAPACITY);
-            tracker.spawn(consume(
+            // Created here once so that a bad configuration fails the start.
+            let consumer = consumer_config.create().map_err(fail)?;
+            tracker.spawn(consume_group(
                 hub.clone(),
                 self.key.clone(),
-                consumer.clone(),
-                subscribed,
-                tx,
+                consumer_config,
+                consumer,
                 shutdown.clone(),
             ));
-            tracker.spawn(store_offsets(consumer, rx));
         }
         Ok(())
+    }
+}
+
+/// What one consumer group's consumer is made of.
+struct ConsumerConfig {
+    client: KafkaServerConfig,
+    group: String,
+    subscribed: Vec<Subscribed>,
+}
+
+impl ConsumerConfig {
+    /// A subscribed consumer; librdkafka connects in its own threads.
+    fn create(&self) -> Result<Arc<GatewayConsumer>, rdkafka::error::KafkaError> {
+        let context = LagReporter {
+            routes: self.subscribed.clone(),
+        };
+        let consumer: GatewayConsumer = self
+            .client
+            .client_config()
+            .set("group.id", &self.group)
+            .set("statistics.interval.ms", "5000")
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "1000")
+            // Offsets are stored by the ack task, after the log flushed the record.
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "1000")
+            // A fetch returns as soon as one byte is there; this only bounds idle polls
+            // (and the wait on brokers that do not honour fetch.min.bytes).
+            .set("fetch.wait.max.ms", "100")
+            // Regex subscriptions pick up new topics this often.
+            .set("topic.metadata.refresh.interval.ms", "5000")
+            .create_with_context(context)?;
+        let mut patterns: Vec<&str> = self.subscribed.iter().map(|s| s.pattern.as_str()).collect();
+        patterns.sort_unstable();
+        patterns.dedup();
+        consumer.subscribe(&patterns)?;
+        tracing::info!(group = %self.group, topics = ?patterns, "Kafka consumer subscribed");
+        Ok(Arc::new(consumer))
+    }
+}
+
+/// Runs a consumer group's consumer. When the log fails, the consumer stops storing offsets
+/// (a later one would pass the record that was not logged), commits what is stored, and
+/// leaves; once the log is back, a new consumer resumes from the committed offsets, so the
+/// records the log missed are read again.
+async fn consume_group(
+    hub: Arc<Hub>,
+    key: ServerKey,
+    config: ConsumerConfig,
+    first: Arc<GatewayConsumer>,
+    shutdown: CancellationToken,
+) {
+    let mut consumer = Some(first);
+    loop {
+        let current = match consumer.take() {
+            Some(c) => c,
+            None => match config.create() {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(server = %key, group = %config.group, error = %e, "cannot recreate the Kafka consumer");
+                    return;
+                }
+            },
+        };
+        let (tx, rx) = mpsc::channel(INGRESS_CAPACITY);
+        // Ends this consumer's session: on shutdown, or when a record could not be logged.
+        let session = shutdown.child_token();
+        let offsets = tokio::spawn(store_offsets(current.clone(), rx, session.clone()));
+        consume(
+            hub.clone(),
+            key.clone(),
+            current.clone(),
+            config.subscribed.clone(),
+            tx,
+            session,
+        )
+        .await;
+        let _ = offsets.await;
+        // Closing a consumer leaves the group and waits for the broker: not on a runtime thread.
+        let _ = tokio::task::spawn_blocking(move || drop(current)).await;
+        if shutdown.is_cancelled() {
+            return;
+        }
+        tracing::warn!(server = %key, group = %config.group, "Kafka consumer stopped after a log failure; it restarts from the committed offsets once the log is back");
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = hub.store().available() => {}
+        }
     }
 }
 
@@ -461,8 +527,7 @@ async fn consume(
         }
         if failed {
             // Not storing this offset (or any later one on the partition would pass it):
-            // stop and let a restart re-read from the committed offset.
-            tracing::error!(server = %key, "stopping the Kafka consumer after a log failure");
+            // end the session; the next consumer re-reads from the committed offset.
             break;
         }
         let in_flight = InFlight {
@@ -479,7 +544,11 @@ async fn consume(
 
 /// Stores each record's offset once its appends are flushed, in arrival order; commits the
 /// stored offsets when the consumer stops.
-async fn store_offsets(consumer: Arc<GatewayConsumer>, mut rx: mpsc::Receiver<InFlight>) {
+async fn store_offsets(
+    consumer: Arc<GatewayConsumer>,
+    mut rx: mpsc::Receiver<InFlight>,
+    session: CancellationToken,
+) {
     while let Some(record) = rx.recv().await {
         let mut safe = true;
         for append in record.appends {
@@ -489,6 +558,7 @@ async fn store_offsets(consumer: Arc<GatewayConsumer>, mut rx: mpsc::Receiver<In
             }
         }
         if !safe {
+            session.cancel();
             break;
         }
         if let Err(e) = consumer.store_offset(&record.topic, record.partition, record.offset) {

@@ -13,6 +13,7 @@
 //! (a full request channel would deadlock it). Reconnects use capped, jittered backoff.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,7 +24,7 @@ use rumqttc::{
     Transport as MqttTransport,
 };
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -289,14 +290,25 @@ impl MqttConnector {
             server: server.clone(),
             routes: readable.clone(),
         };
-        tracker.spawn(ingest.run(ingress_rx, ack_tx));
+        let redelivery = Redelivery {
+            store: hub.store().clone(),
+            reconnect: Arc::default(),
+            armed: Arc::default(),
+        };
+        tracker.spawn(ingest.run(ingress_rx, ack_tx, redelivery.clone()));
         let acks_done = CancellationToken::new();
-        tracker.spawn(run_acks(client.clone(), ack_rx, acks_done.clone()));
+        tracker.spawn(run_acks(
+            client.clone(),
+            ack_rx,
+            acks_done.clone(),
+            redelivery.clone(),
+        ));
         let event_loop = EventLoopTask {
             key: self.key,
             client,
             connections,
             pending,
+            reconnect: redelivery.reconnect,
             filters: subscriptions(&readable),
         };
         tracker.spawn(event_loop.run(eventloop, ingress_tx, shutdown, acks_done));
@@ -437,6 +449,8 @@ struct EventLoopTask {
     client: AsyncClient,
     connections: Connections,
     pending: Arc<Mutex<PendingPublishes>>,
+    /// Signalled when messages the log could not take must be redelivered.
+    reconnect: Arc<Notify>,
     filters: Vec<(String, QoS)>,
 }
 
@@ -489,6 +503,14 @@ impl EventLoopTask {
                 } => {
                     self.disconnect(&mut eventloop).await;
                     return;
+                }
+                // The broker resends unacknowledged messages when the session resumes.
+                _ = self.reconnect.notified(), if connected && ingress.is_some() => {
+                    tracing::warn!(server = %self.key, "reconnecting so that the broker redelivers the messages the log could not take");
+                    eventloop.clean();
+                    connected = false;
+                    self.changed(false, Some("reconnecting for redelivery after a log failure".into()));
+                    continue;
                 }
                 // Cancel-safe per rumqttc: a cancelled poll loses no state.
                 event = eventloop.poll() => event,
@@ -583,10 +605,12 @@ impl Ingest {
         self,
         mut rx: mpsc::Receiver<Publish>,
         acks: mpsc::Sender<(Publish, Vec<PendingAppend>)>,
+        redelivery: Redelivery,
     ) {
         while let Some(publish) = rx.recv().await {
             let mut appends = Vec::new();
             let mut matched = false;
+            let mut logged = true;
             for (route, sub) in &self.routes {
                 let Some(params) = sub.topic.extract(&publish.topic) else {
                     continue;
@@ -603,14 +627,17 @@ impl Ingest {
                     Ok(pending) => appends.push(pending),
                     Err(e) => {
                         tracing::error!(channel = %route.id(), error = %e, "cannot log message; it stays unacknowledged");
-                        // Not acknowledged: the broker redelivers after the next reconnect.
-                        appends.clear();
-                        matched = false;
+                        logged = false;
                         break;
                     }
                 }
             }
-            if !matched && appends.is_empty() {
+            if !logged {
+                // Not acknowledged: the broker redelivers it after the reconnect.
+                redelivery.request();
+                continue;
+            }
+            if !matched {
                 MessageUnmatched {
                     server: &self.server,
                     address: &publish.topic,
@@ -624,11 +651,38 @@ impl Ingest {
     }
 }
 
+/// Gets messages the log could not take delivered again. MQTT brokers resend unacknowledged
+/// messages only when the session resumes, so once the log is back the event loop reconnects
+/// (the session is kept: `cleanSession` is false unless the document says otherwise).
+#[derive(Clone)]
+struct Redelivery {
+    store: crate::store::Store,
+    reconnect: Arc<Notify>,
+    /// A reconnect is already waiting for the log.
+    armed: Arc<AtomicBool>,
+}
+
+impl Redelivery {
+    fn request(&self) {
+        if self.armed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        // Not tracked: it only waits, and a stopping daemon does not need it.
+        tokio::spawn(async move {
+            this.store.available().await;
+            this.armed.store(false, Ordering::Release);
+            this.reconnect.notify_one();
+        });
+    }
+}
+
 /// Acknowledges each message once all its appends are flushed, in arrival order.
 async fn run_acks(
     client: AsyncClient,
     mut rx: mpsc::Receiver<(Publish, Vec<PendingAppend>)>,
     done: CancellationToken,
+    redelivery: Redelivery,
 ) {
     while let Some((publish, appends)) = rx.recv().await {
         let mut safe = true;
@@ -637,6 +691,9 @@ async fn run_acks(
                 tracing::error!(topic = %publish.topic, error = %e, "log flush failed; message not acknowledged");
                 safe = false;
             }
+        }
+        if !safe {
+            redelivery.request();
         }
         if safe && publish.qos != QoS::AtMostOnce && client.ack(&publish).await.is_err() {
             break;

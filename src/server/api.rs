@@ -215,8 +215,9 @@ pub async fn healthz() -> &'static str {
 
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let connections = state.hub.connections().snapshot();
-    let ready = state.hub.connections().all_connected() && !state.shutdown.is_cancelled();
-    let body = Json(json!({ "ready": ready, "connections": connections }));
+    let log = state.hub.store().health();
+    let ready = state.hub.connections().all_connected() && log.ok && !state.shutdown.is_cancelled();
+    let body = Json(json!({ "ready": ready, "log": log, "connections": connections }));
     if ready {
         (StatusCode::OK, body).into_response()
     } else {

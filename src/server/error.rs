@@ -24,6 +24,8 @@ pub enum ErrorCode {
     UpstreamUnavailable,
     UpstreamTimeout,
     NotReady,
+    /// The message log is reopening after an I/O failure: retry later.
+    LogUnavailable,
     Internal,
 }
 
@@ -131,6 +133,13 @@ impl From<PublishFailure> for ApiError {
 
 impl From<store::Error> for ApiError {
     fn from(e: store::Error) -> Self {
+        if let store::Error::Unavailable { .. } = e {
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::LogUnavailable,
+                "the message log is unavailable (see /readyz); retry later",
+            );
+        }
         // The detail goes to the log, not to the client.
         tracing::error!(error = %e, "message log failure");
         ApiError::new(

@@ -7,12 +7,17 @@
 //! flushes once, then completes them. So a message is acknowledged upstream only once it is on
 //! disk, and an fsync is shared by every message that arrived while the previous one ran.
 //! Reads run on `spawn_blocking`.
+//!
+//! sled stops working for good after an I/O error (a full disk, say): every later call returns
+//! the same error. So the writer then closes the database, fails appends as
+//! [`Error::Unavailable`] (upstreams keep the messages and redeliver them), and reopens it with a
+//! backoff until it works again; [`Store::health`] tells readiness probes meanwhile.
 
 mod record;
 mod writer;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -38,6 +43,9 @@ pub enum Error {
     },
     #[error("the store is shut down")]
     Closed,
+    /// The database is being reopened after an I/O failure; retry later.
+    #[error("the message log is unavailable: {reason}")]
+    Unavailable { reason: String },
 }
 
 /// Which log of a channel.
@@ -167,73 +175,145 @@ pub struct LogStats {
     pub messages: u64,
 }
 
+/// Whether the log accepts appends, for readiness probes and `/api/v1/status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LogHealth {
+    pub ok: bool,
+    /// The I/O failure that took the log down, while it is down.
+    pub error: Option<String>,
+    /// Times the log failed and was reopened since the start.
+    pub failures: u64,
+}
+
+/// State the writer thread shares with readers.
+struct Shared {
+    /// `None` while the writer reopens the database after a failure.
+    db: RwLock<Option<sled::Db>>,
+    health: Mutex<LogHealth>,
+}
+
+impl Shared {
+    fn set_db(&self, db: Option<sled::Db>) {
+        if let Ok(mut slot) = self.db.write() {
+            *slot = db;
+        }
+    }
+
+    fn set_health(&self, update: impl FnOnce(&mut LogHealth)) {
+        if let Ok(mut h) = self.health.lock() {
+            update(&mut h);
+            metrics::gauge!(crate::telemetry::LOG_AVAILABLE).set(if h.ok { 1.0 } else { 0.0 });
+        }
+    }
+}
+
 /// Handle to the store; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    db: sled::Db,
+    shared: Arc<Shared>,
     commands: mpsc::Sender<writer::Command>,
     writer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+/// Opens sled in `dir` and finds where offsets resume.
+fn open_db(dir: &Path, config: &StoreConfig) -> Result<(sled::Db, writer::Resume), Error> {
+    let open_error = |e: sled::Error| Error::Open {
+        path: dir.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let db = sled::Config::new()
+        .path(dir)
+        // Durability comes from the writer's explicit group flushes, not a timer.
+        .flush_every_ms(None)
+        .cache_capacity(config.cache_bytes)
+        .open()
+        .map_err(open_error)?;
+    // Live subscribers see a message before its group is flushed (so the flush does not
+    // delay them). After a crash those messages are gone, the upstream redelivers them, and
+    // they would be logged again at the same offsets: a client that saw offset N would then
+    // resume after a different message N. So an unclean stop moves every log's next offset
+    // past anything the lost batch can have shown: one batch at most.
+    let meta = db.open_tree("meta").map_err(open_error)?;
+    let was_clean = meta
+        .remove(writer::CLEAN_STOP_KEY)
+        .map_err(open_error)?
+        .is_some();
+    let is_new = db
+        .tree_names()
+        .iter()
+        .all(|n| n.as_ref() == b"meta" || n.as_ref() == b"__sled__default");
+    db.flush().map_err(open_error)?;
+    let resume = writer::Resume {
+        offset_gap: if was_clean || is_new {
+            0
+        } else {
+            config.max_batch as u64
+        },
+    };
+    Ok((db, resume))
 }
 
 impl Store {
     /// Opens (or creates) the store in `dir` and starts the writer thread.
     pub fn open(dir: &Path, config: StoreConfig) -> Result<Store, Error> {
-        let db = sled::Config::new()
-            .path(dir)
-            // Durability comes from the writer's explicit group flushes, not a timer.
-            .flush_every_ms(None)
-            .cache_capacity(config.cache_bytes)
-            .open()
-            .map_err(|e| Error::Open {
-                path: dir.to_path_buf(),
-                reason: e.to_string(),
-            })?;
-        // Live subscribers see a message before its group is flushed (so the flush does not
-        // delay them). After a crash those messages are gone, the upstream redelivers them, and
-        // they would be logged again at the same offsets: a client that saw offset N would then
-        // resume after a different message N. So an unclean stop moves every log's next offset
-        // past anything the lost batch can have shown: one batch at most.
-        let open_error = |e: sled::Error| Error::Open {
-            path: dir.to_path_buf(),
-            reason: e.to_string(),
-        };
-        let meta = db.open_tree("meta").map_err(open_error)?;
-        let was_clean = meta
-            .remove(writer::CLEAN_STOP_KEY)
-            .map_err(open_error)?
-            .is_some();
-        let is_new = db
-            .tree_names()
-            .iter()
-            .all(|n| n.as_ref() == b"meta" || n.as_ref() == b"__sled__default");
-        db.flush().map_err(open_error)?;
-        let resume = writer::Resume {
-            offset_gap: if was_clean || is_new {
-                0
-            } else {
-                config.max_batch as u64
-            },
-        };
+        let (db, resume) = open_db(dir, &config)?;
         if resume.offset_gap > 0 {
             tracing::warn!(
                 gap = resume.offset_gap,
                 "the previous run did not stop cleanly; offsets continue after a gap so none is reused"
             );
         }
+        let shared = Arc::new(Shared {
+            db: RwLock::new(Some(db.clone())),
+            health: Mutex::new(LogHealth::default()),
+        });
+        shared.set_health(|h| h.ok = true);
         let (commands, rx) = mpsc::channel(config.queue_capacity);
-        let writer_db = db.clone();
+        let writer = writer::Writer {
+            shared: shared.clone(),
+            dir: dir.to_path_buf(),
+            config,
+        };
         let handle = std::thread::Builder::new()
             .name("stepflow-log-writer".into())
-            .spawn(move || writer::run(writer_db, rx, config, resume))
+            .spawn(move || writer.run(db, rx, resume))
             .map_err(|e| Error::Open {
                 path: dir.to_path_buf(),
                 reason: format!("cannot start the log writer: {e}"),
             })?;
         Ok(Store {
-            db,
+            shared,
             commands,
             writer: Arc::new(std::sync::Mutex::new(Some(handle))),
         })
+    }
+
+    /// Whether the log accepts appends right now.
+    pub fn health(&self) -> LogHealth {
+        self.shared
+            .health
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_default()
+    }
+
+    /// Resolves once the log accepts appends (at once when it does).
+    pub async fn available(&self) {
+        while !self.health().ok {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn db(&self) -> Result<sled::Db, Error> {
+        match self.shared.db.read().ok().and_then(|db| db.clone()) {
+            Some(db) => Ok(db),
+            None => Err(Error::Unavailable {
+                reason: self
+                    .health()
+                    .error
+                    .unwrap_or_else(|| "reopening after a failure".into()),
+            }),
+        }
     }
 
     /// Queues an append. Waits only while the queue is full (backpressure); the returned handle
@@ -267,7 +347,7 @@ impl Store {
         from: u64,
         limit: usize,
     ) -> Result<Vec<Arc<Delivered>>, Error> {
-        let db = self.db.clone();
+        let db = self.db()?;
         let log = log.clone();
         tokio::task::spawn_blocking(move || read_blocking(&db, &log, from, limit))
             .await
@@ -279,7 +359,7 @@ impl Store {
 
     /// First and last offset and count of a log.
     pub async fn stats(&self, log: &LogId) -> Result<LogStats, Error> {
-        let db = self.db.clone();
+        let db = self.db()?;
         let log = log.clone();
         tokio::task::spawn_blocking(move || stats_blocking(&db, &log))
             .await
@@ -291,7 +371,7 @@ impl Store {
 
     /// Bytes the store takes on disk.
     pub async fn size_on_disk(&self) -> u64 {
-        let db = self.db.clone();
+        let Ok(db) = self.db() else { return 0 };
         tokio::task::spawn_blocking(move || db.size_on_disk().unwrap_or(0))
             .await
             .unwrap_or(0)

@@ -1,13 +1,15 @@
 //! The log writer thread: group commit and retention.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use super::{Error, LogId, Retention, StoreConfig, io_error, offset_of, record};
+use super::{Error, LogId, Retention, Shared, StoreConfig, io_error, offset_of, open_db, record};
 use crate::routing::envelope::{Delivered, Envelope};
+use crate::telemetry;
 
 // Appends are nearly every command: boxing them would allocate per message to shrink the rare
 // ones.
@@ -40,81 +42,175 @@ pub(super) struct Resume {
     pub offset_gap: u64,
 }
 
-pub(super) fn run(
-    db: sled::Db,
-    mut rx: mpsc::Receiver<Command>,
-    config: StoreConfig,
-    resume: Resume,
-) {
-    let mut logs: HashMap<LogId, OpenLog> = HashMap::new();
-    let mut last_trim = Instant::now();
-    let mut batch: Vec<Append> = Vec::with_capacity(config.max_batch);
-    let mut completions: Vec<(Completion, Result<u64, Error>)> =
-        Vec::with_capacity(config.max_batch);
-    loop {
-        let Some(first) = rx.blocking_recv() else {
-            break;
-        };
-        let started = Instant::now();
-        let mut trim_requested = false;
-        let mut push = |command: Command, batch: &mut Vec<Append>| match command {
-            Command::Append(a) => {
-                batch.push(a);
-                None
+/// The writer thread's fixed state.
+pub(super) struct Writer {
+    pub shared: Arc<Shared>,
+    pub dir: PathBuf,
+    pub config: StoreConfig,
+}
+
+/// Longest wait between two attempts to reopen a failed database.
+const MAX_REOPEN_DELAY: Duration = Duration::from_secs(5);
+
+impl Writer {
+    pub(super) fn run(self, mut db: sled::Db, mut rx: mpsc::Receiver<Command>, mut resume: Resume) {
+        let config = &self.config;
+        let mut logs: HashMap<LogId, OpenLog> = HashMap::new();
+        let mut last_trim = Instant::now();
+        let mut batch: Vec<Append> = Vec::with_capacity(config.max_batch);
+        let mut completions: Vec<(Completion, Result<u64, Error>)> =
+            Vec::with_capacity(config.max_batch);
+        loop {
+            let Some(first) = rx.blocking_recv() else {
+                break;
+            };
+            let started = Instant::now();
+            let mut trim_requested = false;
+            let mut push = |command: Command, batch: &mut Vec<Append>| match command {
+                Command::Append(a) => {
+                    batch.push(a);
+                    None
+                }
+                Command::Trim => {
+                    trim_requested = true;
+                    None
+                }
+                Command::Shutdown(done) => Some(done),
+            };
+            let mut shutdown = push(first, &mut batch);
+            // Group commit: take what is already queued, up to the batch size and delay bounds.
+            while shutdown.is_none()
+                && batch.len() < config.max_batch
+                && started.elapsed() < config.max_flush_delay
+            {
+                match rx.try_recv() {
+                    Ok(c) => shutdown = push(c, &mut batch),
+                    Err(_) => break,
+                }
             }
-            Command::Trim => {
-                trim_requested = true;
-                None
+            let mut failure: Option<Error> = None;
+            for append in batch.drain(..) {
+                let result = if failure.is_some() {
+                    Err(Error::Unavailable {
+                        reason: "an earlier append of the batch failed".into(),
+                    })
+                } else {
+                    insert(&db, &mut logs, &append, resume)
+                };
+                match (&result, &append.live) {
+                    (Ok(offset), Some(live)) => {
+                        // No receiver is fine: nobody is watching this channel live.
+                        let _ = live.send(Arc::new(Delivered::new(
+                            *offset,
+                            append.envelope,
+                            append.dead_letter_reason,
+                        )));
+                    }
+                    (Err(e @ Error::Io { .. }), _) => failure = Some(e.clone()),
+                    _ => {}
+                }
+                completions.push((append.done, result));
             }
-            Command::Shutdown(done) => Some(done),
-        };
-        let mut shutdown = push(first, &mut batch);
-        // Group commit: take what is already queued, up to the batch size and delay bounds.
-        while shutdown.is_none()
-            && batch.len() < config.max_batch
-            && started.elapsed() < config.max_flush_delay
-        {
-            match rx.try_recv() {
-                Ok(c) => shutdown = push(c, &mut batch),
-                Err(_) => break,
+            if !completions.is_empty()
+                && failure.is_none()
+                && let Err(e) = db.flush()
+            {
+                failure = Some(Error::Io {
+                    log: "flush".into(),
+                    reason: e.to_string(),
+                });
             }
-        }
-        for append in batch.drain(..) {
-            let result = insert(&db, &mut logs, &append, resume);
-            if let (Ok(offset), Some(live)) = (&result, &append.live) {
-                // No receiver is fine: nobody is watching this channel live.
-                let _ = live.send(Arc::new(Delivered::new(
-                    *offset,
-                    append.envelope,
-                    append.dead_letter_reason,
-                )));
-            }
-            completions.push((append.done, result));
-        }
-        if !completions.is_empty() {
-            let flushed = db.flush().map_err(|e| Error::Io {
-                log: "flush".into(),
-                reason: e.to_string(),
-            });
             for (done, result) in completions.drain(..) {
-                let outcome = match (&flushed, result) {
-                    (Ok(_), r) => r,
-                    (Err(e), _) => Err(e.clone()),
+                let outcome = match &failure {
+                    None => result,
+                    Some(e) => Err(e.clone()),
                 };
                 let _ = done.send(outcome);
             }
+            if let Some(error) = failure {
+                drop(db);
+                logs.clear();
+                match self.reopen(&error, &mut rx) {
+                    Some((reopened, r)) => {
+                        db = reopened;
+                        resume = r;
+                    }
+                    None => {
+                        if let Some(done) = shutdown {
+                            let _ = done.send(());
+                        }
+                        return;
+                    }
+                }
+            }
+            if trim_requested || last_trim.elapsed() >= config.trim_interval {
+                trim(&logs, &config.retention);
+                last_trim = Instant::now();
+            }
+            if let Some(done) = shutdown {
+                mark_clean(&db);
+                let _ = done.send(());
+                return;
+            }
         }
-        if trim_requested || last_trim.elapsed() >= config.trim_interval {
-            trim(&logs, &config.retention);
-            last_trim = Instant::now();
-        }
-        if let Some(done) = shutdown {
-            mark_clean(&db);
-            let _ = done.send(());
-            return;
+        mark_clean(&db);
+    }
+
+    /// After an I/O failure: closes the database, fails appends meanwhile, and reopens it with a
+    /// backoff. `None` when asked to shut down first (the database stays closed: the next start
+    /// reopens it, and finds the stop unclean).
+    fn reopen(
+        &self,
+        error: &Error,
+        rx: &mut mpsc::Receiver<Command>,
+    ) -> Option<(sled::Db, Resume)> {
+        tracing::error!(error = %error, "the message log failed; appends are refused until it is reopened");
+        metrics::counter!(telemetry::LOG_FAILURES).increment(1);
+        let reason = error.to_string();
+        self.shared.set_db(None);
+        self.shared.set_health(|h| {
+            h.ok = false;
+            h.error = Some(reason.clone());
+            h.failures += 1;
+        });
+        let mut delay = Duration::from_millis(100);
+        loop {
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(MAX_REOPEN_DELAY);
+            loop {
+                match rx.try_recv() {
+                    Ok(Command::Append(a)) => {
+                        let _ = a.done.send(Err(Error::Unavailable {
+                            reason: reason.clone(),
+                        }));
+                    }
+                    Ok(Command::Trim) => {}
+                    Ok(Command::Shutdown(done)) => {
+                        let _ = done.send(());
+                        return None;
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return None,
+                }
+            }
+            match open_db(&self.dir, &self.config) {
+                Ok((db, _)) => {
+                    tracing::info!("the message log is reopened and accepts appends again");
+                    self.shared.set_db(Some(db.clone()));
+                    self.shared.set_health(|h| {
+                        h.ok = true;
+                        h.error = None;
+                    });
+                    // What the failed batch showed live may have been lost: skip past it.
+                    let resume = Resume {
+                        offset_gap: self.config.max_batch as u64,
+                    };
+                    return Some((db, resume));
+                }
+                Err(e) => tracing::warn!(error = %e, "the message log cannot be reopened yet"),
+            }
         }
     }
-    mark_clean(&db);
 }
 
 /// Key in the `meta` tree present only while no writer runs: its absence at open means the

@@ -31,6 +31,10 @@ pub const SUBSCRIBERS_LAGGED: &str = "stepflow_subscribers_lagged_total";
 /// Log appends and bytes, by channel and log (`messages`, `dead_letters`).
 pub const LOG_APPENDS: &str = "stepflow_log_appends_total";
 pub const LOG_BYTES: &str = "stepflow_log_bytes_total";
+/// Times the message log failed on I/O (a full disk, say) and was closed to be reopened.
+pub const LOG_FAILURES: &str = "stepflow_log_failures_total";
+/// 1 while the message log accepts appends, 0 while it is being reopened after a failure.
+pub const LOG_AVAILABLE: &str = "stepflow_log_available";
 /// Messages dropped because a bounded queue was full, by channel and queue.
 pub const QUEUE_OVERFLOWS: &str = "stepflow_queue_overflows_total";
 /// Publishes to an upstream that failed, by channel, server and reason.

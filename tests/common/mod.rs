@@ -200,17 +200,12 @@ impl Daemon {
 
     /// Starts and waits only for `/healthz` (the process serves), not for readiness.
     pub async fn start_serving(args: &[&str]) -> Result<Daemon> {
-        let dir = tempfile::tempdir()?;
-        let mut daemon = Daemon {
-            port: free_port(),
-            data_dir: dir.path().join("data"),
-            args: args.iter().map(|s| s.to_string()).collect(),
-            env: Vec::new(),
-            child: None,
-            log: dir.path().join("daemon.log"),
-            _dir: Some(dir),
-        };
-        daemon.spawn()?;
+        Self::start_serving_with_env(args, &[]).await
+    }
+
+    /// Like [`Daemon::start_serving`], with extra environment variables.
+    pub async fn start_serving_with_env(args: &[&str], env: &[(&str, &str)]) -> Result<Daemon> {
+        let daemon = Self::spawned(args, env)?;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(r) = reqwest::get(daemon.url("/healthz")).await
@@ -227,10 +222,29 @@ impl Daemon {
 
     /// Like [`Daemon::start`], with extra environment variables.
     pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Result<Daemon> {
+        let mut daemon = Self::spawned(args, env)?;
+        daemon.wait_ready(Duration::from_secs(20)).await?;
+        Ok(daemon)
+    }
+
+    /// Like [`Daemon::start`], with its data directory at `data_dir`.
+    pub async fn start_in(data_dir: &Path, args: &[&str]) -> Result<Daemon> {
+        let mut daemon = Self::spawned_in(Some(data_dir), args, &[])?;
+        daemon.wait_ready(Duration::from_secs(20)).await?;
+        Ok(daemon)
+    }
+
+    fn spawned(args: &[&str], env: &[(&str, &str)]) -> Result<Daemon> {
+        Self::spawned_in(None, args, env)
+    }
+
+    fn spawned_in(data_dir: Option<&Path>, args: &[&str], env: &[(&str, &str)]) -> Result<Daemon> {
         let dir = tempfile::tempdir()?;
         let mut daemon = Daemon {
             port: free_port(),
-            data_dir: dir.path().join("data"),
+            data_dir: data_dir
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| dir.path().join("data")),
             args: args.iter().map(|s| s.to_string()).collect(),
             env: env
                 .iter()
@@ -241,7 +255,6 @@ impl Daemon {
             _dir: Some(dir),
         };
         daemon.spawn()?;
-        daemon.wait_ready(Duration::from_secs(20)).await?;
         Ok(daemon)
     }
 
@@ -654,4 +667,180 @@ pub fn sequence_report(log: &[serde_json::Value], total: u64) -> (Vec<u64>, u32)
     let missing = (0..total).filter(|s| !seen.contains_key(s)).collect();
     let duplicates = seen.values().map(|n| n - 1).sum();
     (missing, duplicates)
+}
+
+/// A CA and a server certificate for 127.0.0.1, made with the openssl command line.
+pub fn make_certificates(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs (apt-get install openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=stepflow-test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.pem",
+    ]);
+}
+
+/// Brokers started as root drop to their own user (Mosquitto, RabbitMQ's `rabbitmq`), which must still read the test's files.
+pub fn readable_by_all(dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+}
+
+/// A small tmpfs of the test's own, so it can fill a disk; unmounted when dropped.
+pub struct SmallDisk {
+    pub path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    pub fn mount(megabytes: u32) -> SmallDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        std::fs::create_dir(&path).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={megabytes}m"), "tmpfs"])
+            .arg(&path)
+            .output()
+            .expect("mount runs");
+        assert!(
+            out.status.success(),
+            "this test fills a disk of its own and mounts a tmpfs for it, which needs root: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallDisk { path, _dir: dir }
+    }
+
+    /// Writes a file until the disk is full.
+    pub fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let filler = self.path.join("filler");
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        while file.write_all(&chunk).is_ok() {}
+        let _ = file.sync_all();
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+/// Waits until the daemon reports its message log down for lack of space (in `/readyz` and the
+/// metrics), as it does when its disk is full.
+pub async fn wait_for_log_failure(daemon: &Daemon) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = reqwest::get(daemon.url("/readyz")).await.unwrap();
+        if ready.status() == 503 {
+            let body: serde_json::Value = ready.json().await.unwrap();
+            if body["log"]["ok"] == false {
+                let error = body["log"]["error"].as_str().unwrap_or_default();
+                assert!(error.contains("No space left"), "{body}");
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the log never failed:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        daemon
+            .metric("stepflow_log_failures_total", &[])
+            .await
+            .unwrap()
+            >= 1.0
+    );
+    assert_eq!(
+        daemon.metric("stepflow_log_available", &[]).await.unwrap(),
+        0.0
+    );
+}
+
+/// Frees the full disk (removes `filler`) and checks that the log healed: every sequence number
+/// `0..total` of `channel` is logged (duplicates reported) and the daemon is ready again.
+pub async fn free_disk_and_check_the_log(
+    daemon: &Daemon,
+    filler: &Path,
+    channel: &str,
+    total: u64,
+    what: &str,
+) -> Vec<serde_json::Value> {
+    std::fs::remove_file(filler).unwrap();
+    let log = daemon.wait_for_log(channel, total as usize).await;
+    let (missing, duplicates) = sequence_report(&log, total);
+    println!(
+        "{what} full-disk test: {total} sent, {} logged, {duplicates} duplicates",
+        log.len()
+    );
+    assert!(missing.is_empty(), "lost: {missing:?}\n{}", daemon.log());
+    let ready = reqwest::get(daemon.url("/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200, "ready again once the log is back");
+    log
 }
