@@ -71,6 +71,19 @@ pub struct ServerFileConfig {
     pub ca_file: Option<PathBuf>,
     /// AMQP prefetch (`basic.qos`), default 1000.
     pub prefetch: Option<u16>,
+    /// The secret for the server's `httpApiKey` or HTTP bearer security scheme (WebSocket and
+    /// SSE upstreams).
+    pub token: Option<String>,
+}
+
+/// Per-route settings as the file writes them (keyed by route id).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteFileConfig {
+    /// For WebSocket and SSE upstreams: one connection per entry, with these address
+    /// parameters (default: one connection, with the parameters' defaults).
+    #[serde(default)]
+    pub connect: Vec<BTreeMap<String, String>>,
 }
 
 /// Message log tuning as the file writes it.
@@ -93,6 +106,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub servers: BTreeMap<String, ServerFileConfig>,
     #[serde(default)]
+    pub routes: BTreeMap<String, RouteFileConfig>,
+    #[serde(default)]
     pub retention: Retention,
     pub max_payload_bytes: Option<usize>,
     #[serde(default)]
@@ -110,6 +125,8 @@ pub struct Config {
     pub bridges: Option<PathBuf>,
     /// Keyed by `SERVER_ID` or `API/SERVER_ID`.
     pub servers: BTreeMap<String, ServerOverride>,
+    /// Keyed by route id.
+    pub routes: BTreeMap<String, RouteFileConfig>,
     pub retention: Retention,
     pub max_payload_bytes: usize,
     pub log_max_batch: usize,
@@ -145,6 +162,7 @@ impl Config {
                     client_id: v.client_id,
                     ca_pem,
                     prefetch: v.prefetch,
+                    token: v.token,
                 },
             );
         }
@@ -178,6 +196,7 @@ impl Config {
             specs,
             bridges: args.bridges.clone().or(file.bridges),
             servers,
+            routes: file.routes,
             retention: file.retention,
             max_payload_bytes: args
                 .max_payload_bytes

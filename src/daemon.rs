@@ -15,6 +15,9 @@ use crate::connectors::ServerKey;
 use crate::connectors::amqp::{AmqpConnector, AmqpServerConfig};
 use crate::connectors::kafka::{KafkaConnector, KafkaServerConfig};
 use crate::connectors::mqtt::{MqttConnector, MqttServerConfig};
+use crate::connectors::server_access::ClientSide;
+use crate::connectors::sse::SseConnector;
+use crate::connectors::ws::WsConnector;
 use crate::hub::{Hub, HubConfig};
 use crate::routing::{self, UpstreamBinding};
 use crate::server::{self, AppState};
@@ -188,6 +191,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                         &connectors,
                     );
                 }
+                ProtocolFamily::WebSocket => {
+                    let side = ClientSide::new(key.clone(), server, &overrides);
+                    tracing::info!(server = %key, url = %side.base_url, "starting WebSocket connector");
+                    WsConnector::build(&hub, side, &config.routes).start(
+                        hub.clone(),
+                        connector_shutdown.clone(),
+                        &connectors,
+                    );
+                }
+                ProtocolFamily::Http if serves_event_streams(&hub, &key) => {
+                    let side = ClientSide::new(key.clone(), server, &overrides);
+                    tracing::info!(server = %key, url = %side.base_url, "starting SSE connector");
+                    SseConnector::build(&hub, side, &config.routes).start(
+                        hub.clone(),
+                        connector_shutdown.clone(),
+                        &connectors,
+                    );
+                }
                 family => tracing::warn!(
                     server = %key,
                     protocol = %server.protocol,
@@ -263,4 +284,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     store.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Whether a route of `key`'s document reads an event stream from that server.
+fn serves_event_streams(hub: &Hub, key: &ServerKey) -> bool {
+    hub.routes().any(|r| {
+        r.route.api == key.api
+            && r.route
+                .upstreams
+                .iter()
+                .any(|u| u.server == key.server && matches!(u.binding, UpstreamBinding::Sse(_)))
+    })
 }

@@ -201,7 +201,7 @@ impl Hub {
     pub async fn ingest(
         &self,
         route: &LiveRoute,
-        envelope: Envelope,
+        mut envelope: Envelope,
     ) -> Result<PendingAppend, store::Error> {
         route.metrics.message_received(envelope.origin.transport);
         let size = envelope.payload.len();
@@ -221,11 +221,25 @@ impl Hub {
         {
             Some((RejectReason::InvalidAddress, e.to_string()))
         } else {
-            route
-                .route
-                .validate(&envelope.payload)
-                .err()
-                .map(|e| (RejectReason::InvalidPayload, e.to_string()))
+            match route.route.validate(&envelope.payload) {
+                Ok(matched) => {
+                    // Which of several messages this is: clients of a socket carrying many
+                    // kinds (a market feed's trades and heartbeats) tell them apart by it.
+                    if let Some(id) = matched
+                        && route.route.messages.len() > 1
+                        && !envelope
+                            .headers
+                            .iter()
+                            .any(|(k, _)| k == "asyncapi_message")
+                    {
+                        envelope
+                            .headers
+                            .push(("asyncapi_message".into(), id.to_owned()));
+                    }
+                    None
+                }
+                Err(e) => Some((RejectReason::InvalidPayload, e.to_string())),
+            }
         };
         match problem {
             None => {
@@ -298,7 +312,9 @@ impl Hub {
                     Some(k) => k.fill(value_of),
                     None => Ok(String::new()),
                 },
-                UpstreamBinding::WebSocket(_) | UpstreamBinding::Http(_) => Ok(address.clone()),
+                UpstreamBinding::WebSocket(_)
+                | UpstreamBinding::Sse(_)
+                | UpstreamBinding::Http(_) => Ok(address.clone()),
                 UpstreamBinding::DynamicAddress | UpstreamBinding::NoConnector => continue,
             }
             .map_err(PublishFailure::InvalidAddress)?;
@@ -433,6 +449,7 @@ fn transport_of(binding: &UpstreamBinding) -> Transport {
         UpstreamBinding::Kafka(_) => Transport::Kafka,
         UpstreamBinding::Amqp(_) => Transport::Amqp,
         UpstreamBinding::WebSocket(_) => Transport::Ws,
+        UpstreamBinding::Sse(_) => Transport::Sse,
         UpstreamBinding::Http(_) => Transport::Http,
         _ => Transport::Unknown,
     }

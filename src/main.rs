@@ -312,7 +312,11 @@ fn upstream_lines(route: &Route) -> Vec<String> {
                     (None, Some(q)) => format!("queue {}", q.name),
                     (None, None) => "amqp".into(),
                 },
-                UpstreamBinding::WebSocket(_) => "websocket".into(),
+                UpstreamBinding::WebSocket(w) if w.subscribe.is_empty() => "websocket".into(),
+                UpstreamBinding::WebSocket(w) => {
+                    format!("websocket, {} subscribe frame(s)", w.subscribe.len())
+                }
+                UpstreamBinding::Sse(_) => "sse".into(),
                 UpstreamBinding::Http(h) => format!("{} {}", h.method, h.path),
                 UpstreamBinding::DynamicAddress => "dynamic address".into(),
                 UpstreamBinding::NoConnector => "no connector".into(),

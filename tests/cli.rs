@@ -37,9 +37,15 @@ fn validate_accepts_the_shipped_specs() {
         text.contains("analytics-kafka.yaml (AsyncAPI 3.0.0"),
         "{text}"
     );
+    for shipped in ["market-feed-ws.yaml", "alerts-sse.yaml"] {
+        assert!(
+            text.contains(&format!("{shipped} (AsyncAPI 3.0.0")),
+            "{text}"
+        );
+    }
     assert_eq!(
         text.lines().filter(|l| l.starts_with("ok ")).count(),
-        3,
+        5,
         "{text}"
     );
 }

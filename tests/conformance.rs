@@ -382,3 +382,46 @@ fn the_request_reply_example_compiles_into_a_request_reply_route() {
         Some("$message.header#/REPLY_TOPIC")
     );
 }
+
+#[test]
+fn the_websocket_examples_compile_into_client_side_websocket_routes() {
+    // Gemini's documents describe its server (`send` = the server sends), on a `wss` server:
+    // the gateway is the client, so the market data is readable through it.
+    for (file, route) in [
+        (
+            "asyncapi/v3/websocket-gemini-asyncapi.yml",
+            "websocket-gemini-asyncapi.marketDataV1",
+        ),
+        (
+            "asyncapi/v2/websocket-gemini.yml",
+            "websocket-gemini.v1-marketdata-symbol",
+        ),
+    ] {
+        let table = load_and_compile(&corpus().join(file)).unwrap();
+        let route = table.get(route).expect("route");
+        assert!(route.direction.readable && !route.direction.writable);
+        let upstream = &route.upstreams[0];
+        assert_eq!(upstream.url, "wss://api.gemini.com");
+        let routing::UpstreamBinding::WebSocket(ws) = &upstream.binding else {
+            panic!("{file}: not a WebSocket upstream: {:?}", upstream.binding);
+        };
+        let path = ws.path.as_ref().expect("a path");
+        assert_eq!(
+            path.fill(|_| Some("btcusd")).unwrap(),
+            "/v1/marketdata/btcusd"
+        );
+        assert!(ws.query.is_some(), "the ws binding's query schema is kept");
+        let symbol = &route.parameters[0];
+        assert_eq!(symbol.name, "symbol");
+        assert!(symbol.allowed.as_ref().unwrap().contains(&"btcusd".into()));
+    }
+    // Kraken's documents name no server: their routes compile, with nothing to connect to.
+    for file in [
+        "asyncapi/v3/kraken-websocket-request-reply-multiple-channels-asyncapi.yml",
+        "asyncapi/v3/kraken-websocket-request-reply-message-filter-in-reply-asyncapi.yml",
+    ] {
+        let table = load_and_compile(&corpus().join(file)).unwrap();
+        assert!(!table.is_empty());
+        assert!(table.routes().iter().all(|r| r.upstreams.is_empty()));
+    }
+}

@@ -324,3 +324,74 @@ fn asyncapi_2_parameter_schemas_are_enforced() {
         "{err}"
     );
 }
+
+/// A document with one `send` and one `receive` channel on a server of `protocol`.
+fn two_way(protocol: &str, role: &str) -> String {
+    format!(
+        r#"asyncapi: 3.0.0
+info: {{title: t, version: '1'}}
+{role}
+servers:
+  s: {{host: 'example.com', protocol: {protocol}}}
+channels:
+  out: {{address: /out, messages: {{m: {{payload: {{type: object}}}}}}}}
+  in: {{address: /in, messages: {{m: {{payload: {{type: object}}}}}}}}
+operations:
+  sendOut: {{action: send, channel: {{$ref: '#/channels/out'}}}}
+  receiveIn: {{action: receive, channel: {{$ref: '#/channels/in'}}}}
+"#
+    )
+}
+
+#[test]
+fn the_gateway_is_the_client_of_a_document_that_describes_a_websocket_or_http_server() {
+    for (protocol, role, client) in [
+        ("ws", "", true),
+        ("wss", "", true),
+        ("https", "", true),
+        ("mqtt", "", false),
+        ("ws", "x-stepflow-role: application", false),
+        ("mqtt", "x-stepflow-role: client", true),
+    ] {
+        let compiled = compile(&two_way(protocol, role)).unwrap();
+        let out = compiled.table.get("doc.out").unwrap();
+        let incoming = compiled.table.get("doc.in").unwrap();
+        // As the client, what the server sends reaches the gateway.
+        assert_eq!(out.direction.readable, client, "{protocol} {role}");
+        assert_eq!(out.direction.writable, !client, "{protocol} {role}");
+        assert_eq!(incoming.direction.writable, client, "{protocol} {role}");
+    }
+    let errors = compile(&two_way("ws", "x-stepflow-role: server")).unwrap_err();
+    assert!(
+        errors[0].to_string().contains("x-stepflow-role"),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn event_streams_and_subscribe_frames_compile_from_the_shipped_documents() {
+    let compiled = shipped();
+    let alerts = compiled.table.get("alerts.alerts").expect("route");
+    assert!(alerts.direction.readable);
+    let UpstreamBinding::Sse(sse) = &alerts.upstreams[0].binding else {
+        panic!("sse upstream expected");
+    };
+    assert_eq!(
+        sse.events,
+        vec![
+            ("alert".to_owned(), "raised".to_owned()),
+            ("resolved".to_owned(), "resolved".to_owned())
+        ]
+    );
+    let ticker = compiled.table.get("market-feed.ticker").expect("route");
+    let UpstreamBinding::WebSocket(ws) = &ticker.upstreams[0].binding else {
+        panic!("websocket upstream expected");
+    };
+    assert_eq!(
+        ws.subscribe,
+        vec![r#"{"type":"subscribe","channels":["ticker"]}"#.to_owned()]
+    );
+    // Neither source can redeliver: both are at-most-once, and said so at load.
+    assert!(matches!(alerts.delivery, Delivery::AtMostOnce { .. }));
+    assert!(matches!(ticker.delivery, Delivery::AtMostOnce { .. }));
+}

@@ -32,7 +32,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::mqtt::ServerOverride;
-use super::{Backoff, ConnectionState, Connections, Outbound, PublishError, Publisher, ServerKey};
+use super::{
+    Backoff, ConnectionState, Connections, Outbound, PublishError, Publisher, ServerKey,
+    percent_encode,
+};
 use crate::hub::{Hub, LiveRoute};
 use crate::routing::envelope::{Envelope, Origin, Transport};
 use crate::routing::{AmqpRoute, Upstream, UpstreamBinding};
@@ -62,19 +65,6 @@ impl std::fmt::Debug for AmqpServerConfig {
             )
             .finish()
     }
-}
-
-/// Percent-encodes a URI userinfo or vhost component.
-fn encode(part: &str) -> String {
-    let mut out = String::new();
-    for b in part.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 impl AmqpServerConfig {
@@ -112,15 +102,15 @@ impl AmqpServerConfig {
         let credentials = match (&overrides.username, &overrides.password, userinfo) {
             (Some(u), p, _) => Some(format!(
                 "{}:{}",
-                encode(u),
-                encode(p.as_deref().unwrap_or(""))
+                percent_encode(u),
+                percent_encode(p.as_deref().unwrap_or(""))
             )),
             (None, _, Some(u)) => Some(u),
             (None, _, None) => None,
         };
         // A vhost of "/" is written %2f; an absent vhost means RabbitMQ's default "/".
         let vhost_part = vhost
-            .map(|v| format!("/{}", encode(&v)))
+            .map(|v| format!("/{}", percent_encode(&v)))
             .unwrap_or_default();
         let uri = match &credentials {
             Some(c) => format!("{scheme}://{c}@{host}{vhost_part}"),

@@ -8,6 +8,9 @@
 pub mod amqp;
 pub mod kafka;
 pub mod mqtt;
+pub mod server_access;
+pub mod sse;
+pub mod ws;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -213,6 +216,20 @@ pub trait Publisher: Send + Sync {
         upstream: &Upstream,
         message: Outbound,
     ) -> BoxFuture<'static, Result<(), PublishError>>;
+}
+
+/// Percent-encodes a URI component (userinfo, vhost, query name or value): everything but the
+/// unreserved characters.
+pub fn percent_encode(part: &str) -> String {
+    let mut out = String::new();
+    for b in part.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Capped exponential backoff with full jitter (each wait is random in `[0, cap]`, the cap

@@ -87,7 +87,7 @@ impl std::fmt::Debug for MqttServerConfig {
 }
 
 /// Operator overrides of a server (from `--server ID=URL` and the config file).
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Clone, Default, PartialEq)]
 pub struct ServerOverride {
     pub url: Option<String>,
     pub username: Option<String>,
@@ -97,6 +97,23 @@ pub struct ServerOverride {
     pub ca_pem: Option<Vec<u8>>,
     /// AMQP `basic.qos` prefetch: unacknowledged deliveries the broker may send at once.
     pub prefetch: Option<u16>,
+    /// Secret for `httpApiKey` / HTTP bearer security schemes (WebSocket and SSE upstreams).
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for ServerOverride {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secret = |s: &Option<String>| s.as_ref().map(|_| "***");
+        f.debug_struct("ServerOverride")
+            .field("url", &self.url)
+            .field("username", &self.username)
+            .field("password", &secret(&self.password))
+            .field("client_id", &self.client_id)
+            .field("ca_pem", &self.ca_pem.as_ref().map(Vec::len))
+            .field("prefetch", &self.prefetch)
+            .field("token", &secret(&self.token))
+            .finish()
+    }
 }
 
 impl MqttServerConfig {

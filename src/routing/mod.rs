@@ -17,7 +17,8 @@ use serde_json::Value;
 
 use crate::schema::{Encoding, PayloadSchema, ValidationError};
 use crate::spec::{
-    Action, Api, Channel, Location, Protocol, ProtocolFamily, SpecError, SpecErrorKind, SpecWarning,
+    Action, Api, Channel, Location, Protocol, ProtocolFamily, Role, SpecError, SpecErrorKind,
+    SpecWarning,
 };
 use address::{AddressError, AddressTemplate, ProtocolAddress, Selector};
 
@@ -128,6 +129,8 @@ pub enum UpstreamBinding {
     Kafka(KafkaRoute),
     Amqp(AmqpRoute),
     WebSocket(WebSocketRoute),
+    /// An HTTP channel marked as a Server-Sent Events stream.
+    Sse(SseRoute),
     Http(HttpRoute),
     /// The channel's address is dynamic (`address: null`), given at run time (e.g. a reply-to).
     DynamicAddress,
@@ -206,6 +209,20 @@ pub struct WebSocketRoute {
     #[serde(skip)]
     pub path: Option<ProtocolAddress>,
     pub method: Option<String>,
+    pub query: Option<Value>,
+    pub headers: Option<Value>,
+    /// Text frames sent after every (re)connect, from the channel's `x-stepflow-subscribe` (a
+    /// string, or JSON sent as its text; an array is several frames).
+    pub subscribe: Vec<String>,
+}
+
+/// An upstream Server-Sent Events stream (an HTTP GET the gateway keeps open).
+#[derive(Debug, Clone, Serialize)]
+pub struct SseRoute {
+    #[serde(skip)]
+    pub path: ProtocolAddress,
+    /// `event:` names → message ids (a message's `name`, else its id).
+    pub events: Vec<(String, String)>,
     pub query: Option<Value>,
     pub headers: Option<Value>,
 }
@@ -415,7 +432,8 @@ impl ChannelCompiler<'_> {
     }
 
     /// DESIGN §3: receive → readable, send → writable; a reply channel is read by the side that
-    /// sent the request and written by the side that answers.
+    /// sent the request and written by the side that answers. When the gateway is the client of
+    /// the server a document describes, it is the other side: every direction flips.
     fn direction(&self) -> Direction {
         let mut d = Direction::default();
         for op in &self.api.operations {
@@ -436,6 +454,9 @@ impl ChannelCompiler<'_> {
                     Action::Receive => d.writable = true,
                 }
             }
+        }
+        if self.api.role == Role::Client {
+            std::mem::swap(&mut d.readable, &mut d.writable);
         }
         d
     }
@@ -562,6 +583,7 @@ impl ChannelCompiler<'_> {
                 (ProtocolFamily::Kafka, Some(_)) => self.kafka(template, direction, address_at),
                 (ProtocolFamily::Amqp, Some(t)) => self.amqp(t, address_at),
                 (ProtocolFamily::WebSocket, Some(t)) => Some(self.websocket(t)),
+                (ProtocolFamily::Http, Some(t)) if self.is_event_stream() => Some(self.sse(t)),
                 (ProtocolFamily::Http, Some(t)) => Some(UpstreamBinding::Http(HttpRoute {
                     method: self
                         .api
@@ -870,6 +892,39 @@ impl ChannelCompiler<'_> {
                 .map(str::to_owned),
             query: ws.and_then(|b| b.get("query")).cloned(),
             headers: ws.and_then(|b| b.get("headers")).cloned(),
+            subscribe: match self.channel.extensions.get("x-stepflow-subscribe") {
+                None => Vec::new(),
+                Some(Value::Array(frames)) => frames.iter().map(frame_text).collect(),
+                Some(frame) => vec![frame_text(frame)],
+            },
+        })
+    }
+
+    /// `x-stepflow-sse: true` on the channel, or `text/event-stream` as the content type of the
+    /// document or of one of the channel's messages.
+    fn is_event_stream(&self) -> bool {
+        const EVENT_STREAM: &str = "text/event-stream";
+        self.channel.extensions.get("x-stepflow-sse") == Some(&Value::Bool(true))
+            || self.api.default_content_type.as_deref() == Some(EVENT_STREAM)
+            || self
+                .channel
+                .messages
+                .iter()
+                .any(|m| m.content_type.as_deref() == Some(EVENT_STREAM))
+    }
+
+    fn sse(&self, template: &AddressTemplate) -> UpstreamBinding {
+        let http = self.channel.bindings.get("http");
+        UpstreamBinding::Sse(SseRoute {
+            path: template.generic(),
+            events: self
+                .channel
+                .messages
+                .iter()
+                .map(|m| (m.name.clone().unwrap_or_else(|| m.id.clone()), m.id.clone()))
+                .collect(),
+            query: http.and_then(|b| b.get("query")).cloned(),
+            headers: http.and_then(|b| b.get("headers")).cloned(),
         })
     }
 
@@ -884,7 +939,9 @@ impl ChannelCompiler<'_> {
                     "server '{}' subscribes with MQTT QoS 0: the broker does not redeliver",
                     upstream.server
                 )),
-                UpstreamBinding::WebSocket(_) | UpstreamBinding::Http(_) => Some(format!(
+                UpstreamBinding::WebSocket(_)
+                | UpstreamBinding::Sse(_)
+                | UpstreamBinding::Http(_) => Some(format!(
                     "server '{}' ({}) cannot redeliver what the gateway did not store",
                     upstream.server, upstream.protocol
                 )),
@@ -951,5 +1008,13 @@ fn schema_or_literal(value: &Value) -> Option<String> {
             .and_then(Value::as_str)
             .map(str::to_owned),
         _ => None,
+    }
+}
+
+/// A subscribe frame's text: strings as they are, anything else as JSON.
+fn frame_text(frame: &Value) -> String {
+    match frame {
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
     }
 }

@@ -11,8 +11,8 @@ use serde_json::Value;
 use super::bindings::{BindingTarget, read_bindings};
 use super::error::{Location, ReferenceRule, SpecErrorKind};
 use super::model::{
-    Action, Api, Channel, DocumentKind, Message, Operation, Parameter, Protocol, Reply, SchemaDef,
-    SchemaFormat, SecurityScheme, Server,
+    Action, Api, Channel, DocumentKind, Message, Operation, Parameter, Protocol, ProtocolFamily,
+    Reply, Role, SchemaDef, SchemaFormat, SecurityScheme, Server,
 };
 use super::reader::{Reader, is_valid_parameter_name, merge_patch, placeholders, slug};
 use super::source::Node;
@@ -77,7 +77,9 @@ pub fn load(
         servers,
         channels: Vec::new(),
         operations: Vec::new(),
+        role: Role::Application,
     };
+    api.role = read_role(reader, root, &api.servers);
     match major {
         Major::V2 => load_v2_channels(reader, root, &ctx, &mut api),
         Major::V3 => load_v3(reader, root, &ctx, &mut api),
@@ -656,6 +658,46 @@ pub(super) fn read_schema_node(
     })
 }
 
+/// `x-stepflow-role` (`application` | `client`), else `client` when every server is a WebSocket
+/// or HTTP server (the document then describes that server: public streaming APIs are written
+/// so), else `application`.
+fn read_role(reader: &mut Reader<'_>, root: &Node, servers: &[Server]) -> Role {
+    match reader.string(root, "x-stepflow-role").as_deref() {
+        Some("application") => return Role::Application,
+        Some("client") => return Role::Client,
+        Some(other) => reader.error(
+            root.loc.join("x-stepflow-role"),
+            SpecErrorKind::Invalid(format!(
+                "x-stepflow-role '{other}' is not one of 'application' or 'client'"
+            )),
+        ),
+        None => {}
+    }
+    let server_side = |s: &Server| {
+        matches!(
+            s.protocol.family(),
+            ProtocolFamily::WebSocket | ProtocolFamily::Http
+        )
+    };
+    if !servers.is_empty() && servers.iter().all(server_side) {
+        Role::Client
+    } else {
+        Role::Application
+    }
+}
+
+/// The `x-stepflow-*` members of an object, dereferenced copies.
+fn stepflow_extensions(node: &Node) -> serde_json::Map<String, Value> {
+    match node.value().as_object() {
+        Some(map) => map
+            .iter()
+            .filter(|(k, _)| k.starts_with("x-stepflow-"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        None => serde_json::Map::new(),
+    }
+}
+
 /// Unescapes the tokens of a JSON pointer.
 fn pointer_tokens(pointer: &str) -> Vec<String> {
     pointer
@@ -803,6 +845,7 @@ fn load_v2_channels(reader: &mut Reader<'_>, root: &Node, ctx: &Ctx, api: &mut A
             messages,
             servers,
             bindings,
+            extensions: stepflow_extensions(&channel),
             location: channel.loc.clone(),
         });
     }
@@ -995,6 +1038,7 @@ fn read_v3_channel(
             messages,
             servers,
             bindings,
+            extensions: stepflow_extensions(channel),
             location: channel.loc.clone(),
         },
         ChannelMessages { id, by_location },

@@ -43,6 +43,20 @@ pub struct Api {
     pub servers: Vec<Server>,
     pub channels: Vec<Channel>,
     pub operations: Vec<Operation>,
+    /// Which side of the document the gateway plays.
+    pub role: Role,
+}
+
+/// Which side of a document the gateway plays (DESIGN §3 and its exception for servers the
+/// gateway connects to as a client).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// The gateway is the application the document describes: `receive` → readable.
+    Application,
+    /// The document describes a server the gateway connects to (a WebSocket or HTTP API run by
+    /// someone else): its `send` operations reach the gateway, so `send` → readable.
+    Client,
 }
 
 impl Api {
@@ -252,6 +266,8 @@ pub struct Channel {
     /// Server ids the channel is on; empty means every server of the document.
     pub servers: Vec<String>,
     pub bindings: Bindings,
+    /// The channel's `x-stepflow-*` extensions (`x-stepflow-sse`, `x-stepflow-subscribe`).
+    pub extensions: serde_json::Map<String, Value>,
     #[serde(skip)]
     pub location: Location,
 }

@@ -10,7 +10,7 @@ use super::asyncapi::{read_schema_node, security_requirement, substitute_variabl
 use super::error::SpecErrorKind;
 use super::model::{
     Action, Api, Channel, DocumentKind, HttpBody, HttpOperation, HttpParameter, HttpResponse,
-    Message, Operation, Parameter, Protocol, Reply, SchemaFormat, SecurityScheme, Server,
+    Message, Operation, Parameter, Protocol, Reply, Role, SchemaFormat, SecurityScheme, Server,
 };
 use super::reader::{Reader, slug};
 use super::source::Node;
@@ -78,6 +78,8 @@ pub fn load(reader: &mut Reader<'_>, root: &Node, id: String, version: String) -
         servers,
         channels: Vec::new(),
         operations: Vec::new(),
+        // The gateway calls the API: requests go out, responses come back.
+        role: Role::Application,
     };
     let root_security = read_security(reader, root, root, &[]);
     if let Some(paths) = reader.object_field(root, "paths") {
@@ -358,6 +360,7 @@ fn read_path_item(
             messages: vec![request, response],
             servers,
             bindings: Default::default(),
+            extensions: Default::default(),
             location: op.loc.clone(),
         });
         let security = read_security(reader, root, &op, root_security);
