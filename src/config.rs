@@ -84,6 +84,10 @@ pub struct RouteFileConfig {
     /// parameters (default: one connection, with the parameters' defaults).
     #[serde(default)]
     pub connect: Vec<BTreeMap<String, String>>,
+    /// For WebSocket upstreams: the frames sent after each connect, instead of the channel's
+    /// `x-stepflow-subscribe` (for documents you do not edit). Strings are sent as they are,
+    /// anything else as JSON.
+    pub subscribe: Option<Vec<serde_json::Value>>,
 }
 
 /// Message log tuning as the file writes it.

@@ -245,7 +245,9 @@ async fn a_feed_that_is_down_is_reported_and_joined_when_it_comes_up() {
     let config = dir.path().join("stepflow.yaml");
     std::fs::write(
         &config,
-        format!("servers:\n  feed:\n    url: ws://127.0.0.1:{port}\n    token: k\n"),
+        format!(
+            "servers:\n  feed:\n    url: ws://127.0.0.1:{port}\n    token: k\nroutes:\n  market-feed.ticker:\n    subscribe: [{{type: subscribe, channels: [ticker, trades]}}]\n"
+        ),
     )
     .unwrap();
     let spec = shipped("market-feed-ws.yaml");
@@ -287,4 +289,9 @@ async fn a_feed_that_is_down_is_reported_and_joined_when_it_comes_up() {
         .wait_for_log("market-feed.ticker", BEFORE_DROP as usize)
         .await;
     assert!(log.len() >= BEFORE_DROP as usize, "{}", daemon.log());
+    // The configured subscribe frame replaces the document's.
+    assert_eq!(
+        feed.connections.lock().unwrap()[0].subscribe,
+        Some(json!({"type": "subscribe", "channels": ["ticker", "trades"]}))
+    );
 }

@@ -30,9 +30,9 @@ use super::server_access::ClientSide;
 use super::{Backoff, Connections, Outbound, PublishError, Publisher, ServerKey};
 use crate::config::RouteFileConfig;
 use crate::hub::{Hub, LiveRoute};
-use crate::routing::UpstreamBinding;
 use crate::routing::address::Params;
 use crate::routing::envelope::{Envelope, Origin, Transport};
+use crate::routing::{UpstreamBinding, frame_text};
 use crate::telemetry::events::MessageUnmatched;
 
 const PING_INTERVAL: Duration = Duration::from_secs(15);
@@ -110,9 +110,16 @@ impl WsConnector {
                 if route.direction.readable {
                     socket.readable.push((live.clone(), params));
                 }
-                for frame in &ws.subscribe {
-                    if !socket.subscribe.contains(frame) {
-                        socket.subscribe.push(frame.clone());
+                let frames = match routes_config
+                    .get(route.id.as_ref())
+                    .and_then(|c| c.subscribe.as_ref())
+                {
+                    Some(configured) => configured.iter().map(frame_text).collect(),
+                    None => ws.subscribe.clone(),
+                };
+                for frame in frames {
+                    if !socket.subscribe.contains(&frame) {
+                        socket.subscribe.push(frame);
                     }
                 }
             }

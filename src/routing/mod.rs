@@ -1012,7 +1012,7 @@ fn schema_or_literal(value: &Value) -> Option<String> {
 }
 
 /// A subscribe frame's text: strings as they are, anything else as JSON.
-fn frame_text(frame: &Value) -> String {
+pub fn frame_text(frame: &Value) -> String {
     match frame {
         Value::String(text) => text.clone(),
         other => other.to_string(),
