@@ -72,8 +72,12 @@ pub struct ServerFileConfig {
     /// AMQP prefetch (`basic.qos`), default 1000.
     pub prefetch: Option<u16>,
     /// The secret for the server's `httpApiKey` or HTTP bearer security scheme (WebSocket and
-    /// SSE upstreams).
+    /// SSE upstreams, OpenAPI `apiKey` and bearer).
     pub token: Option<String>,
+    /// OAuth2 client credentials: `client_id` (above) and this secret.
+    pub client_secret: Option<String>,
+    /// How long an OpenAPI call to this server may take, retries included (default 10000).
+    pub timeout_ms: Option<u64>,
 }
 
 /// Per-route settings as the file writes them (keyed by route id).
@@ -167,6 +171,8 @@ impl Config {
                     ca_pem,
                     prefetch: v.prefetch,
                     token: v.token,
+                    client_secret: v.client_secret,
+                    timeout: v.timeout_ms.map(Duration::from_millis),
                 },
             );
         }
@@ -219,11 +225,13 @@ impl Config {
         })
     }
 
-    /// The override for server `server` of document `api` (`api/server` wins over `server`).
+    /// The override for server `server` of document `api`: `api/server`, else `server`, else
+    /// `api` (OpenAPI servers have no names of their own).
     pub fn server_override(&self, api: &str, server: &str) -> ServerOverride {
         self.servers
             .get(&format!("{api}/{server}"))
             .or_else(|| self.servers.get(server))
+            .or_else(|| self.servers.get(api))
             .cloned()
             .unwrap_or_default()
     }

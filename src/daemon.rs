@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::calls::Operations;
 use crate::config::Config;
 use crate::connectors::ServerKey;
 use crate::connectors::amqp::{AmqpConnector, AmqpServerConfig};
@@ -21,7 +22,7 @@ use crate::connectors::ws::WsConnector;
 use crate::hub::{Hub, HubConfig};
 use crate::routing::{self, UpstreamBinding};
 use crate::server::{self, AppState};
-use crate::spec::{self, ProtocolFamily, SpecError};
+use crate::spec::{self, DocumentKind, ProtocolFamily, SpecError};
 use crate::store::{Store, StoreConfig};
 use crate::telemetry;
 
@@ -116,6 +117,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         },
     ));
 
+    let operations = Operations::build(&apis, store.clone(), |api, server| {
+        config.server_override(api, server)
+    })
+    .map_err(|e| Error::Connector {
+        server: "HTTP client".into(),
+        reason: e.to_string(),
+    })?;
+    let operations = Arc::new(operations);
+
     let connectors = TaskTracker::new();
     let connector_shutdown = CancellationToken::new();
     for api in &apis {
@@ -209,6 +219,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                         &connectors,
                     );
                 }
+                // OpenAPI servers are called per request (`calls`), not connected to.
+                ProtocolFamily::Http if matches!(api.kind, DocumentKind::OpenApi(_)) => {}
                 family => tracing::warn!(
                     server = %key,
                     protocol = %server.protocol,
@@ -230,6 +242,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let http_shutdown = CancellationToken::new();
     let state = AppState {
         hub: hub.clone(),
+        operations,
         metrics: metrics.clone(),
         shutdown: http_shutdown.clone(),
         connection_ids: Arc::new(AtomicU64::new(0)),

@@ -5,8 +5,10 @@
 //! - [`schema`]: payload validators (JSON Schema, OpenAPI schemas, Avro), compiled once.
 //! - [`routing`]: the routing table — one route per channel, address templates and their MQTT,
 //!   AMQP and Kafka forms, parameter extraction and filling.
+//! - [`calls`]: OpenAPI operations as request-reply channels, called over HTTP.
 #![deny(unsafe_code)]
 
+pub mod calls;
 pub mod config;
 pub mod connectors;
 pub mod daemon;

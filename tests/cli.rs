@@ -43,9 +43,13 @@ fn validate_accepts_the_shipped_specs() {
             "{text}"
         );
     }
+    assert!(
+        text.contains("device-registry.openapi.yaml (OpenAPI 3.1.0"),
+        "{text}"
+    );
     assert_eq!(
         text.lines().filter(|l| l.starts_with("ok ")).count(),
-        5,
+        6,
         "{text}"
     );
 }

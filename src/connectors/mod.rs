@@ -218,6 +218,15 @@ pub trait Publisher: Send + Sync {
     ) -> BoxFuture<'static, Result<(), PublishError>>;
 }
 
+/// reqwest's error with its cause (its own text hides whether it was DNS, refused, TLS...).
+pub fn describe_http_error(error: &reqwest::Error) -> String {
+    use std::error::Error as _;
+    match error.source() {
+        Some(cause) => format!("{error}: {cause}"),
+        None => error.to_string(),
+    }
+}
+
 /// Percent-encodes a URI component (userinfo, vhost, query name or value): everything but the
 /// unreserved characters.
 pub fn percent_encode(part: &str) -> String {
@@ -266,6 +275,11 @@ impl Backoff {
 
     pub fn reset(&mut self) {
         self.attempt = 0;
+    }
+
+    /// Delays handed out since the last reset.
+    pub fn attempts(&self) -> u32 {
+        self.attempt
     }
 }
 

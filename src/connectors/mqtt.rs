@@ -99,6 +99,10 @@ pub struct ServerOverride {
     pub prefetch: Option<u16>,
     /// Secret for `httpApiKey` / HTTP bearer security schemes (WebSocket and SSE upstreams).
     pub token: Option<String>,
+    /// OAuth2 client-credentials secret (with `client_id`), for OpenAPI operations.
+    pub client_secret: Option<String>,
+    /// How long an OpenAPI call may take, retries included.
+    pub timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for ServerOverride {
@@ -112,6 +116,8 @@ impl std::fmt::Debug for ServerOverride {
             .field("ca_pem", &self.ca_pem.as_ref().map(Vec::len))
             .field("prefetch", &self.prefetch)
             .field("token", &secret(&self.token))
+            .field("client_secret", &secret(&self.client_secret))
+            .field("timeout", &self.timeout)
             .finish()
     }
 }

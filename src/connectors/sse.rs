@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::server_access::ClientSide;
-use super::{Backoff, Connections, ServerKey};
+use super::{Backoff, Connections, ServerKey, describe_http_error};
 use crate::config::RouteFileConfig;
 use crate::hub::{Hub, LiveRoute};
 use crate::routing::UpstreamBinding;
@@ -227,7 +227,7 @@ impl StreamTask {
         }
         let response = match request.send().await {
             Ok(r) => r,
-            Err(e) => return Ended::Dropped(describe(&e)),
+            Err(e) => return Ended::Dropped(describe_http_error(&e)),
         };
         let status = response.status();
         if status == reqwest::StatusCode::NO_CONTENT {
@@ -339,15 +339,6 @@ fn retry_value(line: &[u8]) -> Option<Duration> {
         .parse()
         .ok()
         .map(Duration::from_millis)
-}
-
-/// reqwest's error with its cause (its own text hides whether it was DNS, refused, TLS...).
-fn describe(error: &reqwest::Error) -> String {
-    use std::error::Error as _;
-    match error.source() {
-        Some(cause) => format!("{error}: {cause}"),
-        None => error.to_string(),
-    }
 }
 
 #[cfg(test)]

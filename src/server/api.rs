@@ -140,6 +140,16 @@ pub struct ReplayQuery {
 /// Most messages one replay request returns.
 const REPLAY_LIMIT_MAX: usize = 1000;
 
+impl ReplayQuery {
+    /// `from` (default the first offset) and `limit` (default 100, at most 1000).
+    pub fn window(&self) -> (u64, usize) {
+        (
+            self.from.unwrap_or(1),
+            self.limit.unwrap_or(100).clamp(1, REPLAY_LIMIT_MAX),
+        )
+    }
+}
+
 async fn replay(
     state: &AppState,
     id: &str,
@@ -153,8 +163,7 @@ async fn replay(
     } else {
         &route.log
     };
-    let limit = query.limit.unwrap_or(100).clamp(1, REPLAY_LIMIT_MAX);
-    let from = query.from.unwrap_or(1);
+    let (from, limit) = query.window();
     let messages = state.hub.store().read(log, from, limit).await?;
     let next = messages.last().map_or(from, |m| m.offset + 1);
     // The frames are already JSON: splice them in instead of parsing them back.

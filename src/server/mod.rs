@@ -2,6 +2,7 @@
 //! `/metrics`. Errors are JSON `{"error": {"code", "message", "details"}}` everywhere.
 
 pub mod api;
+pub mod calls;
 pub mod error;
 pub mod stream;
 
@@ -12,7 +13,7 @@ use axum::Router;
 use axum::extract::{MatchedPath, Request};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::get;
+use axum::routing::{get, post};
 use metrics::counter;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
@@ -25,6 +26,7 @@ use crate::telemetry::HTTP_REQUESTS;
 #[derive(Clone)]
 pub struct AppState {
     pub hub: Arc<Hub>,
+    pub operations: Arc<crate::calls::Operations>,
     pub metrics: PrometheusHandle,
     pub shutdown: CancellationToken,
     pub connection_ids: Arc<AtomicU64>,
@@ -43,6 +45,10 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/channels/{id}/dead-letters",
             get(api::replay_dead_letters),
         )
+        .route("/api/v1/operations", get(calls::list))
+        .route("/api/v1/operations/{id}/call", post(calls::call))
+        .route("/api/v1/operations/{id}/calls", get(calls::log))
+        .route("/ws/operations", get(calls::websocket))
         .route("/api/v1/connections", get(api::connections))
         .route("/api/v1/stats", get(api::stats))
         .route("/ws/{id}", get(stream::websocket))

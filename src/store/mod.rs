@@ -53,6 +53,8 @@ pub enum Error {
 pub enum LogKind {
     Messages,
     DeadLetters,
+    /// Calls of a request-reply operation (request, status, latency, error).
+    Calls,
 }
 
 impl LogKind {
@@ -60,6 +62,7 @@ impl LogKind {
         match self {
             LogKind::Messages => "messages",
             LogKind::DeadLetters => "dead_letters",
+            LogKind::Calls => "calls",
         }
     }
 }
@@ -86,10 +89,18 @@ impl LogId {
         }
     }
 
+    pub fn calls(channel: ChannelId) -> Self {
+        Self {
+            channel,
+            kind: LogKind::Calls,
+        }
+    }
+
     fn tree_name(&self) -> String {
         match self.kind {
             LogKind::Messages => format!("m:{}", self.channel),
             LogKind::DeadLetters => format!("d:{}", self.channel),
+            LogKind::Calls => format!("c:{}", self.channel),
         }
     }
 }

@@ -42,6 +42,15 @@ pub const PUBLISH_FAILURES: &str = "stepflow_publish_failures_total";
 /// Kafka consumer lag (messages behind the high watermark), by channel, from librdkafka's
 /// statistics every 5 s.
 pub const KAFKA_CONSUMER_LAG: &str = "stepflow_kafka_consumer_lag";
+/// Request-reply calls, by operation and outcome (`2xx`...`5xx`, `invalid`, `timeout`,
+/// `unavailable`).
+pub const CALLS: &str = "stepflow_calls_total";
+/// Call latency (request in → response out, retries included), by operation.
+pub const CALL_DURATION: &str = "stepflow_call_duration_seconds";
+/// Calls waiting for their upstream.
+pub const CALLS_PENDING: &str = "stepflow_calls_pending";
+/// Upstream responses that did not match their documented schema, by operation.
+pub const CALL_RESPONSE_MISMATCHES: &str = "stepflow_call_response_mismatches_total";
 /// HTTP requests, by matched route template and status class.
 pub const HTTP_REQUESTS: &str = "stepflow_http_requests_total";
 

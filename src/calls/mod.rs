@@ -1,0 +1,525 @@
+//! Request-reply calls to HTTP APIs described by OpenAPI. Every operation is a channel
+//! `{api}.{operationId}` that answers: a request `{path, query, headers, body}` is checked
+//! against the operation's parameters and body schema (and refused before anything is sent when
+//! it does not fit), sent with reqwest to the server's URL with the operation's credentials,
+//! and the upstream's response (status, headers, body) is the reply. A response that does not
+//! match its documented schema is logged and counted, not hidden. Idempotent methods are retried
+//! with backoff after transport errors and 502/503/504, within the operation's timeout. Every
+//! call is kept in the operation's call log.
+
+pub mod auth;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use crate::connectors::mqtt::ServerOverride;
+use crate::connectors::{Backoff, describe_http_error, percent_encode};
+use crate::routing::ChannelId;
+use crate::routing::address::Params;
+use crate::routing::envelope::{Envelope, Origin, Transport};
+use crate::schema::{Encoding, PayloadSchema};
+use crate::spec::{Api, HttpOperation, SchemaDef};
+use crate::store::{LogId, Store};
+use crate::telemetry;
+use auth::Credentials;
+
+/// Why a call did not produce an upstream response.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallError {
+    #[error("no operation '{0}'")]
+    NotFound(String),
+    #[error("the request does not fit the operation")]
+    Invalid(Vec<Problem>),
+    #[error("no response within {0:?}")]
+    Timeout(Duration),
+    #[error("upstream unreachable: {0}")]
+    Unavailable(String),
+}
+
+impl CallError {
+    fn label(&self) -> &'static str {
+        match self {
+            CallError::NotFound(_) => "not_found",
+            CallError::Invalid(_) => "invalid",
+            CallError::Timeout(_) => "timeout",
+            CallError::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
+/// One thing wrong with a request.
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    /// `path.deviceId`, `query.limit`, `body/name`...
+    pub at: String,
+    pub reason: String,
+}
+
+/// A call's request, as clients send it.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CallRequest {
+    pub path: Map<String, Value>,
+    pub query: Map<String, Value>,
+    pub headers: Map<String, Value>,
+    pub body: Option<Value>,
+}
+
+/// The upstream's answer.
+#[derive(Debug, Clone)]
+pub struct CallResponse {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub body: Bytes,
+    pub latency: Duration,
+}
+
+struct Parameter {
+    name: String,
+    location: String,
+    required: bool,
+    schema: Option<Arc<PayloadSchema>>,
+}
+
+/// An operation, ready to call.
+pub struct Operation {
+    pub id: ChannelId,
+    pub method: reqwest::Method,
+    pub path: String,
+    pub base_url: String,
+    parameters: Vec<Parameter>,
+    body_required: bool,
+    body_schema: Option<Arc<PayloadSchema>>,
+    /// Status pattern (`200`, `4XX`, `default`) → JSON schema of the body.
+    responses: Vec<(String, Option<Arc<PayloadSchema>>)>,
+    credentials: Credentials,
+    timeout: Duration,
+    log: LogId,
+}
+
+/// Every OpenAPI operation of the loaded documents.
+pub struct Operations {
+    by_id: HashMap<ChannelId, Arc<Operation>>,
+    client: reqwest::Client,
+    store: Store,
+}
+
+/// Time a call may take in all (its retries included) unless the server's config says.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn compile(def: &SchemaDef) -> Option<Arc<PayloadSchema>> {
+    // The loader already rejected schemas that do not compile.
+    PayloadSchema::compile(def).ok().map(Arc::new)
+}
+
+impl Operation {
+    fn build(
+        api: &Api,
+        op: &crate::spec::Operation,
+        http: &HttpOperation,
+        overrides: &ServerOverride,
+    ) -> Option<Operation> {
+        let server = api.servers.first();
+        let base_url = overrides
+            .url
+            .clone()
+            .or_else(|| server.map(|s| s.url()))?
+            .trim_end_matches('/')
+            .to_owned();
+        let (credentials, missing) = Credentials::build(&op.security, overrides, &base_url);
+        for scheme in missing {
+            tracing::warn!(operation = %op.id, scheme = %scheme, "security scheme without its secret in the config; calls go out without it");
+        }
+        let json_schema = |content: &[(String, Option<SchemaDef>)]| {
+            content
+                .iter()
+                .find(|(media, _)| media == "application/json" || media.ends_with("+json"))
+                .or_else(|| content.first())
+                .and_then(|(_, s)| s.as_ref())
+                .and_then(compile)
+        };
+        Some(Operation {
+            id: format!("{}.{}", api.id, op.channel).into(),
+            method: reqwest::Method::from_bytes(http.method.to_uppercase().as_bytes()).ok()?,
+            path: http.path.clone(),
+            base_url,
+            parameters: http
+                .parameters
+                .iter()
+                .map(|p| Parameter {
+                    name: p.name.clone(),
+                    location: p.location.clone(),
+                    required: p.required || p.location == "path",
+                    schema: p.schema.as_ref().and_then(compile),
+                })
+                .collect(),
+            body_required: http.request_body.as_ref().is_some_and(|b| b.required),
+            body_schema: http
+                .request_body
+                .as_ref()
+                .and_then(|b| json_schema(&b.content)),
+            responses: http
+                .responses
+                .iter()
+                .map(|r| (r.status.clone(), json_schema(&r.content)))
+                .collect(),
+            credentials,
+            timeout: overrides.timeout.unwrap_or(DEFAULT_TIMEOUT),
+            log: LogId::calls(format!("{}.{}", api.id, op.channel).into()),
+        })
+    }
+
+    fn idempotent(&self) -> bool {
+        use reqwest::Method;
+        [
+            Method::GET,
+            Method::HEAD,
+            Method::PUT,
+            Method::DELETE,
+            Method::OPTIONS,
+        ]
+        .contains(&self.method)
+    }
+
+    /// Every problem of `request`, or the concrete path, query and headers.
+    fn check(&self, request: &CallRequest) -> Result<Prepared, Vec<Problem>> {
+        let mut problems = Vec::new();
+        let mut prepared = Prepared {
+            path: self.path.clone(),
+            query: Vec::new(),
+            headers: Vec::new(),
+        };
+        for p in &self.parameters {
+            let given = match p.location.as_str() {
+                "path" => request.path.get(&p.name),
+                "query" => request.query.get(&p.name),
+                "header" => request.headers.get(&p.name),
+                _ => None,
+            };
+            let at = format!("{}.{}", p.location, p.name);
+            let Some(value) = given else {
+                if p.required {
+                    problems.push(Problem {
+                        at,
+                        reason: "required".into(),
+                    });
+                }
+                continue;
+            };
+            if let Some(schema) = &p.schema
+                && let Err(reason) = check_parameter(schema, value)
+            {
+                problems.push(Problem { at, reason });
+                continue;
+            }
+            let text = match value {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            match p.location.as_str() {
+                "path" => {
+                    prepared.path = prepared
+                        .path
+                        .replace(&format!("{{{}}}", p.name), &percent_encode(&text));
+                }
+                "query" => prepared.query.push((p.name.clone(), text)),
+                _ => prepared.headers.push((p.name.clone(), text)),
+            }
+        }
+        match (&request.body, &self.body_schema) {
+            (None, _) if self.body_required => problems.push(Problem {
+                at: "body".into(),
+                reason: "required".into(),
+            }),
+            (Some(body), Some(schema)) => {
+                if let Err(e) = schema.validate_json(body) {
+                    problems.push(Problem {
+                        at: format!("body{}", e.instance_path),
+                        reason: e.reason,
+                    });
+                }
+            }
+            _ => {}
+        }
+        if problems.is_empty() {
+            Ok(prepared)
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// The documented schema of a response with `status`: exact, then `NXX`, then `default`.
+    fn response_schema(&self, status: u16) -> Option<&Arc<PayloadSchema>> {
+        let exact = status.to_string();
+        let class = format!("{}XX", status / 100);
+        [exact.as_str(), class.as_str(), "default"]
+            .iter()
+            .find_map(|pattern| {
+                self.responses
+                    .iter()
+                    .find(|(s, _)| s.eq_ignore_ascii_case(pattern))
+            })
+            .and_then(|(_, schema)| schema.as_ref())
+    }
+}
+
+/// Path, query and header values of a checked request.
+struct Prepared {
+    path: String,
+    query: Vec<(String, String)>,
+    headers: Vec<(String, String)>,
+}
+
+/// Path, query and header values arrive as text: `"42"` fits an integer schema.
+fn check_parameter(schema: &PayloadSchema, value: &Value) -> Result<(), String> {
+    match schema.validate_json(value) {
+        Ok(()) => Ok(()),
+        Err(e) => match value {
+            Value::String(s) => match serde_json::from_str::<Value>(s) {
+                Ok(parsed) if schema.validate_json(&parsed).is_ok() => Ok(()),
+                _ => Err(e.reason),
+            },
+            _ => Err(e.reason),
+        },
+    }
+}
+
+impl Operations {
+    /// The operations of `apis` (OpenAPI documents); `overrides` gives each API's server URL,
+    /// secrets and timeout.
+    pub fn build(
+        apis: &[Api],
+        store: Store,
+        overrides: impl Fn(&str, &str) -> ServerOverride,
+    ) -> Result<Operations, reqwest::Error> {
+        let mut by_id = HashMap::new();
+        for api in apis {
+            let server_id = api
+                .servers
+                .first()
+                .map(|s| s.id.as_str())
+                .unwrap_or("default");
+            let o = overrides(&api.id, server_id);
+            for op in &api.operations {
+                let Some(http) = &op.http else { continue };
+                match Operation::build(api, op, http, &o) {
+                    Some(operation) => {
+                        by_id.insert(operation.id.clone(), Arc::new(operation));
+                    }
+                    None => {
+                        tracing::warn!(api = %api.id, operation = %op.id, "no server URL for this operation (set servers.{server_id}.url); it cannot be called")
+                    }
+                }
+            }
+        }
+        Ok(Operations {
+            by_id,
+            client: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .build()?,
+            store,
+        })
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Arc<Operation>> {
+        self.by_id.get(id)
+    }
+
+    pub fn list(&self) -> impl Iterator<Item = &Arc<Operation>> {
+        self.by_id.values()
+    }
+
+    /// Checks and sends `request`, records the call, and returns the upstream's response.
+    pub async fn call(&self, id: &str, request: CallRequest) -> Result<CallResponse, CallError> {
+        let op = self
+            .by_id
+            .get(id)
+            .cloned()
+            .ok_or_else(|| CallError::NotFound(id.to_owned()))?;
+        let started = Instant::now();
+        metrics::gauge!(telemetry::CALLS_PENDING).increment(1.0);
+        let result = match op.check(&request) {
+            Ok(prepared) => self.send(&op, prepared, &request).await,
+            Err(problems) => Err(CallError::Invalid(problems)),
+        };
+        metrics::gauge!(telemetry::CALLS_PENDING).decrement(1.0);
+        let latency = started.elapsed();
+        let outcome = match &result {
+            Ok(r) => format!("{}xx", r.status / 100),
+            Err(e) => e.label().to_owned(),
+        };
+        metrics::counter!(telemetry::CALLS, "operation" => op.id.to_string(), "outcome" => outcome)
+            .increment(1);
+        metrics::histogram!(telemetry::CALL_DURATION, "operation" => op.id.to_string())
+            .record(latency.as_secs_f64());
+        self.record(&op, &request, &result, latency).await;
+        result
+    }
+
+    async fn send(
+        &self,
+        op: &Operation,
+        prepared: Prepared,
+        request: &CallRequest,
+    ) -> Result<CallResponse, CallError> {
+        let started = Instant::now();
+        let deadline = started + op.timeout;
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        loop {
+            let mut query = prepared.query.clone();
+            let mut builder = self.client.request(op.method.clone(), "http://placeholder");
+            for (name, value) in &prepared.headers {
+                builder = builder.header(name.as_str(), value.as_str());
+            }
+            builder = op
+                .credentials
+                .apply(&self.client, builder, &mut query)
+                .await?;
+            let mut url = format!("{}{}", op.base_url, prepared.path);
+            if !query.is_empty() {
+                let q: Vec<String> = query
+                    .iter()
+                    .map(|(k, v)| format!("{}={}", percent_encode(k), percent_encode(v)))
+                    .collect();
+                url.push('?');
+                url.push_str(&q.join("&"));
+            }
+            let url = reqwest::Url::parse(&url)
+                .map_err(|e| CallError::Unavailable(format!("bad URL {url}: {e}")))?;
+            let mut built = builder
+                .build()
+                .map_err(|e| CallError::Unavailable(e.to_string()))?;
+            *built.url_mut() = url;
+            if let Some(body) = &request.body {
+                built.headers_mut().insert(
+                    "content-type",
+                    reqwest::header::HeaderValue::from_static("application/json"),
+                );
+                *built.body_mut() = Some(body.to_string().into());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(CallError::Timeout(op.timeout));
+            }
+            let attempt = tokio::time::timeout(left, async {
+                let response = self.client.execute(built).await?;
+                let status = response.status().as_u16();
+                let content_type = response
+                    .headers()
+                    .get("content-type")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                let body = response.bytes().await?;
+                Ok::<_, reqwest::Error>((status, content_type, body))
+            })
+            .await;
+            let retryable = match &attempt {
+                Err(_) => return Err(CallError::Timeout(op.timeout)),
+                Ok(Err(_)) => true,
+                Ok(Ok((status, _, _))) => matches!(status, 502..=504),
+            };
+            let delay = backoff.next_delay();
+            let may_retry = retryable
+                && op.idempotent()
+                && Instant::now() + delay < deadline
+                && backoff.attempts() <= 3;
+            match attempt {
+                Ok(Ok((status, content_type, body))) if !may_retry => {
+                    if status == 401 {
+                        op.credentials.forget_tokens().await;
+                    }
+                    self.check_response(op, status, content_type.as_deref(), &body);
+                    return Ok(CallResponse {
+                        status,
+                        content_type,
+                        body,
+                        latency: started.elapsed(),
+                    });
+                }
+                Ok(Err(e)) if !may_retry => {
+                    return Err(CallError::Unavailable(describe_http_error(&e)));
+                }
+                _ => {
+                    tracing::debug!(operation = %op.id, ?delay, "retrying an idempotent call");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// A response that does not match its documented schema is reported, and passed on as is.
+    fn check_response(&self, op: &Operation, status: u16, content_type: Option<&str>, body: &[u8]) {
+        let Some(schema) = op.response_schema(status) else {
+            return;
+        };
+        let is_json = content_type.is_none_or(|c| c.contains("json"));
+        if !is_json || body.is_empty() {
+            return;
+        }
+        if let Err(e) = schema.validate(body, Encoding::Json) {
+            tracing::warn!(operation = %op.id, status, path = %e.instance_path, reason = %e.reason, "upstream response does not match the documented schema");
+            metrics::counter!(telemetry::CALL_RESPONSE_MISMATCHES, "operation" => op.id.to_string()).increment(1);
+        }
+    }
+
+    /// Appends the call to the operation's call log (request, status, latency, error).
+    async fn record(
+        &self,
+        op: &Operation,
+        request: &CallRequest,
+        result: &Result<CallResponse, CallError>,
+        latency: Duration,
+    ) {
+        let entry = json!({
+            "operation": op.id.as_ref(),
+            "method": op.method.as_str(),
+            "request": request,
+            "status": result.as_ref().ok().map(|r| r.status),
+            "latencyMs": latency.as_secs_f64() * 1000.0,
+            "error": result.as_ref().err().map(|e| match e {
+                CallError::Invalid(problems) => json!({"code": e.label(), "problems": problems}),
+                other => json!({"code": other.label(), "message": other.to_string()}),
+            }),
+        });
+        let envelope = Envelope::new(
+            op.id.clone(),
+            op.path.clone(),
+            Params::default(),
+            Bytes::from(entry.to_string()),
+            Origin::client(Transport::Http, 0),
+        );
+        if let Err(e) = self
+            .store
+            .append(op.log.clone(), envelope, None, None)
+            .await
+        {
+            tracing::warn!(operation = %op.id, error = %e, "cannot record the call");
+        }
+    }
+
+    /// The operation's call log from `from`, at most `limit` entries.
+    pub async fn calls(
+        &self,
+        op: &Operation,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<Value>, crate::store::Error> {
+        let entries = self.store.read(&op.log, from, limit).await?;
+        Ok(entries
+            .iter()
+            .map(|d| {
+                let mut entry: Value =
+                    serde_json::from_slice(&d.envelope.payload).unwrap_or(Value::Null);
+                if let Value::Object(map) = &mut entry {
+                    map.insert("offset".into(), d.offset.into());
+                }
+                entry
+            })
+            .collect())
+    }
+}

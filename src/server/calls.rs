@@ -1,0 +1,205 @@
+//! Request-reply over HTTP and WebSocket: `POST /api/v1/operations/{id}/call` answers with the
+//! upstream's response; on `/ws/operations` a frame `{"op", "correlationId", "request"}` gets
+//! `{"type": "reply", "correlationId", "status", "contentType", "body"}` (or `"type": "error"`)
+//! on the same socket, calls running concurrently. `GET /api/v1/operations/{id}/calls` reads the
+//! call log.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use futures::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use super::AppState;
+use super::api::{ReplayQuery, read_body};
+use super::error::{ApiError, ErrorCode};
+use crate::calls::{CallError, CallRequest, CallResponse};
+
+impl From<CallError> for ApiError {
+    fn from(e: CallError) -> Self {
+        let message = e.to_string();
+        match e {
+            CallError::NotFound(_) => ApiError::not_found(message),
+            CallError::Invalid(problems) => {
+                ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidRequest, message)
+                    .with_details(json!({ "problems": problems }))
+            }
+            CallError::Timeout(_) => ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                ErrorCode::UpstreamTimeout,
+                message,
+            ),
+            CallError::Unavailable(_) => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                ErrorCode::UpstreamUnavailable,
+                message,
+            ),
+        }
+    }
+}
+
+pub async fn list(State(state): State<AppState>) -> Json<Value> {
+    let mut operations: Vec<Value> = state
+        .operations
+        .list()
+        .map(|op| {
+            json!({
+                "id": op.id.as_ref(),
+                "method": op.method.as_str(),
+                "path": op.path,
+                "url": op.base_url,
+            })
+        })
+        .collect();
+    operations.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+    Json(json!({ "operations": operations }))
+}
+
+pub async fn call(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let bytes = read_body(body, state.hub.config().max_payload_bytes).await?;
+    let request: CallRequest = if bytes.is_empty() {
+        CallRequest::default()
+    } else {
+        serde_json::from_slice(&bytes).map_err(|e| {
+            ApiError::bad_request(format!(
+                "the call request must be {{path, query, headers, body}}: {e}"
+            ))
+        })?
+    };
+    let response = state.operations.call(&id, request).await?;
+    Ok(upstream_response(response))
+}
+
+/// The upstream's status, content type and body, as they came.
+fn upstream_response(r: CallResponse) -> Response {
+    let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut response = (status, r.body).into_response();
+    let headers = response.headers_mut();
+    if let Some(ct) = r.content_type.and_then(|c| c.parse().ok()) {
+        headers.insert("content-type", ct);
+    }
+    if let Ok(v) = format!("{:.3}", r.latency.as_secs_f64() * 1000.0).parse() {
+        headers.insert("x-stepflow-upstream-ms", v);
+    }
+    response
+}
+
+pub async fn log(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    query: Result<Query<ReplayQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let op = state
+        .operations
+        .get(&id)
+        .cloned()
+        .ok_or_else(|| ApiError::not_found(format!("no operation '{id}'")))?;
+    let (from, limit) = query.window();
+    let calls = state.operations.calls(&op, from, limit).await?;
+    let next = calls
+        .last()
+        .and_then(|c| c["offset"].as_u64())
+        .map_or(from, |o| o + 1);
+    Ok(Json(
+        json!({ "operation": id, "calls": calls, "next": next }),
+    ))
+}
+
+/// One call frame from a WebSocket client.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CallFrame {
+    op: String,
+    #[serde(rename = "correlationId")]
+    correlation_id: Value,
+    #[serde(default)]
+    request: CallRequest,
+}
+
+/// Replies a socket may have waiting at most; a client that sends more calls waits.
+const PENDING_REPLIES: usize = 256;
+
+pub async fn websocket(State(state): State<AppState>, upgrade: WebSocketUpgrade) -> Response {
+    upgrade
+        .max_message_size(state.hub.config().max_payload_bytes + 4096)
+        .on_upgrade(move |socket| session(socket, state))
+}
+
+async fn session(socket: WebSocket, state: AppState) {
+    let (mut sink, mut source) = socket.split();
+    let (replies, mut outgoing) = mpsc::channel::<String>(PENDING_REPLIES);
+    let writer = tokio::spawn(async move {
+        while let Some(text) = outgoing.recv().await {
+            if sink.send(Message::text(text)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let calls = Arc::new(tokio::sync::Semaphore::new(PENDING_REPLIES));
+    loop {
+        let text = tokio::select! {
+            _ = state.shutdown.cancelled() => break,
+            frame = source.next() => match frame {
+                Some(Ok(Message::Text(t))) => t,
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => continue,
+            },
+        };
+        let frame: CallFrame = match serde_json::from_str(text.as_str()) {
+            Ok(f) => f,
+            Err(e) => {
+                let error = ApiError::bad_request(format!(
+                    "a call frame is {{\"op\", \"correlationId\", \"request\"}}: {e}"
+                ));
+                let mut body = error.body();
+                body["type"] = "error".into();
+                let _ = replies.send(body.to_string()).await;
+                continue;
+            }
+        };
+        let Ok(permit) = calls.clone().acquire_owned().await else {
+            break;
+        };
+        let state = state.clone();
+        let replies = replies.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let reply = match state.operations.call(&frame.op, frame.request).await {
+                Ok(r) => {
+                    let body = match serde_json::from_slice::<Value>(&r.body) {
+                        Ok(json) => json,
+                        Err(_) => Value::String(String::from_utf8_lossy(&r.body).into_owned()),
+                    };
+                    json!({
+                        "type": "reply",
+                        "correlationId": frame.correlation_id,
+                        "status": r.status,
+                        "contentType": r.content_type,
+                        "body": body,
+                    })
+                }
+                Err(e) => {
+                    let mut body = ApiError::from(e).body();
+                    body["type"] = "error".into();
+                    body["correlationId"] = frame.correlation_id;
+                    body
+                }
+            };
+            let _ = replies.send(reply.to_string()).await;
+        });
+    }
+    drop(replies);
+    let _ = writer.await;
+}

@@ -1,0 +1,362 @@
+//! OpenAPI operations as request-reply channels, against a device registry the test runs on
+//! loopback (axum), described by the shipped `asyncapi-specs/device-registry.openapi.yaml`,
+//! with the daemon as a process.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use common::*;
+use futures::SinkExt;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// A request the registry saw: method and path, and its credential header.
+type Seen = (String, Option<String>);
+
+/// What the registry saw.
+#[derive(Clone, Default)]
+struct Registry {
+    token_requests: Arc<Mutex<Vec<Option<String>>>>,
+    requests: Arc<Mutex<Vec<Seen>>>,
+    flaky_failures: Arc<Mutex<u32>>,
+}
+
+fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+async fn token(State(r): State<Registry>, headers: HeaderMap, body: String) -> Response {
+    let auth = header(&headers, "authorization");
+    r.token_requests.lock().unwrap().push(auth.clone());
+    // gateway:s3cret, as HTTP basic.
+    if auth.as_deref() != Some("Basic Z2F0ZXdheTpzM2NyZXQ=")
+        || !body.contains("grant_type=client_credentials")
+    {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "invalid_client"})),
+        )
+            .into_response();
+    }
+    Json(json!({"access_token": "tok-1", "token_type": "Bearer", "expires_in": 3600}))
+        .into_response()
+}
+
+async fn get_device(
+    State(r): State<Registry>,
+    Path(id): Path<String>,
+    Query(query): Query<std::collections::HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    let auth = header(&headers, "authorization");
+    r.requests
+        .lock()
+        .unwrap()
+        .push((format!("GET /devices/{id}"), auth.clone()));
+    if auth.as_deref() != Some("Bearer tok-1") {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    match id.as_str() {
+        "boom" => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({"error": "kaput"})),
+        )
+            .into_response(),
+        "slow" => {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            Json(json!({"id": id, "name": "late"})).into_response()
+        }
+        "flaky" => {
+            let mut failures = r.flaky_failures.lock().unwrap();
+            if *failures < 1 {
+                *failures += 1;
+                return StatusCode::SERVICE_UNAVAILABLE.into_response();
+            }
+            Json(json!({"id": id, "name": "eventually"})).into_response()
+        }
+        // Not what the document promises: `name` is missing.
+        "odd" => Json(json!({"id": id})).into_response(),
+        _ => Json(json!({
+            "id": id,
+            "name": format!("device {id}"),
+            "firmware": if query.get("verbose").map(String::as_str) == Some("true") { "1.2.3" } else { "" },
+        }))
+        .into_response(),
+    }
+}
+
+async fn register(
+    State(r): State<Registry>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let key = header(&headers, "x-api-key");
+    r.requests
+        .lock()
+        .unwrap()
+        .push(("POST /devices".into(), key.clone()));
+    if key.as_deref() != Some("k-42") {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    (StatusCode::CREATED, Json(body)).into_response()
+}
+
+async fn start_registry() -> (u16, Registry) {
+    let registry = Registry::default();
+    let app = axum::Router::new()
+        .route("/oauth/token", axum::routing::post(token))
+        .route("/devices/{id}", axum::routing::get(get_device))
+        .route("/devices", axum::routing::post(register))
+        .with_state(registry.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (port, registry)
+}
+
+async fn call(daemon: &Daemon, op: &str, request: Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(daemon.url(&format!("/api/v1/operations/{op}/call")))
+        .header("content-type", "application/json")
+        .body(request.to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_are_called_over_http_and_websocket_with_their_credentials() {
+    let (port, registry) = start_registry().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("stepflow.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "servers:\n  device-registry:\n    url: http://127.0.0.1:{port}\n    token: ${{STEPFLOW_TEST_REGISTRY_KEY}}\n    client_id: gateway\n    client_secret: ${{STEPFLOW_TEST_REGISTRY_SECRET}}\n    timeout_ms: 800\n"
+        ),
+    )
+    .unwrap();
+    let spec = format!(
+        "{}/asyncapi-specs/device-registry.openapi.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let daemon = Daemon::start_with_env(
+        &["--specs", &spec, "--config", config.to_str().unwrap()],
+        &[
+            ("STEPFLOW_TEST_REGISTRY_KEY", "k-42"),
+            ("STEPFLOW_TEST_REGISTRY_SECRET", "s3cret"),
+        ],
+    )
+    .await
+    .unwrap();
+
+    // The sync call: the upstream's real answer, with an OAuth2 token fetched once and cached.
+    let r = call(
+        &daemon,
+        "device-registry.getDevice",
+        json!({"path": {"deviceId": "42"}, "query": {"verbose": "true"}}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"id": "42", "name": "device 42", "firmware": "1.2.3"})
+    );
+    let r = call(
+        &daemon,
+        "device-registry.getDevice",
+        json!({"path": {"deviceId": "43"}}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        registry.token_requests.lock().unwrap().len(),
+        1,
+        "the token is cached"
+    );
+
+    // Upstream errors pass through with their status and body.
+    let r = call(
+        &daemon,
+        "device-registry.getDevice",
+        json!({"path": {"deviceId": "boom"}}),
+    )
+    .await;
+    assert_eq!(r.status(), 500);
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"error": "kaput"}));
+
+    // A slow upstream: 504 after the configured timeout.
+    let started = Instant::now();
+    let r = call(
+        &daemon,
+        "device-registry.getDevice",
+        json!({"path": {"deviceId": "slow"}}),
+    )
+    .await;
+    let waited = started.elapsed();
+    assert_eq!(r.status(), 504);
+    assert!(
+        waited >= Duration::from_millis(700) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+
+    // An idempotent call is retried after a 503; the caller sees the success.
+    let r = call(
+        &daemon,
+        "device-registry.getDevice",
+        json!({"path": {"deviceId": "flaky"}}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let flaky = registry
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(what, _)| what == "GET /devices/flaky")
+        .count();
+    assert_eq!(flaky, 2);
+
+    // Bad requests get 400 and the upstream sees nothing.
+    let before = registry.requests.lock().unwrap().len();
+    for (op, request, at) in [
+        (
+            "device-registry.registerDevice",
+            json!({"body": {"id": "Bad Id", "name": "x"}}),
+            "body/id",
+        ),
+        (
+            "device-registry.registerDevice",
+            json!({"body": {"id": "d1", "name": "x", "color": "red"}}),
+            "body",
+        ),
+        ("device-registry.registerDevice", json!({}), "body"),
+        (
+            "device-registry.getDevice",
+            json!({"path": {"deviceId": "UPPER"}}),
+            "path.deviceId",
+        ),
+        ("device-registry.getDevice", json!({}), "path.deviceId"),
+        (
+            "device-registry.getDevice",
+            json!({"path": {"deviceId": "1"}, "query": {"verbose": "maybe"}}),
+            "query.verbose",
+        ),
+    ] {
+        let r = call(&daemon, op, request.clone()).await;
+        assert_eq!(r.status(), 400, "{request}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["details"]["problems"][0]["at"], at, "{body}");
+    }
+    assert_eq!(registry.requests.lock().unwrap().len(), before);
+
+    // The API key goes where the scheme says.
+    let device = json!({"id": "d-7", "name": "Boiler"});
+    let r = call(
+        &daemon,
+        "device-registry.registerDevice",
+        json!({"body": device}),
+    )
+    .await;
+    assert_eq!(r.status(), 201);
+    assert_eq!(r.json::<Value>().await.unwrap(), device);
+    assert!(
+        registry
+            .requests
+            .lock()
+            .unwrap()
+            .contains(&("POST /devices".into(), Some("k-42".into())))
+    );
+
+    // A response that breaks its schema is passed on, and counted.
+    let r = call(
+        &daemon,
+        "device-registry.getDevice",
+        json!({"path": {"deviceId": "odd"}}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        daemon
+            .metric(
+                "stepflow_call_response_mismatches_total",
+                &[("operation", "device-registry.getDevice")]
+            )
+            .await
+            .unwrap(),
+        1.0
+    );
+
+    // The WebSocket-correlated call: replies come back on the socket, by correlation id.
+    let mut ws = ws_connect(&daemon.ws_url("/ws/operations")).await.unwrap();
+    for (id, device) in [("c-1", "7"), ("c-2", "boom")] {
+        ws.send(WsMessage::text(
+            json!({"op": "device-registry.getDevice", "correlationId": id, "request": {"path": {"deviceId": device}}}).to_string(),
+        ))
+        .await
+        .unwrap();
+    }
+    ws.send(WsMessage::text(
+        json!({"op": "device-registry.getDevice", "correlationId": "c-3", "request": {}})
+            .to_string(),
+    ))
+    .await
+    .unwrap();
+    let mut replies = std::collections::BTreeMap::new();
+    while replies.len() < 3 {
+        let frame = ws_next_json(&mut ws, WAIT).await.unwrap();
+        replies.insert(frame["correlationId"].as_str().unwrap().to_owned(), frame);
+    }
+    assert_eq!(replies["c-1"]["type"], "reply");
+    assert_eq!(replies["c-1"]["status"], 200);
+    assert_eq!(replies["c-1"]["body"]["name"], "device 7");
+    assert_eq!(replies["c-2"]["status"], 500);
+    assert_eq!(replies["c-3"]["type"], "error");
+    assert_eq!(replies["c-3"]["error"]["code"], "invalid_request");
+
+    // The call log, and the metrics.
+    let log = daemon
+        .get_json("/api/v1/operations/device-registry.getDevice/calls?limit=100")
+        .await
+        .unwrap();
+    let calls = log["calls"].as_array().unwrap();
+    let statuses: Vec<&Value> = calls.iter().map(|c| &c["status"]).collect();
+    assert!(
+        statuses.contains(&&json!(500)) && statuses.contains(&&json!(200)),
+        "{log}"
+    );
+    let timeout = calls
+        .iter()
+        .find(|c| c["error"]["code"] == "timeout")
+        .expect("the timeout is logged");
+    assert!(timeout["latencyMs"].as_f64().unwrap() >= 700.0);
+    assert_eq!(
+        daemon.metric("stepflow_calls_pending", &[]).await.unwrap(),
+        0.0
+    );
+    assert!(
+        daemon
+            .metric(
+                "stepflow_calls_total",
+                &[
+                    ("operation", "device-registry.getDevice"),
+                    ("outcome", "timeout")
+                ]
+            )
+            .await
+            .unwrap()
+            >= 1.0
+    );
+    assert!(!daemon.log().contains("s3cret") && !daemon.log().contains("k-42"));
+}
