@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::calls::Operations;
+use crate::calls::replies::BrokerCalls;
 use crate::config::Config;
 use crate::connectors::ServerKey;
 use crate::connectors::amqp::{AmqpConnector, AmqpServerConfig};
@@ -124,7 +125,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         server: "HTTP client".into(),
         reason: e.to_string(),
     })?;
-    let operations = Arc::new(operations);
+    let brokers = BrokerCalls::build(hub.clone(), |route| {
+        route
+            .upstreams
+            .first()
+            .and_then(|u| config.server_override(&route.api, &u.server).timeout)
+            .unwrap_or(crate::calls::DEFAULT_TIMEOUT)
+    });
+    let operations = Arc::new(operations.with_brokers(brokers, shutdown.clone()));
 
     let connectors = TaskTracker::new();
     let connector_shutdown = CancellationToken::new();

@@ -8,6 +8,7 @@
 //! call is kept in the operation's call log.
 
 pub mod auth;
+pub mod replies;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,6 +28,7 @@ use crate::spec::{Api, HttpOperation, SchemaDef};
 use crate::store::{LogId, Store};
 use crate::telemetry;
 use auth::Credentials;
+use replies::{BrokerCalls, BrokerOperation};
 
 /// Why a call did not produce an upstream response.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -102,11 +104,19 @@ pub struct Operation {
     log: LogId,
 }
 
-/// Every OpenAPI operation of the loaded documents.
+/// Every request-reply operation: OpenAPI operations (over HTTP) and AsyncAPI `send`
+/// operations with a reply (over the brokers).
 pub struct Operations {
     by_id: HashMap<ChannelId, Arc<Operation>>,
+    brokers: Option<BrokerCalls>,
     client: reqwest::Client,
     store: Store,
+}
+
+/// What a call id names.
+enum Target {
+    Http(Arc<Operation>),
+    Broker(Arc<BrokerOperation>),
 }
 
 /// Time a call may take in all (its retries included) unless the server's config says.
@@ -319,6 +329,7 @@ impl Operations {
         }
         Ok(Operations {
             by_id,
+            brokers: None,
             client: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(5))
                 .build()?,
@@ -334,18 +345,81 @@ impl Operations {
         self.by_id.values()
     }
 
-    /// Checks and sends `request`, records the call, and returns the upstream's response.
+    /// Adds the broker request-reply operations (and starts their reply readers).
+    pub fn with_brokers(
+        mut self,
+        brokers: BrokerCalls,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Self {
+        brokers.start(shutdown);
+        self.brokers = Some(brokers);
+        self
+    }
+
+    /// The broker operations.
+    pub fn broker_operations(&self) -> impl Iterator<Item = &Arc<BrokerOperation>> {
+        self.brokers.iter().flat_map(|b| b.list())
+    }
+
+    fn target(&self, id: &str) -> Option<Target> {
+        if let Some(op) = self.by_id.get(id) {
+            return Some(Target::Http(op.clone()));
+        }
+        self.brokers
+            .as_ref()
+            .and_then(|b| b.get(id))
+            .map(|op| Target::Broker(op.clone()))
+    }
+
+    /// The call log of operation `id`, if there is such an operation.
+    pub fn log_of(&self, id: &str) -> Option<LogId> {
+        self.target(id).map(|t| match t {
+            Target::Http(op) => op.log.clone(),
+            Target::Broker(op) => LogId::calls(op.id.clone()),
+        })
+    }
+
+    /// Checks and sends `request`, records the call, and returns the reply.
     pub async fn call(&self, id: &str, request: CallRequest) -> Result<CallResponse, CallError> {
-        let op = self
-            .by_id
-            .get(id)
-            .cloned()
+        let target = self
+            .target(id)
             .ok_or_else(|| CallError::NotFound(id.to_owned()))?;
         let started = Instant::now();
         metrics::gauge!(telemetry::CALLS_PENDING).increment(1.0);
-        let result = match op.check(&request) {
-            Ok(prepared) => self.send(&op, prepared, &request).await,
-            Err(problems) => Err(CallError::Invalid(problems)),
+        let (result, method, address, log) = match &target {
+            Target::Http(op) => {
+                let result = match op.check(&request) {
+                    Ok(prepared) => self.send(op, prepared, &request).await,
+                    Err(problems) => Err(CallError::Invalid(problems)),
+                };
+                (
+                    result,
+                    op.method.as_str().to_owned(),
+                    op.path.clone(),
+                    op.log.clone(),
+                )
+            }
+            Target::Broker(op) => {
+                let brokers = self
+                    .brokers
+                    .as_ref()
+                    .expect("a broker target has its brokers");
+                let result = brokers
+                    .call(op, request.clone())
+                    .await
+                    .map(|frame| CallResponse {
+                        status: 200,
+                        content_type: Some("application/json".into()),
+                        body: frame,
+                        latency: started.elapsed(),
+                    });
+                (
+                    result,
+                    "publish".to_owned(),
+                    op.request.to_string(),
+                    LogId::calls(op.id.clone()),
+                )
+            }
         };
         metrics::gauge!(telemetry::CALLS_PENDING).decrement(1.0);
         let latency = started.elapsed();
@@ -353,11 +427,22 @@ impl Operations {
             Ok(r) => format!("{}xx", r.status / 100),
             Err(e) => e.label().to_owned(),
         };
-        metrics::counter!(telemetry::CALLS, "operation" => op.id.to_string(), "outcome" => outcome)
+        metrics::counter!(telemetry::CALLS, "operation" => id.to_owned(), "outcome" => outcome)
             .increment(1);
-        metrics::histogram!(telemetry::CALL_DURATION, "operation" => op.id.to_string())
+        metrics::histogram!(telemetry::CALL_DURATION, "operation" => id.to_owned())
             .record(latency.as_secs_f64());
-        self.record(&op, &request, &result, latency).await;
+        let entry = json!({
+            "operation": id,
+            "method": method,
+            "request": request,
+            "status": result.as_ref().ok().map(|r| r.status),
+            "latencyMs": latency.as_secs_f64() * 1000.0,
+            "error": result.as_ref().err().map(|e| match e {
+                CallError::Invalid(problems) => json!({"code": e.label(), "problems": problems}),
+                other => json!({"code": other.label(), "message": other.to_string()}),
+            }),
+        });
+        self.record(id, log, address, entry).await;
         result
     }
 
@@ -468,48 +553,27 @@ impl Operations {
     }
 
     /// Appends the call to the operation's call log (request, status, latency, error).
-    async fn record(
-        &self,
-        op: &Operation,
-        request: &CallRequest,
-        result: &Result<CallResponse, CallError>,
-        latency: Duration,
-    ) {
-        let entry = json!({
-            "operation": op.id.as_ref(),
-            "method": op.method.as_str(),
-            "request": request,
-            "status": result.as_ref().ok().map(|r| r.status),
-            "latencyMs": latency.as_secs_f64() * 1000.0,
-            "error": result.as_ref().err().map(|e| match e {
-                CallError::Invalid(problems) => json!({"code": e.label(), "problems": problems}),
-                other => json!({"code": other.label(), "message": other.to_string()}),
-            }),
-        });
+    async fn record(&self, id: &str, log: LogId, address: String, entry: Value) {
         let envelope = Envelope::new(
-            op.id.clone(),
-            op.path.clone(),
+            id.into(),
+            address,
             Params::default(),
             Bytes::from(entry.to_string()),
             Origin::client(Transport::Http, 0),
         );
-        if let Err(e) = self
-            .store
-            .append(op.log.clone(), envelope, None, None)
-            .await
-        {
-            tracing::warn!(operation = %op.id, error = %e, "cannot record the call");
+        if let Err(e) = self.store.append(log, envelope, None, None).await {
+            tracing::warn!(operation = %id, error = %e, "cannot record the call");
         }
     }
 
     /// The operation's call log from `from`, at most `limit` entries.
     pub async fn calls(
         &self,
-        op: &Operation,
+        log: &LogId,
         from: u64,
         limit: usize,
     ) -> Result<Vec<Value>, crate::store::Error> {
-        let entries = self.store.read(&op.log, from, limit).await?;
+        let entries = self.store.read(log, from, limit).await?;
         Ok(entries
             .iter()
             .map(|d| {

@@ -621,6 +621,18 @@ impl Publisher for AmqpPublisher {
             if let Some(expiration) = amqp.publish.expiration {
                 properties = properties.with_expiration(expiration.to_string().into());
             }
+            // Request-reply: these headers are AMQP properties (they also stay in the table).
+            for (name, value) in &message.headers {
+                match name.as_str() {
+                    "correlation_id" | "correlationId" => {
+                        properties = properties.with_correlation_id(value.as_str().into());
+                    }
+                    "reply_to" | "replyTo" => {
+                        properties = properties.with_reply_to(value.as_str().into());
+                    }
+                    _ => {}
+                }
+            }
             let confirm = channel
                 .basic_publish(
                     exchange.as_str().into(),

@@ -57,6 +57,14 @@ pub async fn list(State(state): State<AppState>) -> Json<Value> {
                 "url": op.base_url,
             })
         })
+        .chain(state.operations.broker_operations().map(|op| {
+            json!({
+                "id": op.id.as_ref(),
+                "request": op.request.as_ref(),
+                "reply": op.reply.id().as_ref(),
+                "timeoutMs": op.timeout.as_millis() as u64,
+            })
+        }))
         .collect();
     operations.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
     Json(json!({ "operations": operations }))
@@ -101,13 +109,12 @@ pub async fn log(
     query: Result<Query<ReplayQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let op = state
+    let log = state
         .operations
-        .get(&id)
-        .cloned()
+        .log_of(&id)
         .ok_or_else(|| ApiError::not_found(format!("no operation '{id}'")))?;
     let (from, limit) = query.window();
-    let calls = state.operations.calls(&op, from, limit).await?;
+    let calls = state.operations.calls(&log, from, limit).await?;
     let next = calls
         .last()
         .and_then(|c| c["offset"].as_u64())

@@ -51,6 +51,9 @@ pub const CALL_DURATION: &str = "stepflow_call_duration_seconds";
 pub const CALLS_PENDING: &str = "stepflow_calls_pending";
 /// Upstream responses that did not match their documented schema, by operation.
 pub const CALL_RESPONSE_MISMATCHES: &str = "stepflow_call_response_mismatches_total";
+/// Replies on a reply channel that no call waits for (unknown or expired correlation id), by
+/// channel.
+pub const CALL_REPLIES_UNMATCHED: &str = "stepflow_call_replies_unmatched_total";
 /// HTTP requests, by matched route template and status class.
 pub const HTTP_REQUESTS: &str = "stepflow_http_requests_total";
 

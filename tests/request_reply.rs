@@ -1,0 +1,501 @@
+//! AsyncAPI 3 request-reply over the brokers: the daemon (a process) publishes a request with a
+//! correlation id and returns the correlated reply to the HTTP caller; a responder client of the
+//! test answers over Mosquitto, Kafka (librdkafka's mock broker) and RabbitMQ.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures::StreamExt;
+use lapin::BasicProperties;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A document with a `requestStatus` send operation whose reply comes on `statusReply`, the
+/// correlation id where `location` says, the reply address where `reply_to` says (if given).
+fn spec(
+    dir: &std::path::Path,
+    api: &str,
+    server: &str,
+    request: (&str, &str),
+    reply: (&str, &str),
+    location: &str,
+    reply_to: Option<&str>,
+) -> std::path::PathBuf {
+    let path = dir.join(format!("{api}.yaml"));
+    let reply_address = reply_to
+        .map(|l| format!("\n      address: {{location: '{l}'}}"))
+        .unwrap_or_default();
+    std::fs::write(
+        &path,
+        format!(
+            r#"asyncapi: 3.0.0
+x-stepflow-id: {api}
+info: {{title: request-reply test, version: 1.0.0}}
+servers:
+  broker: {server}
+channels:
+  statusRequest:
+    address: '{request_address}'
+{request_extra}
+    messages:
+      request:
+        correlationId: {{location: '{location}'}}
+        payload: {{type: object, properties: {{correlationId: {{type: string}}, verbose: {{type: boolean}}}}}}
+  statusReply:
+    address: '{reply_address_literal}'
+{reply_extra}
+    messages:
+      reply:
+        correlationId: {{location: '{location}'}}
+        payload: {{type: object, required: [online], properties: {{online: {{type: boolean}}}}}}
+operations:
+  requestStatus:
+    action: send
+    channel: {{$ref: '#/channels/statusRequest'}}
+    reply:
+      channel: {{$ref: '#/channels/statusReply'}}{reply_address}
+"#,
+            request_address = request.0,
+            request_extra = request.1,
+            reply_address_literal = reply.0,
+            reply_extra = reply.1,
+        ),
+    )
+    .unwrap();
+    path
+}
+
+async fn call(daemon: &Daemon, op: &str, request: Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(daemon.url(&format!("/api/v1/operations/{op}/call")))
+        .header("content-type", "application/json")
+        .body(request.to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The checks every broker shares: a reply comes back, a silent responder gives 504 after the
+/// timeout with nothing left pending, and a stray reply is counted.
+async fn check_calls(daemon: &Daemon, op: &str, channel: &str, timeout: Duration) {
+    let r = call(
+        daemon,
+        op,
+        json!({"path": {"deviceId": "d1"}, "body": {"verbose": true, "device": "d1"}}),
+    )
+    .await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let frame: Value = r.json().await.unwrap();
+    assert_eq!(frame["payload"]["online"], true, "{frame}");
+    assert_eq!(frame["payload"]["device"], "d1", "{frame}");
+    assert_eq!(frame["channel"], channel);
+
+    let started = Instant::now();
+    let r = call(
+        daemon,
+        op,
+        json!({"path": {"deviceId": "silent"}, "body": {"device": "silent"}}),
+    )
+    .await;
+    assert_eq!(r.status(), 504);
+    let waited = started.elapsed();
+    assert!(
+        waited >= timeout.mul_f64(0.9) && waited < timeout * 3,
+        "{waited:?}"
+    );
+    assert_eq!(
+        daemon.metric("stepflow_calls_pending", &[]).await.unwrap(),
+        0.0
+    );
+
+    let deadline = Instant::now() + WAIT;
+    while daemon
+        .metric(
+            "stepflow_call_replies_unmatched_total",
+            &[("channel", channel)],
+        )
+        .await
+        .unwrap()
+        < 1.0
+    {
+        assert!(Instant::now() < deadline, "the stray reply was not counted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = daemon
+        .get_json(&format!("/api/v1/operations/{op}/calls"))
+        .await
+        .unwrap();
+    let codes: Vec<Value> = log["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["status"].clone())
+        .collect();
+    assert_eq!(codes, vec![json!(200), Value::Null], "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_reply_over_mqtt_with_the_correlation_id_in_the_payload() {
+    require_mosquitto();
+    let dir = tempfile::tempdir().unwrap();
+    let api = unique("rrm");
+    let p = unique("t");
+    let path = spec(
+        dir.path(),
+        &api,
+        "{host: '127.0.0.1:1883', protocol: mqtt}",
+        (&format!("{p}/devices/{{deviceId}}/status"), ""),
+        (&format!("{p}/status/replies"), ""),
+        "$message.payload#/correlationId",
+        None,
+    );
+    let config = dir.path().join("stepflow.yaml");
+    std::fs::write(&config, "servers:\n  broker:\n    timeout_ms: 1500\n").unwrap();
+    let daemon = Daemon::start(&[
+        "--specs",
+        path.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ])
+    .await
+    .unwrap();
+
+    let mut responder = MqttClient::connect(1883, &unique("responder"))
+        .await
+        .unwrap();
+    responder
+        .subscribe(&format!("{p}/devices/+/status"))
+        .await
+        .unwrap();
+    let replies = format!("{p}/status/replies");
+    let client = responder.client.clone();
+    // A reply nobody asked for.
+    client
+        .publish(
+            &replies,
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            json!({"correlationId": "nope", "online": false}).to_string(),
+        )
+        .await
+        .unwrap();
+    let answering = tokio::spawn(async move {
+        loop {
+            let Ok(request) = responder.recv(Duration::from_secs(60)).await else {
+                return;
+            };
+            let body: Value = serde_json::from_slice(&request.payload).unwrap();
+            // The address parameter and the body agree.
+            let device = request.topic.split('/').nth(2).unwrap().to_owned();
+            assert_eq!(body["device"], device.as_str());
+            if device == "silent" {
+                continue;
+            }
+            let reply =
+                json!({"correlationId": body["correlationId"], "online": true, "device": device});
+            client
+                .publish(
+                    &replies,
+                    rumqttc::QoS::AtLeastOnce,
+                    false,
+                    reply.to_string(),
+                )
+                .await
+                .unwrap();
+        }
+    });
+    check_calls(
+        &daemon,
+        &format!("{api}.requestStatus"),
+        &format!("{api}.statusReply"),
+        Duration::from_millis(1500),
+    )
+    .await;
+    answering.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_reply_over_kafka_with_correlation_and_reply_topic_headers() {
+    let cluster = MockCluster::new(1).expect("librdkafka mock cluster");
+    let p = unique("k");
+    let (requests, replies) = (
+        format!("{p}.status.requests"),
+        format!("{p}.status.replies"),
+    );
+    for topic in [&requests, &replies] {
+        cluster.create_topic(topic, 1, 1).unwrap();
+    }
+    let bootstrap = cluster.bootstrap_servers();
+    let dir = tempfile::tempdir().unwrap();
+    let api = unique("rrk");
+    let path = spec(
+        dir.path(),
+        &api,
+        "{host: '127.0.0.1:9092', protocol: kafka}",
+        (&requests, ""),
+        (&replies, ""),
+        "$message.header#/correlationId",
+        Some("$message.header#/replyTo"),
+    );
+    let config = dir.path().join("stepflow.yaml");
+    std::fs::write(
+        &config,
+        format!("servers:\n  broker:\n    url: kafka://{bootstrap}\n    timeout_ms: 3000\n"),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&[
+        "--specs",
+        path.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ])
+    .await
+    .unwrap();
+
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()
+        .unwrap();
+    let warm = producer.clone();
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("group.id", unique("responder"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[requests.as_str()]).unwrap();
+    let stray = OwnedHeaders::new().insert(Header {
+        key: "correlationId",
+        value: Some("nope"),
+    });
+    producer
+        .send(
+            FutureRecord::to(&replies)
+                .key("x")
+                .payload(&json!({"online": false}).to_string())
+                .headers(stray),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    let (handled_tx, mut handled) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let answering = tokio::spawn(async move {
+        loop {
+            let Ok(request) = consumer.recv().await else {
+                return;
+            };
+            let header = |name: &str| {
+                request.headers().and_then(|h| {
+                    h.iter()
+                        .find(|x| x.key == name)
+                        .and_then(|x| x.value)
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                })
+            };
+            let (Some(correlation), Some(reply_to)) = (header("correlationId"), header("replyTo"))
+            else {
+                continue;
+            };
+            let body: Value =
+                serde_json::from_slice(request.payload().unwrap_or_default()).unwrap();
+            let device = body["device"].as_str().unwrap_or_default().to_owned();
+            let _ = handled_tx.send(device.clone());
+            if device == "silent" {
+                continue;
+            }
+            // The reply goes where the request says, as the document's reply address does.
+            let headers = OwnedHeaders::new().insert(Header {
+                key: "correlationId",
+                value: Some(&correlation),
+            });
+            let reply = json!({"online": true, "device": device});
+            producer
+                .send(
+                    FutureRecord::to(&reply_to)
+                        .key(&device)
+                        .payload(&reply.to_string())
+                        .headers(headers),
+                    Duration::from_secs(5),
+                )
+                .await
+                .unwrap();
+        }
+    });
+    // The mock broker holds a new group's first assignment for ~3 s: a warm-up request (its
+    // reply goes to a topic the gateway does not read) shows the responder is in its group.
+    let scratch = format!("{p}.scratch");
+    cluster.create_topic(&scratch, 1, 1).unwrap();
+    let warmup = OwnedHeaders::new()
+        .insert(Header {
+            key: "correlationId",
+            value: Some("warmup"),
+        })
+        .insert(Header {
+            key: "replyTo",
+            value: Some(scratch.as_str()),
+        });
+    warm.send(
+        FutureRecord::to(&requests)
+            .key("w")
+            .payload(&json!({"device": "warmup"}).to_string())
+            .headers(warmup),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let first = tokio::time::timeout(WAIT, handled.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first, "warmup");
+    check_calls(
+        &daemon,
+        &format!("{api}.requestStatus"),
+        &format!("{api}.statusReply"),
+        Duration::from_millis(3000),
+    )
+    .await;
+    answering.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_reply_over_amqp_with_correlation_id_and_reply_to_properties() {
+    require_rabbitmq();
+    let dir = tempfile::tempdir().unwrap();
+    let api = unique("rra");
+    let p = unique("a");
+    let exchange = format!("{p}.events");
+    let binding = |queue: Option<&str>| {
+        let queue = queue
+            .map(|q| format!(", queue: {{name: {p}.{q}, durable: false}}"))
+            .unwrap_or_default();
+        format!(
+            "    bindings:\n      amqp: {{is: routingKey, exchange: {{name: {exchange}, type: topic, durable: false, autoDelete: false}}{queue}}}"
+        )
+    };
+    let path = spec(
+        dir.path(),
+        &api,
+        "{host: '127.0.0.1:5672', protocol: amqp}",
+        ("rpc/{deviceId}/status", &binding(None)),
+        ("rpc/replies", &binding(Some("replies"))),
+        "$message.header#/correlation_id",
+        Some("$message.header#/reply_to"),
+    );
+    let config = dir.path().join("stepflow.yaml");
+    std::fs::write(&config, "servers:\n  broker:\n    timeout_ms: 1500\n").unwrap();
+    let daemon = Daemon::start(&[
+        "--specs",
+        path.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ])
+    .await
+    .unwrap();
+
+    let (_conn, ch) = amqp_channel().await.unwrap();
+    ch.exchange_declare(
+        exchange.as_str().into(),
+        lapin::ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            durable: false,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let queue = format!("{p}.requests");
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        queue.as_str().into(),
+        exchange.as_str().into(),
+        "rpc.*.status".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let mut requests = ch
+        .basic_consume(
+            queue.as_str().into(),
+            "responder".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    // A reply nobody asked for.
+    ch.basic_publish(
+        exchange.as_str().into(),
+        "rpc.replies".into(),
+        BasicPublishOptions::default(),
+        json!({"online": false}).to_string().as_bytes(),
+        BasicProperties::default().with_correlation_id("nope".into()),
+    )
+    .await
+    .unwrap();
+    let responder = ch.clone();
+    let answering_exchange = exchange.clone();
+    let answering = tokio::spawn(async move {
+        while let Some(Ok(request)) = requests.next().await {
+            let _ = request.acker.ack(BasicAckOptions::default()).await;
+            let device = request
+                .routing_key
+                .as_str()
+                .split('.')
+                .nth(1)
+                .unwrap_or_default()
+                .to_owned();
+            let (Some(correlation), Some(reply_to)) = (
+                request.properties.correlation_id().clone(),
+                request.properties.reply_to().clone(),
+            ) else {
+                continue;
+            };
+            if device == "silent" {
+                continue;
+            }
+            responder
+                .basic_publish(
+                    answering_exchange.as_str().into(),
+                    reply_to.as_str().replace('/', ".").as_str().into(),
+                    BasicPublishOptions::default(),
+                    json!({"online": true, "device": device})
+                        .to_string()
+                        .as_bytes(),
+                    BasicProperties::default().with_correlation_id(correlation),
+                )
+                .await
+                .unwrap();
+        }
+    });
+    check_calls(
+        &daemon,
+        &format!("{api}.requestStatus"),
+        &format!("{api}.statusReply"),
+        Duration::from_millis(1500),
+    )
+    .await;
+    answering.abort();
+    amqp_cleanup(&p, &["requests", "replies"]).await;
+}
