@@ -125,16 +125,6 @@ async fn start_registry() -> (u16, Registry) {
     (port, registry)
 }
 
-async fn call(daemon: &Daemon, op: &str, request: Value) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(daemon.url(&format!("/api/v1/operations/{op}/call")))
-        .header("content-type", "application/json")
-        .body(request.to_string())
-        .send()
-        .await
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operations_are_called_over_http_and_websocket_with_their_credentials() {
     let (port, registry) = start_registry().await;
@@ -162,7 +152,7 @@ async fn operations_are_called_over_http_and_websocket_with_their_credentials() 
     .unwrap();
 
     // The sync call: the upstream's real answer, with an OAuth2 token fetched once and cached.
-    let r = call(
+    let r = call_operation(
         &daemon,
         "device-registry.getDevice",
         json!({"path": {"deviceId": "42"}, "query": {"verbose": "true"}}),
@@ -173,7 +163,7 @@ async fn operations_are_called_over_http_and_websocket_with_their_credentials() 
         r.json::<Value>().await.unwrap(),
         json!({"id": "42", "name": "device 42", "firmware": "1.2.3"})
     );
-    let r = call(
+    let r = call_operation(
         &daemon,
         "device-registry.getDevice",
         json!({"path": {"deviceId": "43"}}),
@@ -187,7 +177,7 @@ async fn operations_are_called_over_http_and_websocket_with_their_credentials() 
     );
 
     // Upstream errors pass through with their status and body.
-    let r = call(
+    let r = call_operation(
         &daemon,
         "device-registry.getDevice",
         json!({"path": {"deviceId": "boom"}}),
@@ -198,7 +188,7 @@ async fn operations_are_called_over_http_and_websocket_with_their_credentials() 
 
     // A slow upstream: 504 after the configured timeout.
     let started = Instant::now();
-    let r = call(
+    let r = call_operation(
         &daemon,
         "device-registry.getDevice",
         json!({"path": {"deviceId": "slow"}}),
@@ -212,7 +202,7 @@ async fn operations_are_called_over_http_and_websocket_with_their_credentials() 
     );
 
     // An idempotent call is retried after a 503; the caller sees the success.
-    let r = call(
+    let r = call_operation(
         &daemon,
         "device-registry.getDevice",
         json!({"path": {"deviceId": "flaky"}}),
@@ -254,7 +244,7 @@ async fn operations_are_called_over_http_and_websocket_with_their_credentials() 
             "query.verbose",
         ),
     ] {
-        let r = call(&daemon, op, request.clone()).await;
+        let r = call_operation(&daemon, op, request.clone()).await;
         assert_eq!(r.status(), 400, "{request}");
         let body: Value = r.json().await.unwrap();
         assert_eq!(body["error"]["details"]["problems"][0]["at"], at, "{body}");
@@ -263,7 +253,7 @@ async fn operations_are_called_over_http_and_websocket_with_their_credentials() 
 
     // The API key goes where the scheme says.
     let device = json!({"id": "d-7", "name": "Boiler"});
-    let r = call(
+    let r = call_operation(
         &daemon,
         "device-registry.registerDevice",
         json!({"body": device}),
@@ -280,7 +270,7 @@ async fn operations_are_called_over_http_and_websocket_with_their_credentials() 
     );
 
     // A response that breaks its schema is passed on, and counted.
-    let r = call(
+    let r = call_operation(
         &daemon,
         "device-registry.getDevice",
         json!({"path": {"deviceId": "odd"}}),

@@ -78,20 +78,12 @@ operations:
     path
 }
 
-async fn call(daemon: &Daemon, op: &str, request: Value) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(daemon.url(&format!("/api/v1/operations/{op}/call")))
-        .header("content-type", "application/json")
-        .body(request.to_string())
-        .send()
-        .await
-        .unwrap()
-}
-
 /// The checks every broker shares: a reply comes back, a silent responder gives 504 after the
 /// timeout with nothing left pending, and a stray reply is counted.
-async fn check_calls(daemon: &Daemon, op: &str, channel: &str, timeout: Duration) {
-    let r = call(
+async fn check_calls(daemon: &Daemon, api: &str, timeout: Duration) {
+    let op = &format!("{api}.requestStatus");
+    let channel = &format!("{api}.statusReply");
+    let r = call_operation(
         daemon,
         op,
         json!({"path": {"deviceId": "d1"}, "body": {"verbose": true, "device": "d1"}}),
@@ -101,10 +93,10 @@ async fn check_calls(daemon: &Daemon, op: &str, channel: &str, timeout: Duration
     let frame: Value = r.json().await.unwrap();
     assert_eq!(frame["payload"]["online"], true, "{frame}");
     assert_eq!(frame["payload"]["device"], "d1", "{frame}");
-    assert_eq!(frame["channel"], channel);
+    assert_eq!(frame["channel"], channel.as_str());
 
     let started = Instant::now();
-    let r = call(
+    let r = call_operation(
         daemon,
         op,
         json!({"path": {"deviceId": "silent"}, "body": {"device": "silent"}}),
@@ -217,13 +209,7 @@ async fn request_reply_over_mqtt_with_the_correlation_id_in_the_payload() {
                 .unwrap();
         }
     });
-    check_calls(
-        &daemon,
-        &format!("{api}.requestStatus"),
-        &format!("{api}.statusReply"),
-        Duration::from_millis(1500),
-    )
-    .await;
+    check_calls(&daemon, &api, Duration::from_millis(1500)).await;
     answering.abort();
 }
 
@@ -361,13 +347,7 @@ async fn request_reply_over_kafka_with_correlation_and_reply_topic_headers() {
         .unwrap()
         .unwrap();
     assert_eq!(first, "warmup");
-    check_calls(
-        &daemon,
-        &format!("{api}.requestStatus"),
-        &format!("{api}.statusReply"),
-        Duration::from_millis(3000),
-    )
-    .await;
+    check_calls(&daemon, &api, Duration::from_millis(3000)).await;
     answering.abort();
 }
 
@@ -489,13 +469,7 @@ async fn request_reply_over_amqp_with_correlation_id_and_reply_to_properties() {
                 .unwrap();
         }
     });
-    check_calls(
-        &daemon,
-        &format!("{api}.requestStatus"),
-        &format!("{api}.statusReply"),
-        Duration::from_millis(1500),
-    )
-    .await;
+    check_calls(&daemon, &api, Duration::from_millis(1500)).await;
     answering.abort();
     amqp_cleanup(&p, &["requests", "replies"]).await;
 }

@@ -844,3 +844,18 @@ pub async fn free_disk_and_check_the_log(
     assert_eq!(ready.status(), 200, "ready again once the log is back");
     log
 }
+
+/// `POST /api/v1/operations/{op}/call` with a call request (`{path, query, headers, body}`).
+pub async fn call_operation(
+    daemon: &Daemon,
+    op: &str,
+    request: serde_json::Value,
+) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(daemon.url(&format!("/api/v1/operations/{op}/call")))
+        .header("content-type", "application/json")
+        .body(request.to_string())
+        .send()
+        .await
+        .unwrap()
+}
