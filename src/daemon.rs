@@ -44,9 +44,17 @@ pub enum Error {
     Connector { server: String, reason: String },
 }
 
+/// The data directory's folder of documents added at run time.
+pub const ADDED_SPECS_DIR: &str = "specs";
+
 /// Runs until `shutdown` is cancelled (by a signal in the binary).
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
-    let specs = config.specs.clone();
+    let mut specs = config.specs.clone();
+    // Documents added at run time (`POST /api/v1/specs`) are kept here and load with the rest.
+    let added = config.data_dir.join(ADDED_SPECS_DIR);
+    if added.is_dir() {
+        specs.push(added);
+    }
     let compiled = tokio::task::spawn_blocking(move || {
         let report = spec::load_all(&specs);
         let mut errors = report.errors;
@@ -118,8 +126,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         },
     ));
 
-    let operations = Operations::build(&apis, store.clone(), |api, server| {
-        config.server_override(api, server)
+    let servers = config.clone();
+    let operations = Operations::build(&apis, store.clone(), move |api, server| {
+        servers.server_override(api, server)
     })
     .map_err(|e| Error::Connector {
         server: "HTTP client".into(),
@@ -251,6 +260,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let state = AppState {
         hub: hub.clone(),
         operations,
+        added_specs: config.data_dir.join(ADDED_SPECS_DIR),
         metrics: metrics.clone(),
         shutdown: http_shutdown.clone(),
         connection_ids: Arc::new(AtomicU64::new(0)),

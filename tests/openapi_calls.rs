@@ -350,3 +350,98 @@ async fn operations_are_called_over_http_and_websocket_with_their_credentials() 
     );
     assert!(!daemon.log().contains("s3cret") && !daemon.log().contains("k-42"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_openapi_document_added_at_run_time_is_callable_and_kept() {
+    let (port, registry) = start_registry().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("stepflow.yaml");
+    std::fs::write(
+        &config,
+        "servers:\n  registry2:\n    client_id: gateway\n    client_secret: s3cret\n",
+    )
+    .unwrap();
+    // Any document to start with; the registry comes later.
+    let alerts = format!(
+        "{}/asyncapi-specs/alerts-sse.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let mut daemon = Daemon::start(&["--specs", &alerts, "--config", config.to_str().unwrap()])
+        .await
+        .unwrap();
+    let shipped = std::fs::read_to_string(format!(
+        "{}/asyncapi-specs/device-registry.openapi.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let document = shipped
+        .replace("x-stepflow-id: device-registry", "x-stepflow-id: registry2")
+        .replace("http://127.0.0.1:9303", &format!("http://127.0.0.1:{port}"));
+    let post = |body: String| {
+        let url = daemon.url("/api/v1/specs");
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .header("content-type", "application/yaml")
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+
+    // A broken document: every problem, located.
+    let broken = document.replace("operationId: getDevice", "operationId: [getDevice]");
+    let r = post(broken).await;
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    let errors = body["error"]["details"]["errors"].as_array().unwrap();
+    assert!(
+        errors.iter().any(|e| e
+            .as_str()
+            .unwrap()
+            .contains("registry2.yaml#/paths/~1devices~1{deviceId}/get/operationId")),
+        "{body}"
+    );
+
+    let r = post(document.clone()).await;
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let r = call_operation(
+        &daemon,
+        "registry2.getDevice",
+        json!({"path": {"deviceId": "5"}}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["name"], "device 5");
+    assert_eq!(registry.token_requests.lock().unwrap().len(), 1);
+
+    // The same id again is refused; an AsyncAPI document cannot be added at run time.
+    assert_eq!(post(document).await.status(), 409);
+    let r = post(
+        std::fs::read_to_string(&alerts)
+            .unwrap()
+            .replace("x-stepflow-id: alerts", "x-stepflow-id: alerts2"),
+    )
+    .await;
+    assert_eq!(r.status(), 422);
+
+    // Kept across a restart.
+    daemon.restart().await.unwrap();
+    let r = call_operation(
+        &daemon,
+        "registry2.getDevice",
+        json!({"path": {"deviceId": "6"}}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let listed = daemon.get_json("/api/v1/operations").await.unwrap();
+    assert!(
+        listed["operations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o["id"] == "registry2.registerDevice"),
+        "{listed}"
+    );
+}

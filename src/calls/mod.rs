@@ -11,7 +11,7 @@ pub mod auth;
 pub mod replies;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -107,11 +107,16 @@ pub struct Operation {
 /// Every request-reply operation: OpenAPI operations (over HTTP) and AsyncAPI `send`
 /// operations with a reply (over the brokers).
 pub struct Operations {
-    by_id: HashMap<ChannelId, Arc<Operation>>,
+    /// Grows when a document is added at run time (`POST /api/v1/specs`).
+    by_id: RwLock<HashMap<ChannelId, Arc<Operation>>>,
     brokers: Option<BrokerCalls>,
     client: reqwest::Client,
     store: Store,
+    overrides: Overrides,
 }
+
+/// A server's config override, by document id and server id.
+type Overrides = Box<dyn Fn(&str, &str) -> ServerOverride + Send + Sync>;
 
 /// What a call id names.
 enum Target {
@@ -305,44 +310,67 @@ impl Operations {
     pub fn build(
         apis: &[Api],
         store: Store,
-        overrides: impl Fn(&str, &str) -> ServerOverride,
+        overrides: impl Fn(&str, &str) -> ServerOverride + Send + Sync + 'static,
     ) -> Result<Operations, reqwest::Error> {
-        let mut by_id = HashMap::new();
-        for api in apis {
-            let server_id = api
-                .servers
-                .first()
-                .map(|s| s.id.as_str())
-                .unwrap_or("default");
-            let o = overrides(&api.id, server_id);
-            for op in &api.operations {
-                let Some(http) = &op.http else { continue };
-                match Operation::build(api, op, http, &o) {
-                    Some(operation) => {
-                        by_id.insert(operation.id.clone(), Arc::new(operation));
-                    }
-                    None => {
-                        tracing::warn!(api = %api.id, operation = %op.id, "no server URL for this operation (set servers.{server_id}.url); it cannot be called")
-                    }
-                }
-            }
-        }
-        Ok(Operations {
-            by_id,
+        let operations = Operations {
+            by_id: RwLock::default(),
             brokers: None,
             client: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(5))
                 .build()?,
             store,
-        })
+            overrides: Box::new(overrides),
+        };
+        for api in apis {
+            operations.add(api);
+        }
+        Ok(operations)
     }
 
-    pub fn get(&self, id: &str) -> Option<&Arc<Operation>> {
-        self.by_id.get(id)
+    /// Adds the OpenAPI operations of `api`; their ids.
+    pub fn add(&self, api: &Api) -> Vec<ChannelId> {
+        let server_id = api
+            .servers
+            .first()
+            .map(|s| s.id.as_str())
+            .unwrap_or("default");
+        let o = (self.overrides)(&api.id, server_id);
+        let mut added = Vec::new();
+        for op in &api.operations {
+            let Some(http) = &op.http else { continue };
+            match Operation::build(api, op, http, &o) {
+                Some(operation) => {
+                    added.push(operation.id.clone());
+                    if let Ok(mut by_id) = self.by_id.write() {
+                        by_id.insert(operation.id.clone(), Arc::new(operation));
+                    }
+                }
+                None => {
+                    tracing::warn!(api = %api.id, operation = %op.id, "no server URL for this operation (set servers.{server_id}.url); it cannot be called")
+                }
+            }
+        }
+        added
     }
 
-    pub fn list(&self) -> impl Iterator<Item = &Arc<Operation>> {
-        self.by_id.values()
+    /// Whether an operation of document `api` is known.
+    pub fn has_api(&self, api: &str) -> bool {
+        let prefix = format!("{api}.");
+        self.by_id
+            .read()
+            .map(|m| m.keys().any(|id| id.starts_with(&prefix)))
+            .unwrap_or(false)
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Operation>> {
+        self.by_id.read().ok()?.get(id).cloned()
+    }
+
+    pub fn list(&self) -> Vec<Arc<Operation>> {
+        self.by_id
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Adds the broker request-reply operations (and starts their reply readers).
@@ -362,8 +390,8 @@ impl Operations {
     }
 
     fn target(&self, id: &str) -> Option<Target> {
-        if let Some(op) = self.by_id.get(id) {
-            return Some(Target::Http(op.clone()));
+        if let Some(op) = self.get(id) {
+            return Some(Target::Http(op));
         }
         self.brokers
             .as_ref()

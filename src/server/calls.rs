@@ -49,6 +49,7 @@ pub async fn list(State(state): State<AppState>) -> Json<Value> {
     let mut operations: Vec<Value> = state
         .operations
         .list()
+        .into_iter()
         .map(|op| {
             json!({
                 "id": op.id.as_ref(),
@@ -122,6 +123,113 @@ pub async fn log(
     Ok(Json(
         json!({ "operation": id, "calls": calls, "next": next }),
     ))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct AddSpecQuery {
+    /// The file name the document is kept under (its extension says YAML or JSON); by default
+    /// its `x-stepflow-id` (else `api`) with `.yaml`.
+    name: Option<String>,
+}
+
+/// `POST /api/v1/specs`: adds an OpenAPI document (YAML or JSON) at run time. Its operations
+/// become callable at once; the document is kept in the data directory and loads with the
+/// others at the next start. Every problem is reported as `file#pointer: reason` (400).
+pub async fn add_spec(
+    State(state): State<AppState>,
+    query: Result<Query<AddSpecQuery>, axum::extract::rejection::QueryRejection>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let bytes = read_body(body, 4 * 1024 * 1024).await?;
+    let text = String::from_utf8(bytes.to_vec())
+        .map_err(|_| ApiError::bad_request("the document is not UTF-8 text"))?;
+    let name = query.name.unwrap_or_else(|| {
+        let id = serde_saphyr::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| {
+                v.get("x-stepflow-id")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| "api".into());
+        format!("{id}.yaml")
+    });
+    let valid_name = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.starts_with('.')
+        && [".yaml", ".yml", ".json"].iter().any(|e| name.ends_with(e));
+    if !valid_name {
+        return Err(ApiError::bad_request(format!(
+            "name '{name}' must be a file name ending in .yaml, .yml or .json"
+        )));
+    }
+    let path = state.added_specs.join(&name);
+    let loaded = {
+        let (path, text) = (path.clone(), text.clone());
+        tokio::task::spawn_blocking(move || crate::spec::load_text(&path, &text))
+            .await
+            .map_err(|e| ApiError::bad_request(format!("loader failed: {e}")))?
+    };
+    let loaded = match loaded {
+        Ok(l) => l,
+        Err(failure) => {
+            let errors: Vec<String> = failure.errors.iter().map(|e| e.to_string()).collect();
+            return Err(ApiError::bad_request(format!(
+                "the document has {} problem(s)",
+                errors.len()
+            ))
+            .with_details(json!({ "errors": errors })));
+        }
+    };
+    let Some(api) = loaded.apis.first() else {
+        return Err(ApiError::bad_request("no document"));
+    };
+    if !matches!(api.kind, crate::spec::DocumentKind::OpenApi(_)) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::InvalidRequest,
+            "only OpenAPI documents can be added at run time: an AsyncAPI document needs its connectors; put it in the specs directory and restart",
+        ));
+    }
+    let taken = state.operations.has_api(&api.id)
+        || state.hub.routes().any(|r| r.route.api == api.id)
+        || tokio::fs::try_exists(&path).await.unwrap_or(false);
+    if taken {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            ErrorCode::InvalidRequest,
+            format!(
+                "a document with id '{}' (or file '{name}') is already loaded",
+                api.id
+            ),
+        ));
+    }
+    tokio::fs::create_dir_all(&state.added_specs)
+        .await
+        .and(tokio::fs::write(&path, text.as_bytes()).await)
+        .map_err(|e| {
+            tracing::error!(path = %path.display(), error = %e, "cannot keep an added document");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorCode::Internal,
+                "cannot keep the document in the data directory",
+            )
+        })?;
+    let added = state.operations.add(api);
+    let warnings: Vec<String> = loaded.warnings.iter().map(|w| w.to_string()).collect();
+    tracing::info!(api = %api.id, operations = added.len(), "OpenAPI document added");
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "api": api.id,
+            "operations": added.iter().map(|id| id.as_ref()).collect::<Vec<_>>(),
+            "warnings": warnings,
+        })),
+    )
+        .into_response())
 }
 
 /// One call frame from a WebSocket client.

@@ -27,6 +27,8 @@ use crate::telemetry::HTTP_REQUESTS;
 pub struct AppState {
     pub hub: Arc<Hub>,
     pub operations: Arc<crate::calls::Operations>,
+    /// Where documents added with `POST /api/v1/specs` are kept.
+    pub added_specs: std::path::PathBuf,
     pub metrics: PrometheusHandle,
     pub shutdown: CancellationToken,
     pub connection_ids: Arc<AtomicU64>,
@@ -45,6 +47,7 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/channels/{id}/dead-letters",
             get(api::replay_dead_letters),
         )
+        .route("/api/v1/specs", post(calls::add_spec))
         .route("/api/v1/operations", get(calls::list))
         .route("/api/v1/operations/{id}/call", post(calls::call))
         .route("/api/v1/operations/{id}/calls", get(calls::log))
