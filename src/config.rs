@@ -92,6 +92,19 @@ pub struct RouteFileConfig {
     /// `x-stepflow-subscribe` (for documents you do not edit). Strings are sent as they are,
     /// anything else as JSON.
     pub subscribe: Option<Vec<serde_json::Value>>,
+    /// For readable routes: each message that arrives calls an operation, and the reply is
+    /// published on another route.
+    pub call: Option<TriggerConfig>,
+}
+
+/// A call triggered by the messages of a route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TriggerConfig {
+    /// The operation (`{api}.{operationId}`).
+    pub operation: String,
+    /// The writable route the reply is published on.
+    pub reply: String,
 }
 
 /// Message log tuning as the file writes it.

@@ -42,6 +42,8 @@ pub enum Error {
     Metrics(String),
     #[error("server {server}: {reason}")]
     Connector { server: String, reason: String },
+    #[error("config: {0}")]
+    Config(String),
 }
 
 /// The data directory's folder of documents added at run time.
@@ -142,6 +144,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             .unwrap_or(crate::calls::DEFAULT_TIMEOUT)
     });
     let operations = Arc::new(operations.with_brokers(brokers, shutdown.clone()));
+    let triggers: Vec<_> = config
+        .routes
+        .iter()
+        .filter_map(|(route, c)| c.call.clone().map(|t| (route.clone(), t)))
+        .collect();
+    let problems = crate::calls::triggers::check(&hub, &operations, &triggers);
+    if !problems.is_empty() {
+        return Err(Error::Config(problems.join("; ")));
+    }
+    crate::calls::triggers::start(hub.clone(), operations.clone(), triggers, shutdown.clone());
 
     let connectors = TaskTracker::new();
     let connector_shutdown = CancellationToken::new();

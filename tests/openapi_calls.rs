@@ -445,3 +445,137 @@ async fn an_openapi_document_added_at_run_time_is_callable_and_kept() {
         "{listed}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_from_the_broker_triggers_the_call_and_the_reply_is_published() {
+    require_mosquitto();
+    let (port, _registry) = start_registry().await;
+    let dir = tempfile::tempdir().unwrap();
+    let api = unique("lookups");
+    let p = unique("t");
+    let lookups = dir.path().join("lookups.yaml");
+    std::fs::write(
+        &lookups,
+        format!(
+            r#"asyncapi: 3.0.0
+x-stepflow-id: {api}
+info: {{title: Device lookups over MQTT, version: 1.0.0}}
+servers:
+  broker: {{host: '127.0.0.1:1883', protocol: mqtt}}
+channels:
+  lookups:
+    address: '{p}/lookups/{{deviceId}}'
+    messages:
+      lookup: {{payload: {{type: object, properties: {{correlationId: {{type: string}}}}}}}}
+  replies:
+    address: '{p}/lookups/{{deviceId}}/reply'
+    messages:
+      reply: {{payload: {{type: object, required: [correlationId]}}}}
+operations:
+  receiveLookups: {{action: receive, channel: {{$ref: '#/channels/lookups'}}}}
+  sendReplies: {{action: send, channel: {{$ref: '#/channels/replies'}}}}
+"#
+        ),
+    )
+    .unwrap();
+    let config = dir.path().join("stepflow.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "servers:\n  device-registry:\n    url: http://127.0.0.1:{port}\n    client_id: gateway\n    client_secret: s3cret\nroutes:\n  {api}.lookups:\n    call: {{operation: device-registry.getDevice, reply: {api}.replies}}\n"
+        ),
+    )
+    .unwrap();
+    let registry_spec = format!(
+        "{}/asyncapi-specs/device-registry.openapi.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let daemon = Daemon::start(&[
+        "--specs",
+        lookups.to_str().unwrap(),
+        "--specs",
+        &registry_spec,
+        "--config",
+        config.to_str().unwrap(),
+    ])
+    .await
+    .unwrap();
+    let mut device = MqttClient::connect(1883, &unique("device")).await.unwrap();
+    device
+        .subscribe(&format!("{p}/lookups/+/reply"))
+        .await
+        .unwrap();
+    for (id, correlation) in [("42", "q-1"), ("boom", "q-2")] {
+        device
+            .client
+            .publish(
+                format!("{p}/lookups/{id}"),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                json!({"correlationId": correlation}).to_string(),
+            )
+            .await
+            .unwrap();
+    }
+    let mut replies = std::collections::BTreeMap::new();
+    while replies.len() < 2 {
+        let reply = device.recv(WAIT).await.unwrap();
+        let body: Value = serde_json::from_slice(&reply.payload).unwrap();
+        replies.insert(
+            body["correlationId"].as_str().unwrap().to_owned(),
+            (reply.topic, body),
+        );
+    }
+    let (topic, ok) = &replies["q-1"];
+    assert_eq!(topic, &format!("{p}/lookups/42/reply"));
+    assert_eq!(ok["status"], 200);
+    assert_eq!(ok["body"]["name"], "device 42");
+    let (_, failed) = &replies["q-2"];
+    assert_eq!(failed["status"], 500);
+    assert_eq!(failed["body"], json!({"error": "kaput"}));
+    // The triggered calls are in the operation's call log too.
+    let log = daemon
+        .get_json("/api/v1/operations/device-registry.getDevice/calls")
+        .await
+        .unwrap();
+    assert_eq!(log["calls"].as_array().unwrap().len(), 2, "{log}");
+}
+
+#[test]
+fn a_trigger_to_an_unknown_operation_or_route_stops_the_start_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("stepflow.yaml");
+    std::fs::write(
+        &config,
+        "routes:\n  alerts.alerts:\n    call: {operation: device-registry.nope, reply: alerts.nowhere}\n",
+    )
+    .unwrap();
+    let alerts = format!(
+        "{}/asyncapi-specs/alerts-sse.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stepflow"))
+        .args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--specs",
+            &alerts,
+            "--config",
+        ])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("routes.alerts.alerts.call.operation: no operation device-registry.nope"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("routes.alerts.alerts.call.reply: no route alerts.nowhere"),
+        "{stderr}"
+    );
+}

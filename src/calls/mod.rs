@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod replies;
+pub mod triggers;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -44,7 +45,7 @@ pub enum CallError {
 }
 
 impl CallError {
-    fn label(&self) -> &'static str {
+    pub fn label(&self) -> &'static str {
         match self {
             CallError::NotFound(_) => "not_found",
             CallError::Invalid(_) => "invalid",
