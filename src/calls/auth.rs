@@ -214,3 +214,72 @@ async fn fetch_token(
         .map_or(Duration::from_secs(3600), Duration::from_secs);
     Ok((token.to_owned(), lifetime))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn scheme(t: &str, details: Value) -> SecurityScheme {
+        SecurityScheme {
+            name: format!("{t}-scheme"),
+            scheme_type: t.into(),
+            details,
+        }
+    }
+
+    #[tokio::test]
+    async fn api_keys_bearer_and_basic_go_where_their_schemes_say() {
+        let overrides = ServerOverride {
+            token: Some("t0k".into()),
+            username: Some("gw".into()),
+            password: Some("pw".into()),
+            ..ServerOverride::default()
+        };
+        let (credentials, missing) = Credentials::build(
+            &[
+                scheme("apiKey", json!({"in": "query", "name": "key"})),
+                scheme("apiKey", json!({"in": "cookie", "name": "session"})),
+                scheme("http", json!({"scheme": "basic"})),
+                scheme("openIdConnect", json!({})),
+            ],
+            &overrides,
+            "https://api.example.com/v1",
+        );
+        assert_eq!(
+            missing,
+            vec!["openIdConnect-scheme (type openIdConnect not supported)"]
+        );
+        let client = reqwest::Client::new();
+        let mut query = Vec::new();
+        let request = credentials
+            .apply(
+                &client,
+                client.get("https://api.example.com/v1/x"),
+                &mut query,
+            )
+            .await
+            .unwrap()
+            .build()
+            .unwrap();
+        assert_eq!(query, vec![("key".to_owned(), "t0k".to_owned())]);
+        assert_eq!(request.headers()["cookie"], "session=t0k");
+        assert_eq!(request.headers()["authorization"], "Basic Z3c6cHc=");
+    }
+
+    #[test]
+    fn relative_token_urls_resolve_against_the_server() {
+        assert_eq!(
+            resolve("https://api.example.com/v1", "/oauth/token"),
+            "https://api.example.com/oauth/token"
+        );
+        assert_eq!(
+            resolve("https://api.example.com/v1", "oauth/token"),
+            "https://api.example.com/v1/oauth/token"
+        );
+        assert_eq!(
+            resolve("https://api.example.com", "https://login.example.com/token"),
+            "https://login.example.com/token"
+        );
+    }
+}
