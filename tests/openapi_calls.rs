@@ -87,12 +87,15 @@ async fn get_device(
         }
         // Not what the document promises: `name` is missing.
         "odd" => Json(json!({"id": id})).into_response(),
-        _ => Json(json!({
-            "id": id,
-            "name": format!("device {id}"),
-            "firmware": if query.get("verbose").map(String::as_str) == Some("true") { "1.2.3" } else { "" },
-        }))
-        .into_response(),
+        _ => (
+            [("x-registry-version", "7")],
+            Json(json!({
+                "id": id,
+                "name": format!("device {id}"),
+                "firmware": if query.get("verbose").map(String::as_str) == Some("true") { "1.2.3" } else { "" },
+            })),
+        )
+            .into_response(),
     }
 }
 
@@ -159,6 +162,11 @@ async fn operations_are_called_over_http_and_websocket_with_their_credentials() 
     )
     .await;
     assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["x-registry-version"],
+        "7",
+        "upstream headers pass"
+    );
     assert_eq!(
         r.json::<Value>().await.unwrap(),
         json!({"id": "42", "name": "device 42", "firmware": "1.2.3"})
@@ -311,6 +319,7 @@ async fn operations_are_called_over_http_and_websocket_with_their_credentials() 
     assert_eq!(replies["c-1"]["type"], "reply");
     assert_eq!(replies["c-1"]["status"], 200);
     assert_eq!(replies["c-1"]["body"]["name"], "device 7");
+    assert_eq!(replies["c-1"]["headers"]["x-registry-version"], "7");
     assert_eq!(replies["c-2"]["status"], 500);
     assert_eq!(replies["c-3"]["type"], "error");
     assert_eq!(replies["c-3"]["error"]["code"], "invalid_request");

@@ -78,6 +78,9 @@ pub struct CallRequest {
 pub struct CallResponse {
     pub status: u16,
     pub content_type: Option<String>,
+    /// The end-to-end headers of the upstream's response (hop-by-hop ones and the framing
+    /// headers left out: the gateway frames its own response).
+    pub headers: Vec<(String, String)>,
     pub body: Bytes,
     pub latency: Duration,
 }
@@ -291,6 +294,30 @@ struct Prepared {
     headers: Vec<(String, String)>,
 }
 
+/// The headers of a response worth passing on: not hop-by-hop (RFC 9110 §7.6.1), not framing,
+/// not the content type (carried on its own).
+fn end_to_end(headers: &reqwest::header::HeaderMap) -> Vec<(String, String)> {
+    const SKIP: [&str; 10] = [
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "content-type",
+    ];
+    headers
+        .iter()
+        .filter(|(name, _)| !SKIP.contains(&name.as_str()))
+        .filter_map(|(name, value)| {
+            Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
+        })
+        .collect()
+}
+
 /// Path, query and header values arrive as text: `"42"` fits an integer schema.
 fn check_parameter(schema: &PayloadSchema, value: &Value) -> Result<(), String> {
     match schema.validate_json(value) {
@@ -439,6 +466,7 @@ impl Operations {
                     .map(|frame| CallResponse {
                         status: 200,
                         content_type: Some("application/json".into()),
+                        headers: Vec::new(),
                         body: frame,
                         latency: started.elapsed(),
                     });
@@ -528,14 +556,15 @@ impl Operations {
                     .get("content-type")
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_owned);
+                let headers = end_to_end(response.headers());
                 let body = response.bytes().await?;
-                Ok::<_, reqwest::Error>((status, content_type, body))
+                Ok::<_, reqwest::Error>((status, content_type, headers, body))
             })
             .await;
             let retryable = match &attempt {
                 Err(_) => return Err(CallError::Timeout(op.timeout)),
                 Ok(Err(_)) => true,
-                Ok(Ok((status, _, _))) => matches!(status, 502..=504),
+                Ok(Ok((status, _, _, _))) => matches!(status, 502..=504),
             };
             let delay = backoff.next_delay();
             let may_retry = retryable
@@ -543,7 +572,7 @@ impl Operations {
                 && Instant::now() + delay < deadline
                 && backoff.attempts() <= 3;
             match attempt {
-                Ok(Ok((status, content_type, body))) if !may_retry => {
+                Ok(Ok((status, content_type, headers, body))) if !may_retry => {
                     if status == 401 {
                         op.credentials.forget_tokens().await;
                     }
@@ -551,6 +580,7 @@ impl Operations {
                     return Ok(CallResponse {
                         status,
                         content_type,
+                        headers,
                         body,
                         latency: started.elapsed(),
                     });

@@ -95,6 +95,14 @@ fn upstream_response(r: CallResponse) -> Response {
     let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut response = (status, r.body).into_response();
     let headers = response.headers_mut();
+    for (name, value) in &r.headers {
+        if let (Ok(name), Ok(value)) = (
+            axum::http::HeaderName::from_bytes(name.as_bytes()),
+            axum::http::HeaderValue::from_str(value),
+        ) {
+            headers.append(name, value);
+        }
+    }
     if let Some(ct) = r.content_type.and_then(|c| c.parse().ok()) {
         headers.insert("content-type", ct);
     }
@@ -302,6 +310,11 @@ async fn session(socket: WebSocket, state: AppState) {
                         "correlationId": frame.correlation_id,
                         "status": r.status,
                         "contentType": r.content_type,
+                        "headers": r
+                            .headers
+                            .iter()
+                            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                            .collect::<serde_json::Map<String, Value>>(),
                         "body": body,
                     })
                 }
