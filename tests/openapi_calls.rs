@@ -209,6 +209,23 @@ async fn operations_are_called_over_http_and_websocket_with_their_credentials() 
         "{waited:?}"
     );
 
+    // A caller that gives up early leaves nothing pending behind.
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(200))
+        .build()
+        .unwrap()
+        .post(daemon.url("/api/v1/operations/device-registry.getDevice/call"))
+        .header("content-type", "application/json")
+        .body(json!({"path": {"deviceId": "slow"}}).to_string())
+        .send()
+        .await;
+    assert!(impatient.is_err(), "the client timed out");
+    let deadline = Instant::now() + WAIT;
+    while daemon.metric("stepflow_calls_pending", &[]).await.unwrap() != 0.0 {
+        assert!(Instant::now() < deadline, "a dropped call stays pending");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     // An idempotent call is retried after a 503; the caller sees the success.
     let r = call_operation(
         &daemon,

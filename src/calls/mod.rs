@@ -287,6 +287,22 @@ impl Operation {
     }
 }
 
+/// Counts a call in `calls_pending` for as long as it lives, however it ends.
+struct PendingCall;
+
+impl PendingCall {
+    fn start() -> PendingCall {
+        metrics::gauge!(telemetry::CALLS_PENDING).increment(1.0);
+        PendingCall
+    }
+}
+
+impl Drop for PendingCall {
+    fn drop(&mut self) {
+        metrics::gauge!(telemetry::CALLS_PENDING).decrement(1.0);
+    }
+}
+
 /// Path, query and header values of a checked request.
 struct Prepared {
     path: String,
@@ -441,7 +457,8 @@ impl Operations {
             .target(id)
             .ok_or_else(|| CallError::NotFound(id.to_owned()))?;
         let started = Instant::now();
-        metrics::gauge!(telemetry::CALLS_PENDING).increment(1.0);
+        // A guard: the caller may go away (its HTTP request dropped) while the call waits.
+        let pending = PendingCall::start();
         let (result, method, address, log) = match &target {
             Target::Http(op) => {
                 let result = match op.check(&request) {
@@ -478,7 +495,7 @@ impl Operations {
                 )
             }
         };
-        metrics::gauge!(telemetry::CALLS_PENDING).decrement(1.0);
+        drop(pending);
         let latency = started.elapsed();
         let outcome = match &result {
             Ok(r) => format!("{}xx", r.status / 100),

@@ -249,10 +249,10 @@ impl BrokerCalls {
         if let Ok(mut w) = self.waiting.lock() {
             w.insert(correlation.clone(), tx);
         }
-        let forget = || {
-            if let Ok(mut w) = self.waiting.lock() {
-                w.remove(&correlation);
-            }
+        // Removed however the call ends: answered, timed out, failed, or dropped by its caller.
+        let _waiting = WaitingEntry {
+            waiting: self.waiting.clone(),
+            correlation: correlation.clone(),
         };
         let published = self
             .hub
@@ -268,7 +268,6 @@ impl BrokerCalls {
             )
             .await;
         if let Err(e) = published {
-            forget();
             return Err(match e {
                 crate::hub::PublishFailure::InvalidPayload(v) => {
                     CallError::Invalid(vec![super::Problem {
@@ -287,10 +286,21 @@ impl BrokerCalls {
         }
         match tokio::time::timeout(op.timeout, rx).await {
             Ok(Ok(reply)) => Ok(reply.frame().clone()),
-            _ => {
-                forget();
-                Err(CallError::Timeout(op.timeout))
-            }
+            _ => Err(CallError::Timeout(op.timeout)),
+        }
+    }
+}
+
+/// A call's place among the waiting ones, given up when dropped.
+struct WaitingEntry {
+    waiting: Waiting,
+    correlation: String,
+}
+
+impl Drop for WaitingEntry {
+    fn drop(&mut self) {
+        if let Ok(mut w) = self.waiting.lock() {
+            w.remove(&self.correlation);
         }
     }
 }
