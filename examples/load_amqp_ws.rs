@@ -4,14 +4,11 @@
 //!
 //!     cargo build --release && cargo run --release --example load_amqp_ws -- --rate 5000 --subscribers 10 --seconds 10
 
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
-
 mod common;
 use common::*;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
@@ -58,21 +55,10 @@ async fn publish(exchange: &str, routing_key: &str, rate: u64, seconds: u64) -> 
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let mut rate = 5000u64;
-    let mut subscribers = 10usize;
-    let mut seconds = 10u64;
-    let mut binary = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/stepflow");
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value = it.next().context("flag without value")?;
-        match flag.as_str() {
-            "--rate" => rate = value.parse()?,
-            "--subscribers" => subscribers = value.parse()?,
-            "--seconds" => seconds = value.parse()?,
-            "--binary" => binary = value.into(),
-            other => bail!("unknown flag {other}"),
-        }
-    }
+    let flags = Flags::parse(&["rate", "subscribers", "seconds"])?;
+    let rate: u64 = flags.get("rate", 5000)?;
+    let subscribers: usize = flags.get("subscribers", 10)?;
+    let seconds: u64 = flags.get("seconds", 10)?;
     let prefix = format!("load{}", std::process::id());
     let exchange = format!("{prefix}.events");
     let dir = tempfile::tempdir()?;
@@ -104,18 +90,13 @@ operations:
     let http = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let _daemon = Killed(
-        Command::new(&binary)
-            .args(["run", "--listen", &format!("127.0.0.1:{http}"), "--specs"])
-            .arg(&spec)
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .context("run `cargo build --release` first")?,
-    );
-    wait_ready(http).await?;
+    let _daemon = start_daemon(
+        &flags.binary(),
+        http,
+        &dir.path().join("data"),
+        &["--specs".as_ref(), spec.as_os_str()],
+    )
+    .await?;
     println!("rate {rate} msg/s, {subscribers} subscribers, {seconds} s");
 
     let admin =

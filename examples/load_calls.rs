@@ -6,13 +6,12 @@
 //!     cargo build --release && cargo run --release --example load_calls -- --callers 16 --seconds 10
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
 use common::*;
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use axum::Json;
 use axum::extract::Path;
 use hdrhistogram::Histogram;
@@ -74,19 +73,9 @@ async fn run(
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let mut callers = 16usize;
-    let mut seconds = 10u64;
-    let mut binary = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/stepflow");
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value = it.next().context("flag without value")?;
-        match flag.as_str() {
-            "--callers" => callers = value.parse()?,
-            "--seconds" => seconds = value.parse()?,
-            "--binary" => binary = value.into(),
-            other => bail!("unknown flag {other}"),
-        }
-    }
+    let flags = Flags::parse(&["callers", "seconds"])?;
+    let callers: usize = flags.get("callers", 16)?;
+    let seconds: u64 = flags.get("seconds", 10)?;
     let app = axum::Router::new()
         .route("/devices/{id}", axum::routing::get(get_device))
         .route("/oauth/token", axum::routing::post(token));
@@ -105,20 +94,18 @@ async fn main() -> Result<()> {
     let spec = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("asyncapi-specs/device-registry.openapi.yaml");
     let http = free_port();
-    let _daemon = Killed(
-        Command::new(&binary)
-            .args(["run", "--listen", &format!("127.0.0.1:{http}"), "--specs"])
-            .arg(&spec)
-            .arg("--config")
-            .arg(&config)
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .context("run `cargo build --release` first")?,
-    );
-    wait_ready(http).await?;
+    let _daemon = start_daemon(
+        &flags.binary(),
+        http,
+        &dir.path().join("data"),
+        &[
+            "--specs".as_ref(),
+            spec.as_os_str(),
+            "--config".as_ref(),
+            config.as_os_str(),
+        ],
+    )
+    .await?;
     println!("{callers} callers, {seconds} s each phase");
 
     let direct = run(callers, seconds, move |client, n| {

@@ -4,48 +4,17 @@
 //!
 //!     cargo build --release && cargo run --release --example load_kafka_ws -- --rate 5000 --subscribers 10 --seconds 10
 
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
-
 mod common;
 use common::*;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use futures::StreamExt;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-
-struct Args {
-    rate: u64,
-    subscribers: usize,
-    seconds: u64,
-    binary: PathBuf,
-}
-
-fn args() -> Result<Args> {
-    let mut a = Args {
-        rate: 5000,
-        subscribers: 10,
-        seconds: 10,
-        binary: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/stepflow"),
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value = it.next().context("flag without value")?;
-        match flag.as_str() {
-            "--rate" => a.rate = value.parse()?,
-            "--subscribers" => a.subscribers = value.parse()?,
-            "--seconds" => a.seconds = value.parse()?,
-            "--binary" => a.binary = value.into(),
-            other => bail!("unknown flag {other}"),
-        }
-    }
-    Ok(a)
-}
 
 async fn produce(bootstrap: &str, topic: &str, rate: u64, seconds: u64) -> Result<u64> {
     let producer: FutureProducer = ClientConfig::new()
@@ -85,13 +54,10 @@ async fn produce(bootstrap: &str, topic: &str, rate: u64, seconds: u64) -> Resul
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let a = args()?;
-    if !a.binary.exists() {
-        bail!(
-            "{} is missing: run `cargo build --release` first",
-            a.binary.display()
-        );
-    }
+    let flags = Flags::parse(&["rate", "subscribers", "seconds"])?;
+    let rate: u64 = flags.get("rate", 5000)?;
+    let subscribers: usize = flags.get("subscribers", 10)?;
+    let seconds: u64 = flags.get("seconds", 10)?;
     let cluster = MockCluster::new(1)?;
     let bootstrap = cluster.bootstrap_servers();
     for topic in ["load.direct", "load.bridged"] {
@@ -117,25 +83,26 @@ operations:
 "#,
     )?;
     let http = free_port();
-    let _daemon = Killed(
-        Command::new(&a.binary)
-            .args(["run", "--listen", &format!("127.0.0.1:{http}"), "--specs"])
-            .arg(&spec)
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .args(["--server", &format!("broker=kafka://{bootstrap}")])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()?,
-    );
-    wait_ready(http).await?;
+    let server = format!("broker=kafka://{bootstrap}");
+    let _daemon = start_daemon(
+        &flags.binary(),
+        http,
+        &dir.path().join("data"),
+        &[
+            "--specs".as_ref(),
+            spec.as_os_str(),
+            "--server".as_ref(),
+            server.as_ref(),
+        ],
+    )
+    .await?;
     println!(
         "rate {} msg/s, {} subscribers, {} s",
-        a.rate, a.subscribers, a.seconds
+        rate, subscribers, seconds
     );
 
     // Direct: N consumers, one group each, from the end of the topic.
-    let results = shared(a.subscribers);
+    let results = shared(subscribers);
     let mut tasks = Vec::new();
     for (i, r) in results.iter().enumerate() {
         let consumer: StreamConsumer = ClientConfig::new()
@@ -157,12 +124,12 @@ operations:
     }
     // Consumer groups of the mock broker take ~3 s to settle.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let sent = produce(&bootstrap, "load.direct", a.rate, a.seconds).await?;
+    let sent = produce(&bootstrap, "load.direct", rate, seconds).await?;
     let direct = summarize(sent, &stop_and_collect(tasks, results).await);
 
-    let results = shared(a.subscribers);
+    let results = shared(subscribers);
     let tasks = websocket_subscribers(http, "load.telemetry", &results).await?;
-    let sent = produce(&bootstrap, "load.bridged", a.rate, a.seconds).await?;
+    let sent = produce(&bootstrap, "load.bridged", rate, seconds).await?;
     let bridged = summarize(sent, &stop_and_collect(tasks, results).await);
 
     report(&direct, &bridged);

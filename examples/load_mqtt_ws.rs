@@ -30,26 +30,14 @@ struct Args {
 }
 
 fn args() -> Result<Args> {
-    let mut a = Args {
-        rate: 5000,
-        subscribers: 10,
-        seconds: 10,
-        payload: 100,
-        binary: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/stepflow"),
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value = it.next().context("flag without value")?;
-        match flag.as_str() {
-            "--rate" => a.rate = value.parse()?,
-            "--subscribers" => a.subscribers = value.parse()?,
-            "--seconds" => a.seconds = value.parse()?,
-            "--payload" => a.payload = value.parse()?,
-            "--binary" => a.binary = value.into(),
-            other => bail!("unknown flag {other}"),
-        }
-    }
-    Ok(a)
+    let flags = Flags::parse(&["rate", "subscribers", "seconds", "payload"])?;
+    Ok(Args {
+        rate: flags.get("rate", 5000)?,
+        subscribers: flags.get("subscribers", 10)?,
+        seconds: flags.get("seconds", 10)?,
+        payload: flags.get("payload", 100)?,
+        binary: flags.binary(),
+    })
 }
 
 /// Publishes `rate` messages a second for `seconds`, QoS 1, paced every millisecond.
@@ -226,23 +214,20 @@ operations:
 "#,
     )?;
     let http = free_port();
-    let daemon = Killed(
-        Command::new(&a.binary)
-            .args(["run", "--listen", &format!("127.0.0.1:{http}"), "--specs"])
-            .arg(&spec)
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .args([
-                "--server",
-                &format!("broker=mqtt://127.0.0.1:{broker_port}"),
-            ])
-            .env("RUST_LOG", "warn")
-            .envs(std::env::vars().filter(|(k, _)| k.starts_with("MALLOC_")))
-            .stdout(Stdio::null())
-            .spawn()?,
-    );
+    let server = format!("broker=mqtt://127.0.0.1:{broker_port}");
+    let daemon = start_daemon(
+        &a.binary,
+        http,
+        &dir.path().join("data"),
+        &[
+            "--specs".as_ref(),
+            spec.as_os_str(),
+            "--server".as_ref(),
+            server.as_ref(),
+        ],
+    )
+    .await?;
     let pid = daemon.0.id();
-    wait_ready(http).await?;
     let idle_rss = rss_kib(pid, "VmRSS:");
 
     println!(

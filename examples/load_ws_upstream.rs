@@ -5,13 +5,12 @@
 //!     cargo build --release && cargo run --release --example load_ws_upstream -- --rate 5000 --subscribers 10 --seconds 10
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 mod common;
 use common::*;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use axum::extract::State;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
@@ -55,21 +54,10 @@ async fn send_ticks(frames: &broadcast::Sender<String>, rate: u64, seconds: u64)
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let mut rate = 5000u64;
-    let mut subscribers = 10usize;
-    let mut seconds = 10u64;
-    let mut binary = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/stepflow");
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value = it.next().context("flag without value")?;
-        match flag.as_str() {
-            "--rate" => rate = value.parse()?,
-            "--subscribers" => subscribers = value.parse()?,
-            "--seconds" => seconds = value.parse()?,
-            "--binary" => binary = value.into(),
-            other => bail!("unknown flag {other}"),
-        }
-    }
+    let flags = Flags::parse(&["rate", "subscribers", "seconds"])?;
+    let rate: u64 = flags.get("rate", 5000)?;
+    let subscribers: usize = flags.get("subscribers", 10)?;
+    let seconds: u64 = flags.get("seconds", 10)?;
     let (frames, _) = broadcast::channel::<String>(1 << 16);
     let app = axum::Router::new()
         .route("/stream", axum::routing::get(stream))
@@ -86,20 +74,18 @@ async fn main() -> Result<()> {
     )?;
     let spec = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("asyncapi-specs/market-feed-ws.yaml");
     let http = free_port();
-    let _daemon = Killed(
-        Command::new(&binary)
-            .args(["run", "--listen", &format!("127.0.0.1:{http}"), "--specs"])
-            .arg(&spec)
-            .arg("--config")
-            .arg(&config)
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .context("run `cargo build --release` first")?,
-    );
-    wait_ready(http).await?;
+    let _daemon = start_daemon(
+        &flags.binary(),
+        http,
+        &dir.path().join("data"),
+        &[
+            "--specs".as_ref(),
+            spec.as_os_str(),
+            "--config".as_ref(),
+            config.as_os_str(),
+        ],
+    )
+    .await?;
     // The feed is optional: ready does not mean connected to it.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while frames.receiver_count() == 0 {

@@ -192,3 +192,74 @@ pub async fn websocket_subscribers(
     }
     Ok(tasks)
 }
+
+/// `--name value` flags, each allowed name with its default.
+pub struct Flags(std::collections::HashMap<String, String>);
+
+impl Flags {
+    /// Reads the command line; a flag not in `allowed` (besides `--binary`) is an error.
+    pub fn parse(allowed: &[&str]) -> anyhow::Result<Flags> {
+        let mut values = std::collections::HashMap::new();
+        let mut it = std::env::args().skip(1);
+        while let Some(flag) = it.next() {
+            let name = flag
+                .strip_prefix("--")
+                .filter(|n| *n == "binary" || allowed.contains(n))
+                .ok_or_else(|| {
+                    anyhow::anyhow!("unknown flag {flag} (known: {allowed:?}, binary)")
+                })?;
+            let value = it
+                .next()
+                .ok_or_else(|| anyhow::anyhow!("{flag} without a value"))?;
+            values.insert(name.to_owned(), value);
+        }
+        Ok(Flags(values))
+    }
+
+    pub fn get<T: std::str::FromStr>(&self, name: &str, default: T) -> anyhow::Result<T>
+    where
+        T::Err: std::fmt::Display,
+    {
+        match self.0.get(name) {
+            None => Ok(default),
+            Some(v) => v.parse().map_err(|e| anyhow::anyhow!("--{name} {v}: {e}")),
+        }
+    }
+
+    /// The daemon binary: `--binary`, else the release build.
+    pub fn binary(&self) -> std::path::PathBuf {
+        self.0.get("binary").map(Into::into).unwrap_or_else(|| {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/stepflow")
+        })
+    }
+}
+
+/// Starts `binary run` on 127.0.0.1:`http` with its log in `data_dir` and `args` after it
+/// (`--specs`, `--config`, `--server`...), and waits until it is ready. `MALLOC_*` variables
+/// pass through (allocator experiments).
+pub async fn start_daemon(
+    binary: &std::path::Path,
+    http: u16,
+    data_dir: &std::path::Path,
+    args: &[&std::ffi::OsStr],
+) -> anyhow::Result<Killed> {
+    use anyhow::Context;
+    let daemon = Killed(
+        std::process::Command::new(binary)
+            .args([
+                "run",
+                "--listen",
+                &format!("127.0.0.1:{http}"),
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .envs(std::env::vars().filter(|(k, _)| k.starts_with("MALLOC_")))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("run `cargo build --release` first")?,
+    );
+    wait_ready(http).await?;
+    Ok(daemon)
+}
