@@ -11,6 +11,7 @@
 pub mod calls;
 pub mod config;
 pub mod connectors;
+pub mod credentials;
 pub mod daemon;
 pub mod hub;
 pub mod routing;

@@ -7,7 +7,6 @@
 //! with backoff after transport errors and 502/503/504, within the operation's timeout. Every
 //! call is kept in the operation's call log.
 
-pub mod auth;
 pub mod replies;
 pub mod triggers;
 
@@ -21,6 +20,7 @@ use serde_json::{Map, Value, json};
 
 use crate::connectors::mqtt::ServerOverride;
 use crate::connectors::{Backoff, describe_http_error, percent_encode};
+use crate::credentials::Credentials;
 use crate::routing::ChannelId;
 use crate::routing::address::Params;
 use crate::routing::envelope::{Envelope, Origin, Transport};
@@ -28,7 +28,6 @@ use crate::schema::{Encoding, PayloadSchema};
 use crate::spec::{Api, HttpOperation, SchemaDef};
 use crate::store::{LogId, Store};
 use crate::telemetry;
-use auth::Credentials;
 use replies::{BrokerCalls, BrokerOperation};
 
 /// Why a call did not produce an upstream response.
@@ -538,7 +537,8 @@ impl Operations {
             builder = op
                 .credentials
                 .apply(&self.client, builder, &mut query)
-                .await?;
+                .await
+                .map_err(|e| CallError::Unavailable(e.to_string()))?;
             let mut url = format!("{}{}", op.base_url, prepared.path);
             if !query.is_empty() {
                 let q: Vec<String> = query

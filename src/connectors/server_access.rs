@@ -10,6 +10,7 @@ use serde_json::Value;
 use super::mqtt::ServerOverride;
 use super::{ServerKey, percent_encode};
 use crate::config::RouteFileConfig;
+use crate::credentials::Credentials;
 use crate::routing::Route;
 use crate::routing::address::{Params, ProtocolAddress};
 use crate::spec::Server;
@@ -86,57 +87,18 @@ impl std::fmt::Debug for Access {
 }
 
 impl Access {
-    /// Credentials for `server` from its security schemes: `httpApiKey` (header, query or
-    /// cookie) and HTTP `bearer` take the override's `token`; HTTP `basic` takes its username
-    /// and password. A scheme without its secret configured is reported, not guessed.
+    /// Credentials for `server` from its security schemes ([`Credentials`]: `httpApiKey` in a
+    /// header, query or cookie and HTTP bearer take the override's `token`, HTTP basic its
+    /// username and password). A scheme without its secret configured is reported, not guessed;
+    /// OAuth2 is for calls only, and reported too.
     pub fn for_server(server: &Server, overrides: &ServerOverride) -> (Access, Vec<String>) {
-        let mut access = Access::default();
-        let mut missing = Vec::new();
-        for scheme in &server.security {
-            let d = &scheme.details;
-            let field = |name: &str| d.get(name).and_then(Value::as_str).unwrap_or_default();
-            match (
-                scheme.scheme_type.as_str(),
-                field("scheme").to_lowercase().as_str(),
-            ) {
-                ("httpApiKey", _) => {
-                    let Some(token) = &overrides.token else {
-                        missing.push(format!("{} (token)", scheme.name));
-                        continue;
-                    };
-                    let name = field("name").to_owned();
-                    match field("in") {
-                        "query" => access.query.push((name, token.clone())),
-                        "cookie" => access
-                            .headers
-                            .push(("cookie".into(), format!("{name}={token}"))),
-                        _ => access.headers.push((name, token.clone())),
-                    }
-                }
-                ("http", "bearer") => match &overrides.token {
-                    Some(token) => access
-                        .headers
-                        .push(("authorization".into(), format!("Bearer {token}"))),
-                    None => missing.push(format!("{} (token)", scheme.name)),
-                },
-                ("http", "basic") => match &overrides.username {
-                    Some(user) => {
-                        use base64::Engine;
-                        let pair = format!(
-                            "{user}:{}",
-                            overrides.password.as_deref().unwrap_or_default()
-                        );
-                        let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
-                        access
-                            .headers
-                            .push(("authorization".into(), format!("Basic {encoded}")));
-                    }
-                    None => missing.push(format!("{} (username, password)", scheme.name)),
-                },
-                _ => {}
-            }
+        let (credentials, mut missing) =
+            Credentials::build(&server.security, overrides, &server.url());
+        let (headers, query, oauth2_left_out) = credentials.fixed();
+        if oauth2_left_out {
+            missing.push("oauth2 (not for WebSocket or SSE connections)".into());
         }
-        (access, missing)
+        (Access { query, headers }, missing)
     }
 
     /// Adds the fixed values a binding's `query` / `headers` schema pins.

@@ -1,13 +1,13 @@
-//! Credentials for calls to HTTP APIs, from the operation's OpenAPI security schemes and the
-//! secrets in the config: API keys (header, query, cookie), HTTP bearer and basic, and OAuth2
-//! client credentials with the token cached until shortly before it expires.
+//! Credentials for the servers the gateway calls (OpenAPI operations) or connects to as a client
+//! (WebSocket and SSE upstreams), from their security schemes and the secrets in the config: API
+//! keys (header, query, cookie), HTTP bearer and basic, and OAuth2 client credentials with the
+//! token cached until shortly before it expires (calls only).
 
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tokio::sync::Mutex;
 
-use super::CallError;
 use crate::connectors::mqtt::ServerOverride;
 use crate::connectors::percent_encode;
 use crate::spec::SecurityScheme;
@@ -29,7 +29,12 @@ enum Scheme {
     },
 }
 
-/// What a request to an operation must carry.
+/// An OAuth2 token could not be had.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct TokenError(String);
+
+/// What a request to a server must carry.
 pub struct Credentials {
     schemes: Vec<Scheme>,
 }
@@ -112,13 +117,37 @@ impl Credentials {
         (Credentials { schemes: out }, missing)
     }
 
+    /// The credentials that are fixed values — everything but OAuth2 tokens — as headers and
+    /// query pairs, for connections that are not reqwest requests (WebSocket upgrades); and
+    /// whether OAuth2 schemes were left out.
+    pub fn fixed(&self) -> (Vec<(String, String)>, Vec<(String, String)>, bool) {
+        use base64::Engine;
+        let (mut headers, mut query, mut left_out) = (Vec::new(), Vec::new(), false);
+        for scheme in &self.schemes {
+            match scheme {
+                Scheme::Header(name, value) => headers.push((name.clone(), value.clone())),
+                Scheme::Query(name, value) => query.push((name.clone(), value.clone())),
+                Scheme::Bearer(token) => {
+                    headers.push(("authorization".into(), format!("Bearer {token}")));
+                }
+                Scheme::Basic(user, password) => {
+                    let pair = base64::engine::general_purpose::STANDARD
+                        .encode(format!("{user}:{password}"));
+                    headers.push(("authorization".into(), format!("Basic {pair}")));
+                }
+                Scheme::ClientCredentials { .. } => left_out = true,
+            }
+        }
+        (headers, query, left_out)
+    }
+
     /// Adds the credentials to a request (fetching an OAuth2 token when none is cached).
     pub async fn apply(
         &self,
         client: &reqwest::Client,
         mut request: reqwest::RequestBuilder,
         query: &mut Vec<(String, String)>,
-    ) -> Result<reqwest::RequestBuilder, CallError> {
+    ) -> Result<reqwest::RequestBuilder, TokenError> {
         for scheme in &self.schemes {
             request = match scheme {
                 Scheme::Header(name, value) => request.header(name.as_str(), value.as_str()),
@@ -183,7 +212,7 @@ async fn fetch_token(
     client_id: &str,
     client_secret: &str,
     scopes: &[String],
-) -> Result<(String, Duration), CallError> {
+) -> Result<(String, Duration), TokenError> {
     let mut form = "grant_type=client_credentials".to_owned();
     if !scopes.is_empty() {
         form.push_str(&format!("&scope={}", percent_encode(&scopes.join(" "))));
@@ -195,16 +224,17 @@ async fn fetch_token(
         .body(form)
         .send()
         .await
-        .map_err(|e| CallError::Unavailable(format!("OAuth2 token endpoint: {e}")))?;
+        .map_err(|e| TokenError(format!("OAuth2 token endpoint: {e}")))?;
     let status = response.status();
-    let body: Value = response.json().await.map_err(|e| {
-        CallError::Unavailable(format!("OAuth2 token endpoint answered {status}: {e}"))
-    })?;
+    let body: Value = response
+        .json()
+        .await
+        .map_err(|e| TokenError(format!("OAuth2 token endpoint answered {status}: {e}")))?;
     let token = body
         .get("access_token")
         .and_then(Value::as_str)
         .ok_or_else(|| {
-            CallError::Unavailable(format!(
+            TokenError(format!(
                 "OAuth2 token endpoint answered {status} without an access_token"
             ))
         })?;
