@@ -34,6 +34,14 @@ enum Scheme {
 #[error("{0}")]
 pub struct TokenError(String);
 
+/// The fixed part of a server's credentials.
+pub struct FixedCredentials {
+    pub headers: Vec<(String, String)>,
+    pub query: Vec<(String, String)>,
+    /// OAuth2 schemes were left out (they need a token request).
+    pub oauth2_left_out: bool,
+}
+
 /// What a request to a server must carry.
 pub struct Credentials {
     schemes: Vec<Scheme>,
@@ -117,10 +125,9 @@ impl Credentials {
         (Credentials { schemes: out }, missing)
     }
 
-    /// The credentials that are fixed values — everything but OAuth2 tokens — as headers and
-    /// query pairs, for connections that are not reqwest requests (WebSocket upgrades); and
-    /// whether OAuth2 schemes were left out.
-    pub fn fixed(&self) -> (Vec<(String, String)>, Vec<(String, String)>, bool) {
+    /// The credentials that are fixed values — everything but OAuth2 tokens — for connections
+    /// that are not reqwest requests (WebSocket upgrades).
+    pub fn fixed(&self) -> FixedCredentials {
         use base64::Engine;
         let (mut headers, mut query, mut left_out) = (Vec::new(), Vec::new(), false);
         for scheme in &self.schemes {
@@ -138,7 +145,11 @@ impl Credentials {
                 Scheme::ClientCredentials { .. } => left_out = true,
             }
         }
-        (headers, query, left_out)
+        FixedCredentials {
+            headers,
+            query,
+            oauth2_left_out: left_out,
+        }
     }
 
     /// Adds the credentials to a request (fetching an OAuth2 token when none is cached).

@@ -94,11 +94,15 @@ impl Access {
     pub fn for_server(server: &Server, overrides: &ServerOverride) -> (Access, Vec<String>) {
         let (credentials, mut missing) =
             Credentials::build(&server.security, overrides, &server.url());
-        let (headers, query, oauth2_left_out) = credentials.fixed();
-        if oauth2_left_out {
+        let fixed = credentials.fixed();
+        if fixed.oauth2_left_out {
             missing.push("oauth2 (not for WebSocket or SSE connections)".into());
         }
-        (Access { query, headers }, missing)
+        let access = Access {
+            query: fixed.query,
+            headers: fixed.headers,
+        };
+        (access, missing)
     }
 
     /// Adds the fixed values a binding's `query` / `headers` schema pins.
