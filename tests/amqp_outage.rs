@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::BasicPublishOptions;
 use serde_json::{Value, json};
 
 fn rabbitmqctl(command: &str) {
@@ -78,10 +78,7 @@ async fn daemon_recovers_after_rabbitmq_stop_app_and_start_app() {
     daemon.wait_ready(Duration::from_secs(60)).await.unwrap();
 
     // The topology was declared again and the consumer resumed.
-    let (_conn, ch) = amqp_channel().await.unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    let (_conn, ch) = amqp_confirm_channel().await.unwrap();
     ch.basic_publish(
         format!("{prefix}.events").as_str().into(),
         "devices.5.telemetry".into(),

@@ -9,8 +9,8 @@ use common::*;
 use futures::{SinkExt, StreamExt};
 use lapin::BasicProperties;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
-    QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use serde_json::{Value, json};
@@ -98,10 +98,7 @@ async fn messages_reach_websocket_sse_and_the_log_with_routing_key_and_propertie
     let mut sse = SseClient::connect(&daemon.url(&format!("/sse/{channel}")), None)
         .await
         .unwrap();
-    let (_conn, ch) = amqp_channel().await.unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    let (_conn, ch) = amqp_confirm_channel().await.unwrap();
     publish(
         &ch,
         &prefix,
@@ -288,10 +285,7 @@ async fn daemon_killed_mid_stream_loses_no_message() {
     let prefix = unique("a");
     let mut daemon = start(dir.path(), &api, &prefix).await;
     let channel = format!("{api}.telemetry");
-    let (_conn, ch) = amqp_channel().await.unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    let (_conn, ch) = amqp_confirm_channel().await.unwrap();
     let total = 2000u64;
     for seq in 0..total / 2 {
         publish(
@@ -470,10 +464,7 @@ async fn amqps_with_a_private_ca_and_credentials_from_the_environment() {
     let mut ws = ws_connect(&daemon.ws_url(&format!("/ws/{api}.telemetry")))
         .await
         .unwrap();
-    let (_conn, ch) = amqp_channel().await.unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    let (_conn, ch) = amqp_confirm_channel().await.unwrap();
     publish(
         &ch,
         &prefix,
@@ -533,10 +524,7 @@ async fn a_full_disk_nacks_deliveries_with_requeue_and_the_log_heals_when_space_
     .await
     .unwrap();
     let channel = format!("{api}.telemetry");
-    let (_conn, ch) = amqp_channel().await.unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    let (_conn, ch) = amqp_confirm_channel().await.unwrap();
     let send = |seq: u64| {
         let ch = ch.clone();
         let prefix = prefix.clone();
@@ -550,18 +538,8 @@ async fn a_full_disk_nacks_deliveries_with_requeue_and_the_log_heals_when_space_
             .await
         }
     };
-    for seq in 0..5 {
-        send(seq).await;
-    }
-    assert_eq!(daemon.wait_for_log(&channel, 5).await.len(), 5);
-
-    let filler = disk.fill();
     let total = 25;
-    for seq in 5..total {
-        send(seq).await;
-    }
-    // The log fails, says so, and nothing is acknowledged meanwhile.
-    wait_for_log_failure(&daemon).await;
+    let filler = send_while_the_disk_fills(&daemon, &disk, &channel, total, send).await;
     let replay = reqwest::get(daemon.url(&format!("/api/v1/channels/{channel}/messages?from=0")))
         .await
         .unwrap();

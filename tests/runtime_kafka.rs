@@ -398,17 +398,8 @@ async fn a_full_disk_stops_offsets_and_the_records_are_read_again_when_space_ret
                 .await
         }
     };
-    for seq in 0..5 {
-        send(seq).await;
-    }
-    assert_eq!(daemon.wait_for_log(&channel, 5).await.len(), 5);
-
-    let filler = disk.fill();
     let total = 25;
-    for seq in 5..total {
-        send(seq).await;
-    }
-    wait_for_log_failure(&daemon).await;
+    let filler = send_while_the_disk_fills(&daemon, &disk, &channel, total, send).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     free_disk_and_check_the_log(&daemon, &filler, &channel, total, "Kafka").await;

@@ -634,6 +634,15 @@ pub async fn amqp_channel() -> Result<(lapin::Connection, lapin::Channel)> {
     Ok((connection, channel))
 }
 
+/// A client channel with publisher confirms on.
+pub async fn amqp_confirm_channel() -> Result<(lapin::Connection, lapin::Channel)> {
+    let (connection, channel) = amqp_channel().await?;
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await?;
+    Ok((connection, channel))
+}
+
 /// Deletes a test's exchange and queues.
 pub async fn amqp_cleanup(prefix: &str, queues: &[&str]) {
     if let Ok((connection, channel)) = amqp_channel().await {
@@ -858,4 +867,30 @@ pub async fn call_operation(
         .send()
         .await
         .unwrap()
+}
+
+/// The first half of a full-disk test: `send(0..5)` logged, then the disk filled and
+/// `send(5..total)` while the daemon reports its log down. The filler file, to free the disk.
+pub async fn send_while_the_disk_fills<F, Fut>(
+    daemon: &Daemon,
+    disk: &SmallDisk,
+    channel: &str,
+    total: u64,
+    send: F,
+) -> PathBuf
+where
+    F: Fn(u64) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    for seq in 0..5 {
+        send(seq).await;
+    }
+    assert_eq!(daemon.wait_for_log(channel, 5).await.len(), 5);
+    let filler = disk.fill();
+    for seq in 5..total {
+        send(seq).await;
+    }
+    // The log fails, says so, and nothing is acknowledged meanwhile.
+    wait_for_log_failure(daemon).await;
+    filler
 }
