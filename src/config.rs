@@ -42,7 +42,7 @@ pub struct RunArgs {
     /// API documents or directories of them [default: asyncapi-specs/].
     #[arg(long, env = "STEPFLOW_SPECS", num_args = 1.., value_delimiter = ',')]
     pub specs: Vec<PathBuf>,
-    /// Directory of bridge definitions.
+    /// Directory of bridge definitions (`*.yaml`) [default: bridges/, with the default specs].
     #[arg(long, env = "STEPFLOW_BRIDGES")]
     pub bridges: Option<PathBuf>,
     /// Where a document's server points: `SERVER_ID=URL` (or `API/SERVER_ID=URL`), repeatable.
@@ -200,12 +200,18 @@ impl Config {
             }
             servers.entry(id.to_owned()).or_default().url = Some(url.to_owned());
         }
+        let specs_given = !args.specs.is_empty() || file.specs.is_some();
         let specs = if !args.specs.is_empty() {
             args.specs.clone()
         } else {
             file.specs
                 .unwrap_or_else(|| vec![PathBuf::from("asyncapi-specs")])
         };
+        // The shipped bridges link the shipped documents: they load by default only with them.
+        let bridges = args.bridges.clone().or(file.bridges).or_else(|| {
+            let shipped = PathBuf::from("bridges");
+            (!specs_given && shipped.is_dir()).then_some(shipped)
+        });
         Ok(Config {
             listen: args
                 .listen
@@ -217,7 +223,7 @@ impl Config {
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from("data")),
             specs,
-            bridges: args.bridges.clone().or(file.bridges),
+            bridges,
             servers,
             routes: file.routes,
             retention: file.retention,

@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::bridge::{self, Bridge};
 use crate::calls::Operations;
 use crate::calls::replies::BrokerCalls;
 use crate::config::Config;
@@ -25,6 +26,7 @@ use crate::routing::{self, UpstreamBinding};
 use crate::server::{self, AppState};
 use crate::spec::{self, DocumentKind, ProtocolFamily, SpecError};
 use crate::store::{Store, StoreConfig};
+use crate::subscriptions::Subscriptions;
 use crate::telemetry;
 
 /// Why the daemon could not start or stopped abnormally.
@@ -117,8 +119,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         })??;
     tracing::info!(data_dir = %config.data_dir.display(), "message log open");
 
+    let table = Arc::new(compiled.table);
     let hub = Arc::new(Hub::new(
-        Arc::new(compiled.table),
+        table.clone(),
         store.clone(),
         Default::default(),
         HubConfig {
@@ -154,6 +157,32 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         return Err(Error::Config(problems.join("; ")));
     }
     crate::calls::triggers::start(hub.clone(), operations.clone(), triggers, shutdown.clone());
+
+    let bridges: Vec<Arc<Bridge>> = match config.bridges.clone() {
+        Some(dir) => {
+            let known = operations.clone();
+            let table = table.clone();
+            tokio::task::spawn_blocking(move || {
+                bridge::load(&dir, &table, &|id| known.log_of(id).is_some())
+            })
+            .await
+            .map_err(|e| Error::Config(format!("bridge loader failed: {e}")))?
+            .map_err(Error::Specs)?
+            .into_iter()
+            .map(Arc::new)
+            .collect()
+        }
+        None => Vec::new(),
+    };
+    // Cursors before connectors: nothing that arrives from now on can be missed by a lane.
+    bridge::lane::prepare_cursors(&store, &hub, &bridges).await?;
+    tracing::info!(
+        bridges = bridges.len(),
+        lanes = bridges.iter().map(|b| b.lanes.len()).sum::<usize>(),
+        "bridges compiled"
+    );
+    let bridges = Arc::new(bridges);
+    let subscriptions = Subscriptions::load(store.clone()).await?;
 
     let connectors = TaskTracker::new();
     let connector_shutdown = CancellationToken::new();
@@ -259,6 +288,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         }
     }
     connectors.close();
+    let lanes = TaskTracker::new();
+    let lane_shutdown = CancellationToken::new();
+    bridge::lane::start(
+        hub.clone(),
+        operations.clone(),
+        &bridges,
+        lane_shutdown.clone(),
+        &lanes,
+    );
+    lanes.close();
 
     let listener = TcpListener::bind(config.listen)
         .await
@@ -272,12 +311,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let state = AppState {
         hub: hub.clone(),
         operations,
+        bridges: bridges.clone(),
+        subscriptions: subscriptions.clone(),
         added_specs: config.data_dir.join(ADDED_SPECS_DIR),
         metrics: metrics.clone(),
         shutdown: http_shutdown.clone(),
         connection_ids: Arc::new(AtomicU64::new(0)),
     };
     let http = tokio::spawn(server::run(listener, state));
+    let cursor_flusher = tokio::spawn(subscriptions.run_flusher(http_shutdown.clone()));
 
     let housekeeping = tokio::spawn({
         let store = store.clone();
@@ -301,7 +343,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     tracing::info!(timeout = ?config.shutdown_timeout, "shutting down");
     // 1. Stop taking requests and close client streams.
     http_shutdown.cancel();
-    // 2. Stop intake upstream; connectors acknowledge what the log already holds.
+    // 2. Stop the bridge lanes (they publish through the connectors), keeping their cursors.
+    lane_shutdown.cancel();
+    if tokio::time::timeout_at(deadline, lanes.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("bridge lanes did not stop before the deadline");
+    }
+    // 3. Stop intake upstream; connectors acknowledge what the log already holds.
     connector_shutdown.cancel();
     let stragglers = async {
         loop {
@@ -323,7 +373,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         tracing::warn!("HTTP server did not finish before the deadline");
     }
     housekeeping.abort();
-    // 3. Flush the log last: draining connectors still append.
+    let _ = cursor_flusher.await;
+    // 4. Flush the log last: draining connectors still append.
     store.shutdown().await;
     tracing::info!("stopped");
     Ok(())

@@ -107,6 +107,8 @@ pub struct PublishRequest {
     pub params: HashMap<String, String>,
     pub headers: Headers,
     pub origin: Origin,
+    /// The Kafka record key, when the sender sets it (bridges); else the route's key template.
+    pub key: Option<String>,
 }
 
 /// A publish that was acknowledged upstream and logged.
@@ -355,6 +357,7 @@ impl Hub {
                 params: route_params.clone(),
                 payload: request.payload.clone(),
                 headers: request.headers.clone(),
+                key: request.key.clone(),
             };
             let result = tokio::time::timeout(
                 self.config.publish_timeout,

@@ -6,8 +6,12 @@
 //! - [`routing`]: the routing table — one route per channel, address templates and their MQTT,
 //!   AMQP and Kafka forms, parameter extraction and filling.
 //! - [`calls`]: OpenAPI operations as request-reply channels, called over HTTP.
+//! - [`bridge`]: `bridges/*.yaml`, channel → channel links across protocols, at-least-once
+//!   through durable cursors on the source log.
+//! - [`subscriptions`]: named durable cursors that WebSocket and SSE clients attach to.
 #![deny(unsafe_code)]
 
+pub mod bridge;
 pub mod calls;
 pub mod config;
 pub mod connectors;
@@ -19,4 +23,5 @@ pub mod schema;
 pub mod server;
 pub mod spec;
 pub mod store;
+pub mod subscriptions;
 pub mod telemetry;

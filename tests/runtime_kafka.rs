@@ -48,14 +48,7 @@ impl Kafka {
     }
 
     fn consumer(&self, topic: &str) -> StreamConsumer {
-        let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", self.bootstrap())
-            .set("group.id", unique("reader"))
-            .set("auto.offset.reset", "earliest")
-            .create()
-            .unwrap();
-        consumer.subscribe(&[topic]).unwrap();
-        consumer
+        kafka_reader(&self.bootstrap(), topic)
     }
 
     /// A document with a telemetry topic the gateway consumes and a commands topic it produces

@@ -289,51 +289,6 @@ async fn sse_and_websocket_clients_resume_without_gaps_or_duplicates() {
     );
 }
 
-/// Publishes `count` QoS 1 messages with a `seq` field and waits for every PUBACK.
-async fn publish_acknowledged(
-    port: u16,
-    topic: String,
-    seqs: std::ops::Range<u64>,
-    per_second: u64,
-    on_progress: tokio::sync::watch::Sender<u64>,
-) -> u64 {
-    let count = seqs.end - seqs.start;
-    let mut options = rumqttc::MqttOptions::new(unique("publisher"), "127.0.0.1", port);
-    options.set_inflight(100);
-    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 1000);
-    let acks = tokio::spawn(async move {
-        let mut acked = 0u64;
-        while acked < count {
-            match eventloop.poll().await {
-                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
-                    acked += 1;
-                    let _ = on_progress.send(acked);
-                }
-                Ok(_) => {}
-                Err(e) => panic!("publisher lost its broker: {e}"),
-            }
-        }
-        acked
-    });
-    let pause = Duration::from_micros(1_000_000 / per_second.max(1));
-    for seq in seqs {
-        client
-            .publish(
-                &topic,
-                QoS::AtLeastOnce,
-                false,
-                json!({"temperature": 1, "seq": seq}).to_string(),
-            )
-            .await
-            .unwrap();
-        tokio::time::sleep(pause).await;
-    }
-    tokio::time::timeout(Duration::from_secs(60), acks)
-        .await
-        .unwrap()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_killed_mid_stream_loses_no_acknowledged_message() {
     let broker = OwnMosquitto::start();

@@ -264,6 +264,7 @@ impl BrokerCalls {
                     params,
                     headers,
                     origin: Origin::client(Transport::Http, 0),
+                    key: None,
                 },
             )
             .await;

@@ -160,6 +160,7 @@ async fn answer(hub: &Hub, operations: &Operations, trigger: &TriggerConfig, mes
                 params,
                 headers: Vec::new(),
                 origin: Origin::client(Transport::Bridge, 0),
+                key: None,
             },
         )
         .await;

@@ -638,6 +638,7 @@ impl Publisher for KafkaPublisher {
         let producer = self.producer.clone();
         let server = self.key.server.clone();
         let key = match &upstream.binding {
+            _ if message.key.is_some() => message.key.clone().unwrap_or_default(),
             UpstreamBinding::Kafka(k) => k
                 .key_template
                 .as_deref()

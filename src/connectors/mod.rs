@@ -205,6 +205,8 @@ pub struct Outbound {
     pub params: crate::routing::address::Params,
     pub payload: Bytes,
     pub headers: Headers,
+    /// A Kafka record key set by the sender, over the route's key template.
+    pub key: Option<String>,
 }
 
 /// A connector's sending side, as the hub sees it. The future completes when the upstream

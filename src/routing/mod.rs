@@ -8,6 +8,7 @@
 
 pub mod address;
 pub mod envelope;
+pub mod filter;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -125,6 +125,7 @@ pub async fn publish(
                 params,
                 headers: message_headers,
                 origin: Origin::client(Transport::Http, 0),
+                key: None,
             },
         )
         .await?;

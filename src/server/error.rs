@@ -24,6 +24,8 @@ pub enum ErrorCode {
     UpstreamUnavailable,
     UpstreamTimeout,
     NotReady,
+    /// The resource exists with another definition.
+    Conflict,
     /// The message log is reopening after an I/O failure: retry later.
     LogUnavailable,
     Internal,

@@ -1,6 +1,7 @@
 //! The HTTP surface (axum): admin and channel API, publish, replay, WebSocket, SSE, health and
 //! `/metrics`. Errors are JSON `{"error": {"code", "message", "details"}}` everywhere.
 
+pub mod admin;
 pub mod api;
 pub mod calls;
 pub mod error;
@@ -27,6 +28,8 @@ use crate::telemetry::HTTP_REQUESTS;
 pub struct AppState {
     pub hub: Arc<Hub>,
     pub operations: Arc<crate::calls::Operations>,
+    pub bridges: Arc<Vec<Arc<crate::bridge::Bridge>>>,
+    pub subscriptions: crate::subscriptions::Subscriptions,
     /// Where documents added with `POST /api/v1/specs` are kept.
     pub added_specs: std::path::PathBuf,
     pub metrics: PrometheusHandle,
@@ -45,8 +48,21 @@ pub fn router(state: AppState) -> Router {
         )
         .route(
             "/api/v1/channels/{id}/dead-letters",
-            get(api::replay_dead_letters),
+            get(api::replay_dead_letters).delete(admin::purge_dead_letters),
         )
+        .route(
+            "/api/v1/channels/{id}/dead-letters/replay",
+            post(admin::replay_dead_letters),
+        )
+        .route(
+            "/api/v1/subscriptions",
+            get(admin::list_subscriptions).post(admin::create_subscription),
+        )
+        .route(
+            "/api/v1/subscriptions/{name}",
+            get(admin::get_subscription).delete(admin::delete_subscription),
+        )
+        .route("/api/v1/bridges", get(admin::list_bridges))
         .route("/api/v1/specs", post(calls::add_spec))
         .route("/api/v1/operations", get(calls::list))
         .route("/api/v1/operations/{id}/call", post(calls::call))

@@ -24,6 +24,7 @@ use super::api::route_or_404;
 use super::error::{ApiError, ErrorCode};
 use crate::hub::{LiveRoute, PublishRequest, Subscription, SubscriptionEvent};
 use crate::routing::envelope::{Delivered, Origin, Transport};
+use crate::routing::filter::Filter;
 use crate::telemetry::events::{SubscriberGauge, SubscriberLagged};
 
 /// How often the server pings an idle WebSocket client.
@@ -59,7 +60,11 @@ pub async fn websocket(
 ) -> Result<Response, ApiError> {
     let Query(params) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let route = route_or_404(&state, &id)?;
-    let from = parse_from(&params)?;
+    let durable = durable_subscription(&state, &params, &id)?;
+    let from = match &durable {
+        Some(d) => Some(d.cursor),
+        None => parse_from(&params)?,
+    };
     let subscription = if route.route.direction.readable {
         Some(state.hub.subscribe(&route, from).await?)
     } else {
@@ -69,8 +74,66 @@ pub async fn websocket(
     Ok(upgrade
         .max_message_size(state.hub.config().max_payload_bytes + 4096)
         .on_upgrade(move |socket| {
-            ws_session(socket, state, route, subscription, params, connection)
+            ws_session(
+                socket,
+                state,
+                route,
+                subscription,
+                durable,
+                params,
+                connection,
+            )
         }))
+}
+
+/// A durable subscription a stream attaches to (`?subscription=name`).
+struct Durable {
+    name: String,
+    cursor: u64,
+    filter: Option<Filter>,
+}
+
+impl Durable {
+    fn passes(&self, message: &Delivered) -> bool {
+        self.filter
+            .as_ref()
+            .is_none_or(|f| f.matches(message).unwrap_or(false))
+    }
+}
+
+fn durable_subscription(
+    state: &AppState,
+    params: &HashMap<String, String>,
+    channel: &str,
+) -> Result<Option<Durable>, ApiError> {
+    let Some(name) = params.get("subscription") else {
+        return Ok(None);
+    };
+    let def = state
+        .subscriptions
+        .get(name)
+        .ok_or_else(|| ApiError::not_found(format!("no subscription '{name}'")))?;
+    if def.channel != channel {
+        return Err(ApiError::bad_request(format!(
+            "subscription '{name}' is on channel '{}', not '{channel}'",
+            def.channel
+        )));
+    }
+    Ok(Some(Durable {
+        filter: state.subscriptions.filter(name),
+        name: def.name,
+        cursor: def.cursor,
+    }))
+}
+
+/// `{"ack": offset}`: a durable subscriber's acknowledgement.
+fn parse_ack(payload: &[u8]) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Ack {
+        ack: u64,
+    }
+    serde_json::from_slice::<Ack>(payload).ok().map(|a| a.ack)
 }
 
 async fn ws_session(
@@ -78,10 +141,12 @@ async fn ws_session(
     state: AppState,
     route: Arc<LiveRoute>,
     mut subscription: Option<Subscription>,
+    durable: Option<Durable>,
     mut params: HashMap<String, String>,
     connection: u64,
 ) {
     params.remove("from");
+    params.remove("subscription");
     let _gauge = SubscriberGauge::attach(route.id(), Transport::Ws);
     let (mut sink, mut incoming) = socket.split();
     let mut ping = tokio::time::interval(PING_INTERVAL);
@@ -105,6 +170,9 @@ async fn ws_session(
                         if message.envelope.origin.connection == connection
                             && message.envelope.origin.transport == Transport::Ws
                         {
+                            continue;
+                        }
+                        if durable.as_ref().is_some_and(|d| !d.passes(&message)) {
                             continue;
                         }
                         delivered(&route, &message, live, Transport::Ws);
@@ -136,6 +204,17 @@ async fn ws_session(
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                     Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break None,
                 };
+                if let Some(d) = &durable
+                    && let Some(offset) = parse_ack(&payload)
+                {
+                    if let Err(e) = state.subscriptions.ack(&d.name, offset) {
+                        let error = ApiError::from(e);
+                        if sink.send(Message::Text(error_frame(&error).into())).await.is_err() {
+                            break None;
+                        }
+                    }
+                    continue;
+                }
                 let reply = publish_frame(&state, &route, &params, payload, connection).await;
                 if sink.send(Message::Text(reply.into())).await.is_err() {
                     break None;
@@ -188,6 +267,7 @@ async fn publish_frame(
             .filter_map(|(k, v)| Some((k.strip_prefix("x-header-")?.to_owned(), v.clone())))
             .collect(),
         origin: Origin::client(Transport::Ws, connection),
+        key: None,
     };
     match state.hub.publish(route.id(), request).await {
         Ok(published) => json!({
@@ -227,12 +307,16 @@ pub async fn sse(
         })?),
         Some(Err(_)) => return Err(ApiError::bad_request("Last-Event-ID is not text")),
     };
-    let from = match last_event_id {
-        Some(id) => Some(id + 1),
-        None => parse_from(&params)?,
+    let durable = durable_subscription(&state, &params, &id)?;
+    let from = match (&durable, last_event_id) {
+        // A durable subscriber's Last-Event-ID acknowledges everything up to it.
+        (Some(d), Some(last)) => Some(state.subscriptions.ack(&d.name, last)?),
+        (Some(d), None) => Some(d.cursor),
+        (None, Some(id)) => Some(id + 1),
+        (None, None) => parse_from(&params)?,
     };
     let subscription = state.hub.subscribe(&route, from).await?;
-    let stream = sse_stream(state, route, subscription);
+    let stream = sse_stream(state, route, subscription, durable);
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(SSE_KEEP_ALIVE))
         .into_response())
@@ -242,6 +326,7 @@ fn sse_stream(
     state: AppState,
     route: Arc<LiveRoute>,
     mut subscription: Subscription,
+    durable: Option<Durable>,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     async_stream::stream! {
         let _gauge = SubscriberGauge::attach(route.id(), Transport::Sse);
@@ -252,6 +337,9 @@ fn sse_stream(
             };
             match event {
                 Ok(Some(SubscriptionEvent::Message { message, live })) => {
+                    if durable.as_ref().is_some_and(|d| !d.passes(&message)) {
+                        continue;
+                    }
                     delivered(&route, &message, live, Transport::Sse);
                     let data = String::from_utf8_lossy(message.frame()).into_owned();
                     yield Ok(Event::default().id(message.offset.to_string()).event("message").data(data));

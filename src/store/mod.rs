@@ -412,6 +412,133 @@ impl Store {
     }
 }
 
+/// Small durable state beside the logs: bridge and subscription cursors, subscription
+/// definitions. One sled tree per namespace; values are opaque bytes.
+impl Store {
+    /// The value under `key` in `namespace`.
+    pub async fn state_get(&self, namespace: &str, key: &str) -> Result<Option<Vec<u8>>, Error> {
+        let db = self.db()?;
+        let (tree, key) = (state_tree(namespace), key.to_owned());
+        blocking(&tree.clone(), move || {
+            let t = db.open_tree(&tree)?;
+            Ok(t.get(key.as_bytes())?.map(|v| v.to_vec()))
+        })
+        .await
+    }
+
+    /// Stores `value` under `key` and flushes it to disk before returning.
+    pub async fn state_put(&self, namespace: &str, key: &str, value: Vec<u8>) -> Result<(), Error> {
+        let db = self.db()?;
+        let (tree, key) = (state_tree(namespace), key.to_owned());
+        blocking(&tree.clone(), move || {
+            db.open_tree(&tree)?.insert(key.as_bytes(), value)?;
+            db.flush()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Removes `key`; whether it was there.
+    pub async fn state_remove(&self, namespace: &str, key: &str) -> Result<bool, Error> {
+        let db = self.db()?;
+        let (tree, key) = (state_tree(namespace), key.to_owned());
+        blocking(&tree.clone(), move || {
+            let removed = db.open_tree(&tree)?.remove(key.as_bytes())?.is_some();
+            db.flush()?;
+            Ok(removed)
+        })
+        .await
+    }
+
+    /// Every key and value of `namespace`, in key order.
+    pub async fn state_list(&self, namespace: &str) -> Result<Vec<(String, Vec<u8>)>, Error> {
+        let db = self.db()?;
+        let tree = state_tree(namespace);
+        blocking(&tree.clone(), move || {
+            let mut out = Vec::new();
+            for item in db.open_tree(&tree)?.iter() {
+                let (k, v) = item?;
+                out.push((String::from_utf8_lossy(&k).into_owned(), v.to_vec()));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Removes the given offsets from a log (dead letters that were replayed); how many were there.
+    pub async fn remove_offsets(&self, log: &LogId, offsets: Vec<u64>) -> Result<u64, Error> {
+        let db = self.db()?;
+        let log = log.clone();
+        let name = log.to_string();
+        blocking(&name, move || {
+            let tree = db.open_tree(log.tree_name())?;
+            remember_next_offset(&db, &log, &tree)?;
+            let mut removed = 0;
+            for offset in offsets {
+                if tree.remove(offset.to_be_bytes())?.is_some() {
+                    removed += 1;
+                }
+            }
+            db.flush()?;
+            Ok(removed)
+        })
+        .await
+    }
+
+    /// Empties a log; offsets continue where they were. How many records were removed.
+    pub async fn purge(&self, log: &LogId) -> Result<u64, Error> {
+        let db = self.db()?;
+        let log = log.clone();
+        let name = log.to_string();
+        blocking(&name, move || {
+            let tree = db.open_tree(log.tree_name())?;
+            remember_next_offset(&db, &log, &tree)?;
+            let removed = tree.len() as u64;
+            tree.clear()?;
+            db.flush()?;
+            Ok(removed)
+        })
+        .await
+    }
+}
+
+fn state_tree(namespace: &str) -> String {
+    format!("s:{namespace}")
+}
+
+/// Records where a log's offsets continue before records are removed, so an emptied log does not
+/// start again at 1 after a restart (cursors and Last-Event-IDs refer to offsets).
+fn remember_next_offset(db: &sled::Db, log: &LogId, tree: &sled::Tree) -> Result<(), sled::Error> {
+    if let Some((key, _)) = tree.last()? {
+        let next = offset_of(&key) + 1;
+        let meta = db.open_tree("meta")?;
+        let floor_key = writer::next_offset_key(log);
+        let known = meta.get(&floor_key)?.map_or(0, |v| offset_of(&v));
+        if next > known {
+            meta.insert(floor_key, &next.to_be_bytes())?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs sled work on the blocking pool, mapping its errors to the log it concerns.
+async fn blocking<T: Send + 'static>(
+    what: &str,
+    work: impl FnOnce() -> Result<T, sled::Error> + Send + 'static,
+) -> Result<T, Error> {
+    let what = what.to_owned();
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result.map_err(|e| Error::Io {
+            log: what,
+            reason: e.to_string(),
+        }),
+        Err(e) => Err(Error::Io {
+            log: what,
+            reason: format!("store task failed: {e}"),
+        }),
+    }
+}
+
 fn io_error(log: &LogId, e: sled::Error) -> Error {
     Error::Io {
         log: log.to_string(),

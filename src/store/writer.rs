@@ -237,10 +237,17 @@ fn insert(
         let tree = db
             .open_tree(append.log.tree_name())
             .map_err(|e| io_error(&append.log, e))?;
-        let next_offset = match tree.last().map_err(|e| io_error(&append.log, e))? {
+        let after_last = match tree.last().map_err(|e| io_error(&append.log, e))? {
             Some((key, _)) => offset_of(&key) + 1 + resume.offset_gap,
             None => 1,
         };
+        // A log emptied by a purge continues where it was, not at 1.
+        let floor = db
+            .open_tree("meta")
+            .and_then(|meta| meta.get(next_offset_key(&append.log)))
+            .map_err(|e| io_error(&append.log, e))?
+            .map_or(1, |v| offset_of(&v));
+        let next_offset = after_last.max(floor);
         logs.insert(append.log.clone(), OpenLog { tree, next_offset });
     }
     let log = logs.get_mut(&append.log).expect("inserted above");
@@ -251,6 +258,11 @@ fn insert(
         .map_err(|e| io_error(&append.log, e))?;
     log.next_offset += 1;
     Ok(offset)
+}
+
+/// The `meta` key under which a log's next offset is kept when its records are removed.
+pub(super) fn next_offset_key(log: &LogId) -> Vec<u8> {
+    format!("next:{}", log.tree_name()).into_bytes()
 }
 
 /// Applies retention to every log this writer has opened.
@@ -264,9 +276,12 @@ fn trim(logs: &HashMap<LogId, OpenLog>, retention: &Retention) {
 
 pub(super) fn trim_one(tree: &sled::Tree, retention: &Retention) -> Result<u64, sled::Error> {
     let mut removed = 0;
+    // The newest record always stays: its key is where offsets continue after a restart, and
+    // cursors and Last-Event-IDs refer to offsets.
+    let newest = tree.last()?.map(|(k, _)| k);
     if let Some(max) = retention.max_messages {
         let len = tree.len() as u64;
-        for _ in max..len {
+        for _ in max.max(1)..len {
             if tree.pop_min()?.is_none() {
                 break;
             }
@@ -280,6 +295,9 @@ pub(super) fn trim_one(tree: &sled::Tree, retention: &Retention) -> Result<u64, 
             .as_millis() as u64;
         let cutoff = now_ms.saturating_sub(max_age.as_millis() as u64);
         while let Some((key, value)) = tree.first()? {
+            if Some(&key) == newest.as_ref() {
+                break;
+            }
             match record::timestamp_ms(&value) {
                 Some(ts) if ts < cutoff => {
                     tree.remove(key)?;
@@ -303,7 +321,7 @@ pub(super) fn trim_one(tree: &sled::Tree, retention: &Retention) -> Result<u64, 
         }
         if let Some(limit) = cut_before {
             while let Some((key, _)) = tree.first()? {
-                if offset_of(&key) >= limit {
+                if offset_of(&key) >= limit || Some(&key) == newest.as_ref() {
                     break;
                 }
                 tree.remove(key)?;
@@ -375,7 +393,7 @@ mod tests {
     }
 
     #[test]
-    fn retention_by_age_removes_old_records() {
+    fn retention_by_age_removes_old_records_but_the_newest() {
         let (_dir, tree) = tree_with(5);
         std::thread::sleep(Duration::from_millis(1100));
         let removed = trim_one(
@@ -386,7 +404,7 @@ mod tests {
             },
         )
         .unwrap();
-        assert_eq!(removed, 5);
-        assert!(tree.is_empty());
+        assert_eq!(removed, 4, "the newest record keeps the offset sequence");
+        assert_eq!(offset_of(&tree.first().unwrap().unwrap().0), 5);
     }
 }

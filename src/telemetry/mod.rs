@@ -54,6 +54,23 @@ pub const CALL_RESPONSE_MISMATCHES: &str = "stepflow_call_response_mismatches_to
 /// Replies on a reply channel that no call waits for (unknown or expired correlation id), by
 /// channel.
 pub const CALL_REPLIES_UNMATCHED: &str = "stepflow_call_replies_unmatched_total";
+/// Messages a bridge lane finished with, by bridge, target and outcome (`forwarded`,
+/// `filtered`, `dead_lettered`, `dropped`, `expired`).
+pub const BRIDGE_MESSAGES: &str = "stepflow_bridge_messages_total";
+/// Payloads converted on the way (`json_to_avro`, `avro_to_json`), by bridge and target.
+pub const BRIDGE_CONVERSIONS: &str = "stepflow_bridge_conversions_total";
+/// Failed delivery attempts, by bridge, target and reason.
+pub const BRIDGE_FAILURES: &str = "stepflow_bridge_failures_total";
+/// Deliveries attempted again after a failure, by bridge and target.
+pub const BRIDGE_RETRIES: &str = "stepflow_bridge_retries_total";
+/// Messages sent to a target and not yet confirmed, by bridge and target.
+pub const BRIDGE_IN_FLIGHT: &str = "stepflow_bridge_in_flight";
+/// Messages in the source log not yet delivered to the target, by bridge and target.
+pub const BRIDGE_LAG: &str = "stepflow_bridge_lag_messages";
+/// Source arrival → target confirmation, by bridge and target.
+pub const BRIDGE_LATENCY: &str = "stepflow_bridge_latency_seconds";
+/// Durable subscriptions: messages not yet acknowledged, by subscription.
+pub const SUBSCRIPTION_LAG: &str = "stepflow_subscription_lag_messages";
 /// HTTP requests, by matched route template and status class.
 pub const HTTP_REQUESTS: &str = "stepflow_http_requests_total";
 

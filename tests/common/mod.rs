@@ -894,3 +894,136 @@ where
     wait_for_log_failure(daemon).await;
     filler
 }
+
+/// Publishes `count` QoS 1 messages with a `seq` field and waits for every PUBACK.
+pub async fn publish_acknowledged(
+    port: u16,
+    topic: String,
+    seqs: std::ops::Range<u64>,
+    per_second: u64,
+    on_progress: tokio::sync::watch::Sender<u64>,
+) -> u64 {
+    publish_acknowledged_on(port, move |_| topic.clone(), seqs, per_second, on_progress).await
+}
+
+/// Like [`publish_acknowledged`], each message on the topic `topic_of(seq)`.
+pub async fn publish_acknowledged_on(
+    port: u16,
+    topic_of: impl Fn(u64) -> String,
+    seqs: std::ops::Range<u64>,
+    per_second: u64,
+    on_progress: tokio::sync::watch::Sender<u64>,
+) -> u64 {
+    let count = seqs.end - seqs.start;
+    let mut options = rumqttc::MqttOptions::new(unique("publisher"), "127.0.0.1", port);
+    options.set_inflight(100);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 1000);
+    let acks = tokio::spawn(async move {
+        let mut acked = 0u64;
+        while acked < count {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
+                    acked += 1;
+                    let _ = on_progress.send(acked);
+                }
+                Ok(_) => {}
+                Err(e) => panic!("publisher lost its broker: {e}"),
+            }
+        }
+        acked
+    });
+    let pause = Duration::from_micros(1_000_000 / per_second.max(1));
+    for seq in seqs {
+        client
+            .publish(
+                topic_of(seq),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                serde_json::json!({"temperature": 20.5, "seq": seq, "pad": "x"}).to_string(),
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(pause).await;
+    }
+    tokio::time::timeout(Duration::from_secs(60), acks)
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// A Kafka consumer of `topic` in a group of its own, from the earliest offset.
+pub fn kafka_reader(bootstrap: &str, topic: &str) -> rdkafka::consumer::StreamConsumer {
+    use rdkafka::consumer::Consumer;
+    let consumer: rdkafka::consumer::StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    consumer
+}
+
+/// A TCP proxy to a real server that the test can take down and bring back on the same port:
+/// to the gateway, the server is gone (connections reset, new ones refused) for that time.
+pub struct TcpProxy {
+    pub port: u16,
+    upstream: std::net::SocketAddr,
+    stop: Option<tokio_util::sync::CancellationToken>,
+}
+
+impl TcpProxy {
+    pub async fn start(upstream: &str) -> TcpProxy {
+        let mut proxy = TcpProxy {
+            port: free_port(),
+            upstream: upstream.parse().expect("host:port"),
+            stop: None,
+        };
+        proxy.up().await;
+        proxy
+    }
+
+    /// Accepts again and relays to the upstream.
+    pub async fn up(&mut self) {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .expect("the proxy port is free again");
+        let stop = tokio_util::sync::CancellationToken::new();
+        self.stop = Some(stop.clone());
+        let upstream = self.upstream;
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    a = listener.accept() => a,
+                };
+                let Ok((mut client, _)) = accepted else {
+                    continue;
+                };
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                    }
+                });
+            }
+        });
+    }
+
+    /// Closes every relayed connection and refuses new ones.
+    pub fn down(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop.cancel();
+        }
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.down();
+    }
+}

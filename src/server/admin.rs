@@ -1,0 +1,211 @@
+//! The admin surface for delivery state: durable subscriptions, bridges with their cursors, and
+//! dead letters (replay into the route or to the bridge target they missed, purge).
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::api::route_or_404;
+use super::error::{ApiError, ErrorCode};
+use crate::bridge;
+use crate::subscriptions::{SubscriptionDef, SubscriptionError};
+
+impl From<SubscriptionError> for ApiError {
+    fn from(e: SubscriptionError) -> Self {
+        match e {
+            SubscriptionError::NotFound(_) => ApiError::not_found(e.to_string()),
+            SubscriptionError::Conflict(_) => {
+                ApiError::new(StatusCode::CONFLICT, ErrorCode::Conflict, e.to_string())
+            }
+            SubscriptionError::Invalid(_) => ApiError::bad_request(e.to_string()),
+            SubscriptionError::Store(s) => ApiError::from(s),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewSubscription {
+    name: String,
+    channel: String,
+    filter: Option<String>,
+    /// First offset to deliver; default: the channel's next message.
+    from: Option<u64>,
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+async fn view(state: &AppState, def: &SubscriptionDef) -> Result<Value, ApiError> {
+    let lag = state.subscriptions.lag(&state.hub, def).await?;
+    let mut v = serde_json::to_value(def).unwrap_or_default();
+    v["lag"] = json!(lag);
+    Ok(v)
+}
+
+pub async fn create_subscription(
+    State(state): State<AppState>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let request: NewSubscription = parse_json(&body)?;
+    let (def, created) = state
+        .subscriptions
+        .create(
+            &state.hub,
+            &request.name,
+            &request.channel,
+            request.filter,
+            request.from,
+        )
+        .await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(view(&state, &def).await?)).into_response())
+}
+
+pub async fn list_subscriptions(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let mut out = Vec::new();
+    for def in state.subscriptions.list() {
+        out.push(view(&state, &def).await?);
+    }
+    Ok(Json(json!({ "subscriptions": out })))
+}
+
+pub async fn get_subscription(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let def = state
+        .subscriptions
+        .get(&name)
+        .ok_or(SubscriptionError::NotFound(name))?;
+    Ok(Json(view(&state, &def).await?))
+}
+
+pub async fn delete_subscription(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    if state.subscriptions.delete(&name).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(SubscriptionError::NotFound(name).into())
+    }
+}
+
+pub async fn list_bridges(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let mut out = Vec::new();
+    for b in state.bridges.iter() {
+        let mut view = bridge::describe(b);
+        let last = match state.hub.route(&b.source) {
+            Some(route) => state.hub.store().stats(&route.log).await?.last_offset,
+            None => None,
+        };
+        if let Some(targets) = view["targets"].as_array_mut() {
+            for (lane, target) in b.lanes.iter().zip(targets) {
+                let cursor = bridge::lane::cursor(state.hub.store(), lane).await?;
+                target["cursor"] = json!(cursor);
+                target["lag"] = json!(match (cursor, last) {
+                    (Some(c), Some(l)) => (l + 1).saturating_sub(c),
+                    _ => 0,
+                });
+            }
+        }
+        out.push(view);
+    }
+    Ok(Json(json!({ "bridges": out })))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayRequest {
+    from: Option<u64>,
+    limit: Option<usize>,
+    offsets: Option<Vec<u64>>,
+}
+
+/// Sends dead letters again: a bridge's to the target it missed, others into the route (checked
+/// against its schema first, so a still-invalid message stays where it is). Replayed ones leave
+/// the dead-letter log; the others stay, with the reason in the response.
+pub async fn replay_dead_letters(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let request: ReplayRequest = if body.is_empty() {
+        ReplayRequest::default()
+    } else {
+        parse_json(&body)?
+    };
+    let route = route_or_404(&state, &id)?;
+    let store = state.hub.store();
+    let limit = request.limit.unwrap_or(1000).clamp(1, 10_000);
+    let mut entries = store
+        .read(&route.dead_letters, request.from.unwrap_or(1), limit)
+        .await?;
+    if let Some(wanted) = &request.offsets {
+        entries.retain(|m| wanted.contains(&m.offset));
+    }
+    let mut replayed = Vec::new();
+    let mut failed = Vec::new();
+    for message in entries {
+        let outcome = match bridge::lane::replay_dead_letter(
+            &state.hub,
+            &state.operations,
+            &state.bridges,
+            &message,
+        )
+        .await
+        {
+            Some(result) => result.map_err(|e| e.detail().to_owned()),
+            None => match route.route.validate(&message.envelope.payload) {
+                Err(e) => Err(format!("still invalid: {e}")),
+                Ok(_) => {
+                    let mut envelope = message.envelope.clone();
+                    envelope.received_at = std::time::SystemTime::now();
+                    match state.hub.ingest(&route, envelope).await {
+                        Ok(pending) => pending
+                            .flushed()
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+            },
+        };
+        match outcome {
+            Ok(()) => replayed.push(message.offset),
+            Err(reason) => failed.push(json!({"offset": message.offset, "reason": reason})),
+        }
+    }
+    store
+        .remove_offsets(&route.dead_letters, replayed.clone())
+        .await?;
+    let remaining = store.stats(&route.dead_letters).await?.messages;
+    Ok(Json(json!({
+        "channel": id,
+        "replayed": replayed.len(),
+        "replayedOffsets": replayed,
+        "failed": failed,
+        "remaining": remaining,
+    })))
+}
+
+pub async fn purge_dead_letters(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let route = route_or_404(&state, &id)?;
+    let purged = state.hub.store().purge(&route.dead_letters).await?;
+    Ok(Json(json!({ "channel": id, "purged": purged })))
+}

@@ -1,0 +1,888 @@
+//! Bridges end to end, the daemon as a process: MQTT (Mosquitto) → Kafka (librdkafka's mock
+//! cluster, real TCP) as JSON and Avro, MQTT → AMQP (RabbitMQ), Kafka → MQTT, each with a SIGKILL
+//! in the middle of a 10,000-message stream; a target broker down for 10 s under `block` and
+//! `dead_letter`, with the dead letters replayed; and load errors naming file and pointer.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::StreamConsumer;
+use rdkafka::message::Message;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
+use serde_json::{Value, json};
+
+const TOTAL: u64 = 10_000;
+const DEVICES: u64 = 10;
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A Kafka-side document: `raw` (JSON) and `avro` (Avro binary) channels the gateway sends to,
+/// keyed by device id, and a `commands` topic it receives.
+fn kafka_spec(dir: &Path, api: &str, p: &str) -> PathBuf {
+    write(
+        dir,
+        &format!("{api}.yaml"),
+        &format!(
+            r#"asyncapi: 3.0.0
+x-stepflow-id: {api}
+info: {{title: Kafka side, version: 1.0.0}}
+servers:
+  kafka: {{host: '127.0.0.1:9092', protocol: kafka}}
+channels:
+  raw:
+    address: 'devices/{{deviceId}}/telemetry'
+    bindings: {{kafka: {{topic: '{p}.raw', x-stepflow-key: '{{deviceId}}'}}}}
+  avro:
+    address: 'devices/{{deviceId}}/telemetry'
+    bindings: {{kafka: {{topic: '{p}.avro'}}}}
+    messages:
+      reading:
+        contentType: application/vnd.apache.avro+binary
+        payload:
+          schemaFormat: application/vnd.apache.avro;version=1.9.0
+          schema:
+            type: record
+            name: Reading
+            fields:
+              - {{name: temperature, type: double}}
+              - {{name: seq, type: long}}
+              - {{name: pad, type: ['null', string], default: null}}
+  commands:
+    address: '{p}.commands'
+    bindings: {{kafka: {{topic: '{p}.commands'}}}}
+operations:
+  sendRaw: {{action: send, channel: {{$ref: '#/channels/raw'}}}}
+  sendAvro: {{action: send, channel: {{$ref: '#/channels/avro'}}}}
+  receiveCommands:
+    action: receive
+    channel: {{$ref: '#/channels/commands'}}
+    bindings: {{kafka: {{groupId: {p}-gateway}}}}
+"#
+        ),
+    )
+}
+
+/// An AMQP-side document: `readings` the gateway publishes to `{prefix}.events`.
+fn amqp_target_spec(dir: &Path, api: &str, prefix: &str) -> PathBuf {
+    write(
+        dir,
+        &format!("{api}.yaml"),
+        &format!(
+            r#"asyncapi: 3.0.0
+x-stepflow-id: {api}
+info: {{title: AMQP side, version: 1.0.0}}
+servers:
+  rabbit: {{host: '127.0.0.1:5672', protocol: amqp}}
+channels:
+  readings:
+    address: 'devices/{{deviceId}}/telemetry'
+    bindings:
+      amqp:
+        is: routingKey
+        exchange: {{name: {prefix}.events, type: topic, durable: true, autoDelete: false}}
+operations:
+  archive:
+    action: send
+    channel: {{$ref: '#/channels/readings'}}
+    bindings: {{amqp: {{deliveryMode: 2}}}}
+"#
+        ),
+    )
+}
+
+/// An MQTT document whose `commands` the gateway sends (any JSON object).
+fn mqtt_commands_spec(dir: &Path, api: &str, prefix: &str) -> PathBuf {
+    write(
+        dir,
+        &format!("{api}.yaml"),
+        &format!(
+            r#"asyncapi: 3.0.0
+x-stepflow-id: {api}
+info: {{title: Devices, version: 1.0.0}}
+servers:
+  devices: {{host: '127.0.0.1:1883', protocol: mqtt}}
+channels:
+  commands:
+    address: '{prefix}/devices/{{deviceId}}/commands'
+    messages:
+      command:
+        payload: {{type: object, required: [action, seq], properties: {{action: {{type: string}}, seq: {{type: integer}}}}}}
+operations:
+  sendCommand:
+    action: send
+    channel: {{$ref: '#/channels/commands'}}
+    bindings: {{mqtt: {{qos: 1}}}}
+"#
+        ),
+    )
+}
+
+fn kafka_cluster(prefix: &str, topics: &[&str]) -> MockCluster<'static, DefaultProducerContext> {
+    let cluster = MockCluster::new(1).expect("librdkafka mock cluster");
+    for t in topics {
+        cluster
+            .create_topic(&format!("{prefix}.{t}"), 3, 1)
+            .expect("topic created");
+    }
+    cluster
+}
+
+/// Every record (key, payload) in arrival order.
+type Records = Vec<(Option<String>, Vec<u8>)>;
+
+/// Reads until `want` distinct payloads arrived, or fails after `timeout`.
+async fn read_kafka_until(consumer: &StreamConsumer, timeout: Duration, want: u64) -> Records {
+    let deadline = Instant::now() + timeout;
+    let mut records = Vec::new();
+    let mut distinct = std::collections::HashSet::new();
+    let mut stream = consumer.stream();
+    while (distinct.len() as u64) < want {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "only {} distinct records in time",
+            distinct.len()
+        );
+        if let Ok(Some(Ok(m))) =
+            tokio::time::timeout(left.min(Duration::from_secs(1)), stream.next()).await
+        {
+            let payload = m.payload().unwrap_or_default().to_vec();
+            distinct.insert(payload.clone());
+            records.push((
+                m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                payload,
+            ));
+        }
+    }
+    drop(stream);
+    records
+}
+
+/// Counts per sequence number: missing ones and extra copies.
+fn tally(seqs: impl IntoIterator<Item = u64>, total: u64) -> (Vec<u64>, u64) {
+    let mut seen: BTreeMap<u64, u64> = BTreeMap::new();
+    for s in seqs {
+        *seen.entry(s).or_default() += 1;
+    }
+    let missing = (0..total).filter(|s| !seen.contains_key(s)).collect();
+    (missing, seen.values().map(|n| n - 1).sum())
+}
+
+/// Sequence numbers that arrived, per key, before a lower one seen for the first time: a
+/// broken per-key order (copies re-sent after a crash are not counted, they were seen before).
+fn order_violations(per_key: &BTreeMap<String, Vec<u64>>) -> usize {
+    let mut violations = 0;
+    for seqs in per_key.values() {
+        let mut seen = BTreeSet::new();
+        let mut highest = None;
+        for &s in seqs {
+            if seen.insert(s) {
+                if highest.is_some_and(|h| s < h) {
+                    violations += 1;
+                }
+                highest = highest.max(Some(s));
+            }
+        }
+    }
+    violations
+}
+
+/// Publishes `TOTAL` readings over MQTT QoS 1 on `DEVICES` devices' topics at `rate`/s; each
+/// broker acknowledgement is reported on `progress`.
+fn publish_readings(
+    port: u16,
+    prefix: &str,
+    rate: u64,
+    progress: tokio::sync::watch::Sender<u64>,
+) -> tokio::task::JoinHandle<u64> {
+    let prefix = prefix.to_owned();
+    let topic_of = move |seq: u64| format!("{prefix}/devices/d{}/telemetry", seq % DEVICES);
+    tokio::spawn(publish_acknowledged_on(
+        port,
+        topic_of,
+        0..TOTAL,
+        rate,
+        progress,
+    ))
+}
+
+/// The daemon on `specs` and `bridges`, with `--server` overrides.
+async fn start_bridged(specs: &Path, bridges: &Path, servers: &[&str]) -> Daemon {
+    let mut args = vec![
+        "--specs",
+        specs.to_str().unwrap(),
+        "--bridges",
+        bridges.to_str().unwrap(),
+    ];
+    for s in servers {
+        args.extend(["--server", s]);
+    }
+    Daemon::start(&args).await.unwrap()
+}
+
+/// Kills the daemon once `progress` passes `at`, restarts it on the same data, and returns
+/// when it serves again.
+async fn kill_and_restart_at(
+    daemon: &mut Daemon,
+    progress: &mut tokio::sync::watch::Receiver<u64>,
+    at: u64,
+) {
+    progress.wait_for(|n| *n >= at).await.unwrap();
+    daemon.kill9();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    daemon.restart().await.unwrap();
+}
+
+/// Decodes Avro binary datums with Python's fastavro (an Avro implementation independent of
+/// the gateway's) and returns the `seq` of each.
+fn decode_with_fastavro(schema: &Value, datums: &[Vec<u8>]) -> Vec<u64> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut blob = Vec::new();
+    for d in datums {
+        blob.extend_from_slice(&(d.len() as u32).to_be_bytes());
+        blob.extend_from_slice(d);
+    }
+    std::fs::write(dir.path().join("datums.bin"), blob).unwrap();
+    std::fs::write(dir.path().join("schema.json"), schema.to_string()).unwrap();
+    let script = r#"
+import io, json, struct, sys
+import fastavro
+schema = fastavro.parse_schema(json.load(open(sys.argv[1] + "/schema.json")))
+data = open(sys.argv[1] + "/datums.bin", "rb").read()
+at, out = 0, []
+while at < len(data):
+    (n,) = struct.unpack(">I", data[at:at + 4]); at += 4
+    buf = io.BytesIO(data[at:at + n]); at += n
+    record = fastavro.schemaless_reader(buf, schema)
+    assert buf.tell() == n, "trailing bytes"
+    assert record["pad"] == "x" and record["temperature"] == 20.5, record
+    out.append(record["seq"])
+print(json.dumps(out))
+"#;
+    let output = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(dir.path())
+        .output()
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "fastavro could not decode the records (install it with `pip install fastavro`):\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_to_kafka_json_and_avro_loses_nothing_across_a_sigkill() {
+    let broker = OwnMosquitto::start();
+    let prefix = unique("b");
+    let cluster = kafka_cluster(&prefix, &["raw", "avro", "commands"]);
+    let dir = tempfile::tempdir().unwrap();
+    let (iot, analytics) = (unique("iot"), unique("analytics"));
+    iot_spec(dir.path(), &iot, &prefix, 1);
+    kafka_spec(dir.path(), &analytics, &prefix);
+    let bridges = tempfile::tempdir().unwrap();
+    write(
+        bridges.path(),
+        "kafka.yaml",
+        &format!(
+            "bridges:\n  to-kafka:\n    from: {iot}.telemetry\n    to:\n      - channel: {analytics}.raw\n      - channel: {analytics}.avro\n        key: '{{deviceId}}'\n"
+        ),
+    );
+    let mqtt = format!("{iot}/broker={}", broker.url());
+    let kafka = format!("{analytics}/kafka=kafka://{}", cluster.bootstrap_servers());
+    let mut daemon = start_bridged(dir.path(), bridges.path(), &[&mqtt, &kafka]).await;
+
+    let (tx, mut progress) = tokio::sync::watch::channel(0);
+    let publisher = publish_readings(broker.port, &prefix, 4000, tx);
+    kill_and_restart_at(&mut daemon, &mut progress, TOTAL / 2).await;
+    assert_eq!(
+        publisher.await.unwrap(),
+        TOTAL,
+        "Mosquitto acknowledged every reading"
+    );
+
+    let json_seq = |p: &[u8]| {
+        serde_json::from_slice::<Value>(p).unwrap()["seq"]
+            .as_u64()
+            .unwrap()
+    };
+    let raw_reader = kafka_reader(&cluster.bootstrap_servers(), &format!("{prefix}.raw"));
+    let raw = read_kafka_until(&raw_reader, Duration::from_secs(120), TOTAL).await;
+    let (missing, duplicates) = tally(raw.iter().map(|(_, p)| json_seq(p)), TOTAL);
+    let mut per_key: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for (key, payload) in &raw {
+        let seq = json_seq(payload);
+        assert_eq!(
+            key.as_deref(),
+            Some(format!("d{}", seq % DEVICES).as_str()),
+            "keyed by device"
+        );
+        per_key.entry(key.clone().unwrap()).or_default().push(seq);
+    }
+    let violations = order_violations(&per_key);
+    println!(
+        "MQTT → Kafka (JSON) across a SIGKILL: {TOTAL} sent, {} received, {} missing, {duplicates} duplicates, {violations} per-key order violations",
+        raw.len(),
+        missing.len()
+    );
+    assert!(
+        missing.is_empty(),
+        "lost {:?}",
+        &missing[..missing.len().min(10)]
+    );
+    assert_eq!(violations, 0, "per-key order kept");
+
+    // The Avro lane: decoded by an independent Avro implementation.
+    let avro_reader = kafka_reader(&cluster.bootstrap_servers(), &format!("{prefix}.avro"));
+    let avro = read_kafka_until(&avro_reader, Duration::from_secs(120), TOTAL).await;
+    let schema = json!({"type": "record", "name": "Reading", "fields": [
+        {"name": "temperature", "type": "double"},
+        {"name": "seq", "type": "long"},
+        {"name": "pad", "type": ["null", "string"], "default": null}]});
+    let datums: Vec<Vec<u8>> = avro.iter().map(|(_, p)| p.clone()).collect();
+    let seqs = decode_with_fastavro(&schema, &datums);
+    let (missing, duplicates) = tally(seqs.iter().copied(), TOTAL);
+    println!(
+        "MQTT → Kafka (Avro) across a SIGKILL: {} records decoded by fastavro, {} missing, {duplicates} duplicates",
+        seqs.len(),
+        missing.len()
+    );
+    assert!(
+        missing.is_empty(),
+        "lost {:?}",
+        &missing[..missing.len().min(10)]
+    );
+    for ((key, _), seq) in avro.iter().zip(&seqs) {
+        assert_eq!(key.as_deref(), Some(format!("d{}", seq % DEVICES).as_str()));
+    }
+    let forwarded = daemon
+        .metric(
+            "stepflow_bridge_messages_total",
+            &[
+                ("bridge", "to-kafka"),
+                ("target", &format!("{analytics}.avro")),
+                ("outcome", "forwarded"),
+            ],
+        )
+        .await
+        .unwrap();
+    assert!(
+        forwarded > 0.0,
+        "the restarted daemon counts what it forwarded"
+    );
+}
+
+/// Declares the test's exchange and a durable queue bound to every telemetry key.
+async fn archive_queue(prefix: &str) -> (lapin::Connection, lapin::Channel, String) {
+    let (connection, channel) = amqp_channel()
+        .await
+        .expect("RabbitMQ on 127.0.0.1:5672 (start it: rabbitmq-server -detached)");
+    channel
+        .exchange_declare(
+            format!("{prefix}.events").into(),
+            lapin::ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let queue = format!("{prefix}.archive");
+    channel
+        .queue_declare(
+            queue.clone().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.clone().into(),
+            format!("{prefix}.events").into(),
+            "devices.*.telemetry".into(),
+            QueueBindOptions::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    (connection, channel, queue)
+}
+
+/// Consumes the queue until `want` distinct sequence numbers arrived (or `timeout`); every
+/// delivery's `seq` in arrival order, with its routing key.
+async fn consume_seqs(
+    channel: &lapin::Channel,
+    queue: &str,
+    want: u64,
+    timeout: Duration,
+) -> Vec<(String, u64)> {
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            unique("test").into(),
+            BasicConsumeOptions::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    let mut distinct = BTreeSet::new();
+    while (distinct.len() as u64) < want {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        if let Ok(Some(Ok(delivery))) = tokio::time::timeout(left, consumer.next()).await {
+            let seq = serde_json::from_slice::<Value>(&delivery.data).unwrap()["seq"]
+                .as_u64()
+                .unwrap();
+            distinct.insert(seq);
+            out.push((delivery.routing_key.to_string(), seq));
+            delivery.ack(BasicAckOptions::default()).await.unwrap();
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_to_amqp_loses_nothing_across_a_sigkill() {
+    require_rabbitmq();
+    let broker = OwnMosquitto::start();
+    let prefix = unique("ba");
+    let (_conn, channel, queue) = archive_queue(&prefix).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (iot, archive) = (unique("iot"), unique("archive"));
+    iot_spec(dir.path(), &iot, &prefix, 1);
+    amqp_target_spec(dir.path(), &archive, &prefix);
+    let bridges = tempfile::tempdir().unwrap();
+    write(
+        bridges.path(),
+        "amqp.yaml",
+        &format!(
+            "bridges:\n  to-archive:\n    from: {iot}.telemetry\n    to:\n      - channel: {archive}.readings\n"
+        ),
+    );
+    let mqtt = format!("{iot}/broker={}", broker.url());
+    let mut daemon = start_bridged(dir.path(), bridges.path(), &[&mqtt]).await;
+    let (tx, mut progress) = tokio::sync::watch::channel(0);
+    let publisher = publish_readings(broker.port, &prefix, 4000, tx);
+    kill_and_restart_at(&mut daemon, &mut progress, TOTAL / 2).await;
+    assert_eq!(publisher.await.unwrap(), TOTAL);
+
+    let got = consume_seqs(&channel, &queue, TOTAL, Duration::from_secs(120)).await;
+    let (missing, duplicates) = tally(got.iter().map(|(_, s)| *s), TOTAL);
+    let mut per_key: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for (key, seq) in &got {
+        assert_eq!(key, &format!("devices.d{}.telemetry", seq % DEVICES));
+        per_key.entry(key.clone()).or_default().push(*seq);
+    }
+    let violations = order_violations(&per_key);
+    println!(
+        "MQTT → AMQP across a SIGKILL: {TOTAL} sent, {} received, {} missing, {duplicates} duplicates, {violations} per-key order violations",
+        got.len(),
+        missing.len()
+    );
+    assert!(
+        missing.is_empty(),
+        "lost {:?}",
+        &missing[..missing.len().min(10)]
+    );
+    assert_eq!(violations, 0, "per-key order kept");
+    amqp_cleanup(&prefix, &["archive"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_to_mqtt_loses_nothing_across_a_sigkill() {
+    let broker = OwnMosquitto::start();
+    let prefix = unique("bk");
+    let cluster = kafka_cluster(&prefix, &["raw", "avro", "commands"]);
+    let dir = tempfile::tempdir().unwrap();
+    let (devices, analytics) = (unique("devices"), unique("analytics"));
+    mqtt_commands_spec(dir.path(), &devices, &prefix);
+    kafka_spec(dir.path(), &analytics, &prefix);
+    let bridges = tempfile::tempdir().unwrap();
+    write(
+        bridges.path(),
+        "commands.yaml",
+        &format!(
+            "bridges:\n  commands:\n    from: {analytics}.commands\n    to:\n      - channel: {devices}.commands\n        params: {{deviceId: '{{header.kafka_key}}'}}\n"
+        ),
+    );
+    let mut subscriber = MqttClient::connect(broker.port, &unique("device"))
+        .await
+        .unwrap();
+    subscriber
+        .subscribe(&format!("{prefix}/devices/+/commands"))
+        .await
+        .unwrap();
+    let mqtt = format!("{devices}/devices={}", broker.url());
+    let kafka = format!("{analytics}/kafka=kafka://{}", cluster.bootstrap_servers());
+    let mut daemon = start_bridged(dir.path(), bridges.path(), &[&mqtt, &kafka]).await;
+
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", cluster.bootstrap_servers())
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let topic = format!("{prefix}.commands");
+    let produce = tokio::spawn(async move {
+        for seq in 0..TOTAL {
+            let key = format!("d{}", seq % DEVICES);
+            let payload = json!({"action": "identify", "seq": seq}).to_string();
+            producer
+                .send(
+                    FutureRecord::to(&topic).key(&key).payload(&payload),
+                    Duration::from_secs(10),
+                )
+                .await
+                .expect("the mock broker acknowledges");
+            if seq % 100 == 99 {
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
+    });
+
+    let mut received: Vec<(String, u64)> = Vec::new();
+    let mut distinct = BTreeSet::new();
+    let mut killed = false;
+    let deadline = Instant::now() + Duration::from_secs(150);
+    while (distinct.len() as u64) < TOTAL {
+        assert!(
+            Instant::now() < deadline,
+            "only {} distinct commands arrived",
+            distinct.len()
+        );
+        let Ok(publish) = subscriber.recv(Duration::from_secs(1)).await else {
+            continue;
+        };
+        let seq = serde_json::from_slice::<Value>(&publish.payload).unwrap()["seq"]
+            .as_u64()
+            .unwrap();
+        distinct.insert(seq);
+        received.push((publish.topic.clone(), seq));
+        if !killed && distinct.len() as u64 >= TOTAL / 2 {
+            killed = true;
+            daemon.kill9();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            daemon.restart().await.unwrap();
+        }
+    }
+    produce.await.unwrap();
+    let (missing, duplicates) = tally(received.iter().map(|(_, s)| *s), TOTAL);
+    let mut per_key: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for (topic, seq) in &received {
+        assert_eq!(
+            topic,
+            &format!("{prefix}/devices/d{}/commands", seq % DEVICES)
+        );
+        per_key.entry(topic.clone()).or_default().push(*seq);
+    }
+    let violations = order_violations(&per_key);
+    println!(
+        "Kafka → MQTT across a SIGKILL: {TOTAL} produced, {} received, {} missing, {duplicates} duplicates, {violations} per-key order violations",
+        received.len(),
+        missing.len()
+    );
+    assert!(killed && missing.is_empty());
+    assert_eq!(violations, 0, "per-key order kept");
+}
+
+/// MQTT telemetry → AMQP through a proxy the test takes down for 10 s mid-stream.
+struct Outage {
+    daemon: Daemon,
+    proxy: TcpProxy,
+    channel: lapin::Channel,
+    _connection: lapin::Connection,
+    queue: String,
+    prefix: String,
+    iot: String,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+const OUTAGE_TOTAL: u64 = 3000;
+
+impl Outage {
+    async fn start(policy: &str) -> Outage {
+        require_mosquitto();
+        require_rabbitmq();
+        let prefix = unique("bo");
+        let (_connection, channel, queue) = archive_queue(&prefix).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (iot, archive) = (unique("iot"), unique("archive"));
+        iot_spec(dir.path(), &iot, &prefix, 1);
+        amqp_target_spec(dir.path(), &archive, &prefix);
+        let bridges = tempfile::tempdir().unwrap();
+        write(
+            bridges.path(),
+            "amqp.yaml",
+            &format!(
+                "bridges:\n  archive:\n    from: {iot}.telemetry\n    on_target_down: {policy}\n    retries: 2\n    to:\n      - channel: {archive}.readings\n"
+            ),
+        );
+        let proxy = TcpProxy::start("127.0.0.1:5672").await;
+        let rabbit = format!("{archive}/rabbit=amqp://127.0.0.1:{}", proxy.port);
+        let daemon = start_bridged(dir.path(), bridges.path(), &[&rabbit]).await;
+        Outage {
+            daemon,
+            proxy,
+            channel,
+            _connection,
+            queue,
+            prefix,
+            iot,
+            _dirs: (dir, bridges),
+        }
+    }
+
+    /// Streams `OUTAGE_TOTAL` readings at 300/s with the target down for 10 s from the 600th.
+    async fn stream_through_an_outage(&mut self) {
+        let (tx, mut progress) = tokio::sync::watch::channel(0);
+        let publisher = publish_acknowledged(
+            1883,
+            format!("{}/devices/d1/telemetry", self.prefix),
+            0..OUTAGE_TOTAL,
+            300,
+            tx,
+        );
+        let publisher = tokio::spawn(publisher);
+        progress.wait_for(|n| *n >= 600).await.unwrap();
+        self.proxy.down();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        self.proxy.up().await;
+        assert_eq!(publisher.await.unwrap(), OUTAGE_TOTAL);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_down_for_10s_with_block_loses_nothing() {
+    let mut s = Outage::start("block").await;
+    s.stream_through_an_outage().await;
+    let got = consume_seqs(&s.channel, &s.queue, OUTAGE_TOTAL, Duration::from_secs(60)).await;
+    let (missing, duplicates) = tally(got.iter().map(|(_, q)| *q), OUTAGE_TOTAL);
+    let retries = s
+        .daemon
+        .metric("stepflow_bridge_retries_total", &[("bridge", "archive")])
+        .await
+        .unwrap();
+    println!(
+        "target down 10 s, block: {OUTAGE_TOTAL} sent, {} received, {} missing, {duplicates} duplicates, {retries} retries",
+        got.len(),
+        missing.len()
+    );
+    assert!(
+        missing.is_empty(),
+        "lost {:?}",
+        &missing[..missing.len().min(10)]
+    );
+    assert!(retries > 0.0, "the lane retried while the target was down");
+    let dead = s
+        .daemon
+        .replay_all(&format!("{}.telemetry", s.iot), "dead-letters")
+        .await
+        .unwrap();
+    assert!(
+        dead.is_empty(),
+        "block never dead-letters an available message"
+    );
+    amqp_cleanup(&s.prefix, &["archive"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_down_for_10s_with_dead_letter_then_replay_delivers_everything() {
+    let mut s = Outage::start("dead_letter").await;
+    s.stream_through_an_outage().await;
+    let channel = format!("{}.telemetry", s.iot);
+    // Everything is settled once delivered + dead-lettered covers the stream.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut delivered = Vec::new();
+    let dead = loop {
+        delivered
+            .extend(consume_seqs(&s.channel, &s.queue, OUTAGE_TOTAL, Duration::from_secs(2)).await);
+        let dead = s.daemon.replay_all(&channel, "dead-letters").await.unwrap();
+        let settled: BTreeSet<u64> = delivered
+            .iter()
+            .map(|(_, q)| *q)
+            .chain(dead.iter().map(|m| m["payload"]["seq"].as_u64().unwrap()))
+            .collect();
+        if settled.len() as u64 == OUTAGE_TOTAL {
+            break dead;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {OUTAGE_TOTAL} settled",
+            settled.len()
+        );
+    };
+    assert!(
+        !dead.is_empty(),
+        "messages sent while the target was down are dead letters"
+    );
+    for m in &dead {
+        assert_eq!(m["headers"]["x-stepflow-bridge"], "archive");
+        assert!(
+            m["dead_letter_reason"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("archive"),
+            "{m}"
+        );
+    }
+    let counted = s
+        .daemon
+        .metric(
+            "stepflow_bridge_messages_total",
+            &[("bridge", "archive"), ("outcome", "dead_lettered")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(counted as usize, dead.len());
+
+    // Replay them to the target: all delivered, none left.
+    let replay: Value = reqwest::Client::new()
+        .post(
+            s.daemon
+                .url(&format!("/api/v1/channels/{channel}/dead-letters/replay")),
+        )
+        .json(&json!({"limit": 10000}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        replay["replayed"].as_u64().unwrap() as usize,
+        dead.len(),
+        "{replay}"
+    );
+    assert_eq!(replay["remaining"], 0, "{replay}");
+    delivered.extend(
+        consume_seqs(
+            &s.channel,
+            &s.queue,
+            dead.len() as u64,
+            Duration::from_secs(30),
+        )
+        .await,
+    );
+    let (missing, duplicates) = tally(delivered.iter().map(|(_, q)| *q), OUTAGE_TOTAL);
+    println!(
+        "target down 10 s, dead_letter: {OUTAGE_TOTAL} sent, {} dead-lettered and replayed, {} missing, {duplicates} duplicates",
+        dead.len(),
+        missing.len()
+    );
+    assert!(
+        missing.is_empty(),
+        "lost {:?}",
+        &missing[..missing.len().min(10)]
+    );
+
+    // Purge empties the dead-letter log.
+    let purge: Value = reqwest::Client::new()
+        .delete(
+            s.daemon
+                .url(&format!("/api/v1/channels/{channel}/dead-letters")),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        purge["purged"], 0,
+        "replayed dead letters already left the log"
+    );
+    amqp_cleanup(&s.prefix, &["archive"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_bridges_are_load_errors_with_file_and_pointer() {
+    let prefix = unique("bad");
+    let dir = tempfile::tempdir().unwrap();
+    let (iot, analytics) = (unique("iot"), unique("analytics"));
+    iot_spec(dir.path(), &iot, &prefix, 1);
+    kafka_spec(dir.path(), &analytics, &prefix);
+    let bridges = tempfile::tempdir().unwrap();
+    let file = write(
+        bridges.path(),
+        "bad.yaml",
+        &format!(
+            r#"bridges:
+  unknown-target:
+    from: {iot}.telemetry
+    to: [{{channel: {iot}.nope}}]
+  not-writable:
+    from: {iot}.telemetry
+    to: [{{channel: {analytics}.commands}}]
+  not-readable:
+    from: {iot}.commands
+    to: [{{channel: {analytics}.raw}}]
+  impossible:
+    from: {analytics}.commands
+    to: [{{channel: {iot}.commands}}]
+  bad-filter:
+    from: {iot}.telemetry
+    filter: 'payload.temperature >'
+    on_target_down: sometimes
+    to: [{{channel: {analytics}.raw, params: {{deviceId: '{{siteId}}'}}}}]
+"#
+        ),
+    );
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_stepflow"))
+        .args(["run", "--listen", "127.0.0.1:0", "--specs"])
+        .arg(dir.path())
+        .arg("--bridges")
+        .arg(bridges.path())
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let f = file.display();
+    for (pointer, words) in [
+        ("/bridges/unknown-target/to/0/channel", "no channel"),
+        ("/bridges/not-writable/to/0/channel", "not writable"),
+        ("/bridges/not-readable/from", "not readable"),
+        ("/bridges/impossible/to/0/params", "impossible mapping"),
+        ("/bridges/bad-filter/filter", "CEL"),
+        ("/bridges/bad-filter/on_target_down", "not a policy"),
+        (
+            "/bridges/bad-filter/to/0/params/deviceId",
+            "not a parameter",
+        ),
+    ] {
+        let line = format!("{f}#{pointer}: ");
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.starts_with(&line) && l.contains(words)),
+            "no `{line}… {words}` in:\n{stderr}"
+        );
+    }
+}
