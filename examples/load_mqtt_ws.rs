@@ -40,50 +40,6 @@ fn args() -> Result<Args> {
     })
 }
 
-/// Publishes `rate` messages a second for `seconds`, QoS 1, paced every millisecond.
-async fn publish(port: u16, topic: String, rate: u64, seconds: u64, payload: usize) -> Result<u64> {
-    let mut options = MqttOptions::new(
-        format!("load-pub-{}", std::process::id()),
-        "127.0.0.1",
-        port,
-    );
-    options
-        .set_inflight(1000)
-        .set_max_packet_size(1 << 20, 1 << 20);
-    let (client, mut eventloop) = AsyncClient::new(options, 10_000);
-    let driver = tokio::spawn(async move {
-        loop {
-            if eventloop.poll().await.is_err() {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let pad = "x".repeat(payload.saturating_sub(60));
-    let total = rate * seconds;
-    let started = tokio::time::Instant::now();
-    let mut sent = 0u64;
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    while sent < total {
-        tick.tick().await;
-        let due = ((started.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
-        while sent < due {
-            let body = format!(
-                r#"{{"temperature":1,"seq":{sent},"pad":"{pad}","ts":{}}}"#,
-                now_nanos()
-            );
-            client
-                .publish(&topic, QoS::AtLeastOnce, false, body)
-                .await?;
-            sent += 1;
-        }
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    driver.abort();
-    Ok(sent)
-}
-
 async fn direct_phase(port: u16, topic: &str, a: &Args) -> Result<(u64, Vec<Results>)> {
     let results = shared(a.subscribers);
     let mut tasks = Vec::new();
@@ -113,7 +69,7 @@ async fn direct_phase(port: u16, topic: &str, a: &Args) -> Result<(u64, Vec<Resu
         }));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let sent = publish(port, topic.to_owned(), a.rate, a.seconds, a.payload).await?;
+    let sent = mqtt_publish(port, topic.to_owned(), a.rate, a.seconds, a.payload).await?;
     Ok((sent, stop_and_collect(tasks, results).await))
 }
 
@@ -140,7 +96,7 @@ async fn bridged_phase(
             }
         }));
     }
-    let sent = publish(port, topic.to_owned(), a.rate, a.seconds, a.payload).await?;
+    let sent = mqtt_publish(port, topic.to_owned(), a.rate, a.seconds, a.payload).await?;
     Ok((sent, stop_and_collect(tasks, results).await))
 }
 

@@ -263,3 +263,55 @@ pub async fn start_daemon(
     wait_ready(http).await?;
     Ok(daemon)
 }
+
+/// Publishes `rate` messages a second for `seconds` over MQTT QoS 1, paced every millisecond,
+/// each with its send time in `ts` (wall-clock nanoseconds).
+pub async fn mqtt_publish(
+    port: u16,
+    topic: String,
+    rate: u64,
+    seconds: u64,
+    payload: usize,
+) -> anyhow::Result<u64> {
+    use rumqttc::{AsyncClient, MqttOptions, QoS};
+    let mut options = MqttOptions::new(
+        format!("load-pub-{}", std::process::id()),
+        "127.0.0.1",
+        port,
+    );
+    options
+        .set_inflight(1000)
+        .set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut eventloop) = AsyncClient::new(options, 10_000);
+    let driver = tokio::spawn(async move {
+        loop {
+            if eventloop.poll().await.is_err() {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let pad = "x".repeat(payload.saturating_sub(60));
+    let total = rate * seconds;
+    let started = tokio::time::Instant::now();
+    let mut sent = 0u64;
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    while sent < total {
+        tick.tick().await;
+        let due = ((started.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
+        while sent < due {
+            let body = format!(
+                r#"{{"temperature":1,"seq":{sent},"pad":"{pad}","ts":{}}}"#,
+                now_nanos()
+            );
+            client
+                .publish(&topic, QoS::AtLeastOnce, false, body)
+                .await?;
+            sent += 1;
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    driver.abort();
+    Ok(sent)
+}

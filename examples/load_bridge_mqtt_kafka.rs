@@ -1,0 +1,219 @@
+//! Load scenario: MQTT publisher → Mosquitto → StepFlow bridge → Kafka → a Kafka consumer,
+//! next to the baseline MQTT publisher → Mosquitto → an MQTT subscriber, in the same run.
+//!
+//! It starts its own Mosquitto on a free port, a librdkafka mock cluster (a real Kafka-protocol
+//! broker on loopback) and the release daemon with one bridge `iot.telemetry → analytics.raw`,
+//! then runs both phases at the same rate. Reports delivered rate, loss, latency percentiles
+//! (MQTT publish → receive, both on this machine's clock) and the ratios bridged / direct.
+//!
+//!     cargo build --release && cargo run --release --example load_bridge_mqtt_kafka -- --rate 5000 --seconds 10
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+mod common;
+use common::*;
+
+use anyhow::{Context, Result, bail};
+use futures::StreamExt;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::mocking::MockCluster;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+struct Args {
+    rate: u64,
+    seconds: u64,
+    payload: usize,
+    binary: PathBuf,
+}
+
+fn args() -> Result<Args> {
+    let flags = Flags::parse(&["rate", "seconds", "payload"])?;
+    Ok(Args {
+        rate: flags.get("rate", 5000)?,
+        seconds: flags.get("seconds", 10)?,
+        payload: flags.get("payload", 100)?,
+        binary: flags.binary(),
+    })
+}
+
+async fn direct_phase(port: u16, topic: &str, a: &Args) -> Result<(u64, Vec<Results>)> {
+    let results = shared(1);
+    let mut options = MqttOptions::new(
+        format!("load-sub-{}", std::process::id()),
+        "127.0.0.1",
+        port,
+    );
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut eventloop) = AsyncClient::new(options, 1000);
+    client.subscribe(topic, QoS::AtLeastOnce).await?;
+    let r = results[0].clone();
+    let task = tokio::spawn(async move {
+        let _client = client;
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if let Some(ts) = ts_of(&p.payload) {
+                        r.lock().await.record(ts);
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent = mqtt_publish(port, topic.to_owned(), a.rate, a.seconds, a.payload).await?;
+    Ok((sent, stop_and_collect(vec![task], results).await))
+}
+
+async fn bridged_phase(
+    port: u16,
+    bootstrap: &str,
+    topic: &str,
+    a: &Args,
+) -> Result<(u64, Vec<Results>)> {
+    let results = shared(1);
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "load-reader")
+        .set("auto.offset.reset", "latest")
+        .set("fetch.wait.max.ms", "5")
+        .create()?;
+    consumer.subscribe(&["load.raw"])?;
+    // The mock broker's first group join waits ~3 s; start reading before publishing.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while consumer.assignment()?.count() == 0 {
+        if std::time::Instant::now() > deadline {
+            bail!("the Kafka reader got no partitions");
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await;
+    }
+    let r = results[0].clone();
+    let task = tokio::spawn(async move {
+        let mut stream = consumer.stream();
+        while let Some(Ok(m)) = stream.next().await {
+            if let Some(ts) = m.payload().and_then(ts_of) {
+                r.lock().await.record(ts);
+            }
+        }
+    });
+    let sent = mqtt_publish(port, topic.to_owned(), a.rate, a.seconds, a.payload).await?;
+    Ok((sent, stop_and_collect(vec![task], results).await))
+}
+
+const SPECS: &str = r#"asyncapi: 3.0.0
+x-stepflow-id: iot
+info: {title: Load, version: 1.0.0}
+servers:
+  broker: {host: '127.0.0.1:1883', protocol: mqtt}
+channels:
+  telemetry:
+    address: 'load/devices/{deviceId}/telemetry'
+    messages:
+      reading:
+        payload:
+          type: object
+          required: [temperature, seq, ts]
+          properties:
+            temperature: {type: number}
+            seq: {type: integer}
+            ts: {type: integer}
+            pad: {type: string}
+operations:
+  receive:
+    action: receive
+    channel: {$ref: '#/channels/telemetry'}
+    bindings: {mqtt: {qos: 1}}
+"#;
+
+const ANALYTICS: &str = r#"asyncapi: 3.0.0
+x-stepflow-id: analytics
+info: {title: Load analytics, version: 1.0.0}
+servers:
+  kafka: {host: '127.0.0.1:9092', protocol: kafka}
+channels:
+  raw:
+    address: 'devices/{deviceId}/telemetry'
+    bindings: {kafka: {topic: load.raw, x-stepflow-key: '{deviceId}'}}
+operations:
+  send: {action: send, channel: {$ref: '#/channels/raw'}}
+"#;
+
+const BRIDGE: &str =
+    "bridges:\n  load:\n    from: iot.telemetry\n    to:\n      - channel: analytics.raw\n";
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let a = args()?;
+    if !a.binary.exists() {
+        bail!(
+            "{} is missing: run `cargo build --release` first",
+            a.binary.display()
+        );
+    }
+    let dir = tempfile::tempdir()?;
+    let broker_port = free_port();
+    let conf = dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {broker_port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 100\nmax_queued_messages 1000000\n"
+        ),
+    )?;
+    let _broker = Killed(
+        Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("mosquitto (apt-get install mosquitto)")?,
+    );
+    let cluster = MockCluster::new(1)?;
+    cluster.create_topic("load.raw", 3, 1)?;
+    let bootstrap = cluster.bootstrap_servers();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let specs = dir.path().join("specs");
+    let bridges = dir.path().join("bridges");
+    std::fs::create_dir_all(&specs)?;
+    std::fs::create_dir_all(&bridges)?;
+    std::fs::write(specs.join("iot.yaml"), SPECS)?;
+    std::fs::write(specs.join("analytics.yaml"), ANALYTICS)?;
+    std::fs::write(bridges.join("load.yaml"), BRIDGE)?;
+    let http = free_port();
+    let mqtt = format!("iot/broker=mqtt://127.0.0.1:{broker_port}");
+    let kafka = format!("analytics/kafka=kafka://{bootstrap}");
+    let _daemon = start_daemon(
+        &a.binary,
+        http,
+        &dir.path().join("data"),
+        &[
+            "--specs".as_ref(),
+            specs.as_os_str(),
+            "--bridges".as_ref(),
+            bridges.as_os_str(),
+            "--server".as_ref(),
+            mqtt.as_ref(),
+            "--server".as_ref(),
+            kafka.as_ref(),
+        ],
+    )
+    .await?;
+
+    println!(
+        "rate {} msg/s, {} s, payload {} B; MQTT → Kafka bridge vs MQTT → MQTT",
+        a.rate, a.seconds, a.payload
+    );
+    let topic = "load/devices/1/telemetry";
+    let (sent_direct, direct) = direct_phase(broker_port, topic, &a).await?;
+    let direct = summarize(sent_direct, &direct);
+    let (sent_bridged, bridged) = bridged_phase(broker_port, &bootstrap, topic, &a).await?;
+    let bridged = summarize(sent_bridged, &bridged);
+    report(&direct, &bridged);
+    Ok(())
+}
