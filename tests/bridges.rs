@@ -627,6 +627,11 @@ const OUTAGE_TOTAL: u64 = 3000;
 
 impl Outage {
     async fn start(policy: &str) -> Outage {
+        Self::start_with(policy, "").await
+    }
+
+    /// With `extra` lines (at the bridge's indentation) in the bridge definition.
+    async fn start_with(policy: &str, extra: &str) -> Outage {
         require_mosquitto();
         require_rabbitmq();
         let prefix = unique("bo");
@@ -640,7 +645,7 @@ impl Outage {
             bridges.path(),
             "amqp.yaml",
             &format!(
-                "bridges:\n  archive:\n    from: {iot}.telemetry\n    on_target_down: {policy}\n    retries: 2\n    to:\n      - channel: {archive}.readings\n"
+                "bridges:\n  archive:\n    from: {iot}.telemetry\n    on_target_down: {policy}\n    retries: 2\n{extra}    to:\n      - channel: {archive}.readings\n"
             ),
         );
         let proxy = TcpProxy::start("127.0.0.1:5672").await;
@@ -821,6 +826,60 @@ async fn target_down_for_10s_with_dead_letter_then_replay_delivers_everything() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_down_for_10s_with_drop_oldest_keeps_the_newest() {
+    let mut s = Outage::start_with("drop_oldest", "    max_lag: 500\n").await;
+    s.stream_through_an_outage().await;
+    let dropped = || async {
+        s.daemon
+            .metric(
+                "stepflow_bridge_messages_total",
+                &[("bridge", "archive"), ("outcome", "dropped")],
+            )
+            .await
+            .unwrap() as u64
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut got = Vec::new();
+    loop {
+        got.extend(consume_seqs(&s.channel, &s.queue, OUTAGE_TOTAL, Duration::from_secs(2)).await);
+        let distinct: BTreeSet<u64> = got.iter().map(|(_, q)| *q).collect();
+        if distinct.len() as u64 + dropped().await >= OUTAGE_TOTAL {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} delivered, {} dropped",
+            distinct.len(),
+            dropped().await
+        );
+    }
+    let distinct: BTreeSet<u64> = got.iter().map(|(_, q)| *q).collect();
+    let dropped = dropped().await;
+    println!(
+        "target down 10 s, drop_oldest (max_lag 500): {OUTAGE_TOTAL} sent, {} delivered, {dropped} dropped",
+        distinct.len()
+    );
+    assert!(dropped > 0, "the outage outgrew max_lag");
+    assert_eq!(
+        distinct.len() as u64 + dropped,
+        OUTAGE_TOTAL,
+        "each message delivered or counted as dropped"
+    );
+    let newest: Vec<u64> = (OUTAGE_TOTAL - 100..OUTAGE_TOTAL).collect();
+    assert!(
+        newest.iter().all(|q| distinct.contains(q)),
+        "the newest are kept"
+    );
+    let dead = s
+        .daemon
+        .replay_all(&format!("{}.telemetry", s.iot), "dead-letters")
+        .await
+        .unwrap();
+    assert!(dead.is_empty());
+    amqp_cleanup(&s.prefix, &["archive"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_bridges_are_load_errors_with_file_and_pointer() {
     let prefix = unique("bad");
     let dir = tempfile::tempdir().unwrap();
@@ -885,4 +944,230 @@ async fn bad_bridges_are_load_errors_with_file_and_pointer() {
             "no `{line}… {words}` in:\n{stderr}"
         );
     }
+}
+
+/// An upstream service for the cross-protocol test: a WebSocket feed at `/stream` that sends
+/// `FEED_TICKS` ticks (and a heartbeat every tenth), and `POST /readings`, which answers 503 to
+/// its first two requests, 400 to the tick with seq 77, and 201 to the rest.
+#[derive(Clone, Default)]
+struct Upstream {
+    posted: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+    requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+const FEED_TICKS: u64 = 200;
+
+async fn feed(ws: axum::extract::WebSocketUpgrade) -> axum::response::Response {
+    use axum::extract::ws::Message as AxMessage;
+    ws.on_upgrade(|mut socket| async move {
+        for seq in 0..FEED_TICKS {
+            if seq % 10 == 0 {
+                let beat = json!({"event": "heartbeat"}).to_string();
+                if socket.send(AxMessage::text(beat)).await.is_err() {
+                    return;
+                }
+            }
+            let tick = json!({"event": "tick", "symbol": format!("S{}", seq % 3), "price": 10.5, "seq": seq});
+            if socket.send(AxMessage::text(tick.to_string())).await.is_err() {
+                return;
+            }
+        }
+        while let Some(Ok(_)) = socket.next().await {}
+    })
+}
+
+async fn readings(
+    axum::extract::State(up): axum::extract::State<Upstream>,
+    axum::Json(body): axum::Json<Value>,
+) -> (axum::http::StatusCode, axum::Json<Value>) {
+    use std::sync::atomic::Ordering;
+    let n = up.requests.fetch_add(1, Ordering::SeqCst);
+    if n < 2 {
+        return (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"error": "warming up"})),
+        );
+    }
+    if body["seq"] == 77 {
+        return (
+            axum::http::StatusCode::BAD_REQUEST,
+            axum::Json(json!({"error": "seq 77 is cursed"})),
+        );
+    }
+    up.posted.lock().unwrap().push(body);
+    (
+        axum::http::StatusCode::CREATED,
+        axum::Json(json!({"ok": true})),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_websocket_feed_is_bridged_to_mqtt_and_an_openapi_operation() {
+    require_mosquitto();
+    let upstream = Upstream::default();
+    let app = axum::Router::new()
+        .route("/stream", axum::routing::get(feed))
+        .route("/readings", axum::routing::post(readings))
+        .with_state(upstream.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let prefix = unique("bu");
+    let dir = tempfile::tempdir().unwrap();
+    let (market, registry, mq) = (unique("market"), unique("registry"), unique("mq"));
+    write(
+        dir.path(),
+        "market.yaml",
+        &format!(
+            r#"asyncapi: 3.0.0
+x-stepflow-id: {market}
+x-stepflow-role: client
+info: {{title: Feed, version: 1.0.0}}
+servers:
+  feed: {{host: '127.0.0.1:{port}', protocol: ws}}
+channels:
+  ticker:
+    address: /stream
+    messages:
+      tick:
+        payload: {{type: object, required: [event, symbol, seq], properties: {{event: {{const: tick}}, symbol: {{type: string}}, seq: {{type: integer}}}}}}
+      heartbeat:
+        payload: {{type: object, required: [event], properties: {{event: {{const: heartbeat}}}}}}
+operations:
+  sendTicks: {{action: send, channel: {{$ref: '#/channels/ticker'}}}}
+"#
+        ),
+    );
+    write(
+        dir.path(),
+        "registry.yaml",
+        &format!(
+            r#"openapi: 3.1.0
+x-stepflow-id: {registry}
+info: {{title: Readings, version: 1.0.0}}
+servers: [{{url: 'http://127.0.0.1:{port}'}}]
+paths:
+  /readings:
+    post:
+      operationId: postReading
+      requestBody:
+        required: true
+        content:
+          application/json:
+            schema: {{type: object, required: [symbol, seq], properties: {{symbol: {{type: string}}, seq: {{type: integer}}}}}}
+      responses:
+        '201': {{description: Stored.}}
+"#
+        ),
+    );
+    write(
+        dir.path(),
+        "mq.yaml",
+        &format!(
+            r#"asyncapi: 3.0.0
+x-stepflow-id: {mq}
+info: {{title: Ticks over MQTT, version: 1.0.0}}
+servers:
+  broker: {{host: '127.0.0.1:1883', protocol: mqtt}}
+channels:
+  ticks:
+    address: '{prefix}/ticks/{{symbol}}'
+operations:
+  sendTicks: {{action: send, channel: {{$ref: '#/channels/ticks'}}, bindings: {{mqtt: {{qos: 1}}}}}}
+"#
+        ),
+    );
+    let bridges = tempfile::tempdir().unwrap();
+    write(
+        bridges.path(),
+        "feed.yaml",
+        &format!(
+            r#"bridges:
+  ticks-out:
+    from: {market}.ticker
+    filter: payload.event == "tick"
+    to:
+      - channel: {mq}.ticks
+        params: {{symbol: '{{payload.symbol}}'}}
+      - operation: {registry}.postReading
+"#
+        ),
+    );
+    let mut subscriber = MqttClient::connect(1883, &unique("ticks")).await.unwrap();
+    subscriber
+        .subscribe(&format!("{prefix}/ticks/+"))
+        .await
+        .unwrap();
+    let daemon = start_bridged(dir.path(), bridges.path(), &[]).await;
+
+    // MQTT: every tick, on its symbol's topic, in order.
+    let mut seqs = Vec::new();
+    while (seqs.len() as u64) < FEED_TICKS {
+        let p = subscriber.recv(Duration::from_secs(20)).await.unwrap();
+        let tick: Value = serde_json::from_slice(&p.payload).unwrap();
+        let seq = tick["seq"].as_u64().unwrap();
+        assert_eq!(p.topic, format!("{prefix}/ticks/S{}", seq % 3));
+        seqs.push(seq);
+    }
+    assert_eq!(
+        seqs,
+        (0..FEED_TICKS).collect::<Vec<_>>(),
+        "in order, once each"
+    );
+
+    // HTTP: every tick but the refused one, after the two 503s were retried.
+    let channel = format!("{market}.ticker");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let dead = loop {
+        let dead = daemon.replay_all(&channel, "dead-letters").await.unwrap();
+        if !dead.is_empty() && upstream.posted.lock().unwrap().len() as u64 >= FEED_TICKS - 1 {
+            break dead;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "posted {}",
+            upstream.posted.lock().unwrap().len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let posted: BTreeSet<u64> = upstream
+        .posted
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|b| b["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(posted.len() as u64, FEED_TICKS - 1);
+    assert!(!posted.contains(&77));
+    assert_eq!(dead.len(), 1, "only the refused tick is a dead letter");
+    assert_eq!(dead[0]["payload"]["seq"], 77);
+    assert_eq!(
+        dead[0]["headers"]["x-stepflow-target"],
+        format!("{registry}.postReading")
+    );
+    let reason = dead[0]["dead_letter_reason"].as_str().unwrap();
+    assert!(
+        reason.contains("400") && reason.contains("cursed"),
+        "{reason}"
+    );
+    let filtered = daemon
+        .metric(
+            "stepflow_bridge_messages_total",
+            &[
+                ("bridge", "ticks-out"),
+                ("target", &format!("{mq}.ticks")),
+                ("outcome", "filtered"),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        filtered,
+        (FEED_TICKS / 10) as f64,
+        "heartbeats are filtered out"
+    );
+    // The two 503s were retried (by the call's own retry policy), not dropped.
+    let requests = upstream.requests.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(requests >= FEED_TICKS + 2, "{requests} requests");
 }
