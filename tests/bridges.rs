@@ -1171,3 +1171,139 @@ operations:
     let requests = upstream.requests.load(std::sync::atomic::Ordering::SeqCst);
     assert!(requests >= FEED_TICKS + 2, "{requests} requests");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_bridges_carry_telemetry_to_kafka_and_rabbitmq_and_commands_to_devices() {
+    require_mosquitto();
+    require_rabbitmq();
+    let cluster = MockCluster::new(1).expect("librdkafka mock cluster");
+    for topic in ["telemetry.raw", "telemetry.avro", "device.commands"] {
+        cluster.create_topic(topic, 3, 1).unwrap();
+    }
+    // The archive's exchange as the shipped document declares it, and a queue of the test's own.
+    let (_conn, channel) = amqp_channel().await.unwrap();
+    channel
+        .exchange_declare(
+            "telemetry".into(),
+            lapin::ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let queue = unique("archive-reader");
+    channel
+        .queue_declare(
+            queue.clone().into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let device = unique("dev");
+    channel
+        .queue_bind(
+            queue.clone().into(),
+            "telemetry".into(),
+            format!("devices.{device}.telemetry").into(),
+            QueueBindOptions::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let mut handset = MqttClient::connect(1883, &unique("handset")).await.unwrap();
+    handset
+        .subscribe(&format!("devices/{device}/commands"))
+        .await
+        .unwrap();
+
+    // The newcomer's command, with the analytics Kafka pointed at the mock cluster.
+    let kafka = format!("analytics/kafka=kafka://{}", cluster.bootstrap_servers());
+    let daemon = Daemon::start(&["--server", &kafka]).await.unwrap();
+    let bridges = daemon.get_json("/api/v1/bridges").await.unwrap();
+    assert_eq!(bridges["bridges"].as_array().unwrap().len(), 3, "{bridges}");
+
+    let sensor = MqttClient::connect(1883, &unique("sensor")).await.unwrap();
+    sensor
+        .client
+        .publish(
+            format!("devices/{device}/telemetry"),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            json!({"temperature": 21.5, "humidity": 40, "ts": "2026-11-29T00:00:00Z"}).to_string(),
+        )
+        .await
+        .unwrap();
+
+    let mine = |records: Records| {
+        records
+            .into_iter()
+            .filter(|(k, _)| k.as_deref() == Some(device.as_str()))
+            .collect::<Vec<_>>()
+    };
+    let raw_reader = kafka_reader(&cluster.bootstrap_servers(), "telemetry.raw");
+    let raw = mine(read_kafka_until(&raw_reader, Duration::from_secs(30), 1).await);
+    assert_eq!(raw.len(), 1, "keyed by the device id");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&raw[0].1).unwrap()["temperature"],
+        21.5
+    );
+    let avro_reader = kafka_reader(&cluster.bootstrap_servers(), "telemetry.avro");
+    let avro = mine(read_kafka_until(&avro_reader, Duration::from_secs(30), 1).await);
+    assert_eq!(avro.len(), 1);
+    assert!(
+        serde_json::from_slice::<Value>(&avro[0].1).is_err(),
+        "Avro binary, not JSON"
+    );
+
+    let mut archive = channel
+        .basic_consume(
+            queue.clone().into(),
+            "reader".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(30), archive.next())
+        .await
+        .expect("the archive got the reading")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        serde_json::from_slice::<Value>(&delivery.data).unwrap()["humidity"],
+        40
+    );
+
+    // A command from analytics, keyed by the device, reaches the device's MQTT topic.
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", cluster.bootstrap_servers())
+        .create()
+        .unwrap();
+    let command = json!({"action": "reboot"}).to_string();
+    producer
+        .send(
+            FutureRecord::to("device.commands")
+                .key(&device)
+                .payload(&command),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let delivered = handset.recv(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(delivered.topic, format!("devices/{device}/commands"));
+    assert_eq!(
+        serde_json::from_slice::<Value>(&delivered.payload).unwrap(),
+        json!({"action": "reboot"})
+    );
+}

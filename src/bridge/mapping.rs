@@ -230,6 +230,30 @@ mod tests {
     }
 
     #[test]
+    fn converts_json_to_avro_and_back() {
+        use crate::schema::AvroSchema;
+        let schema = Arc::new(PayloadSchema::Avro(Box::new(
+            AvroSchema::parse(&serde_json::json!({
+                "type": "record", "name": "R",
+                "fields": [{"name": "n", "type": "long"}, {"name": "site", "type": ["null", "string"], "default": null}]
+            }))
+            .unwrap(),
+        )));
+        let json = Bytes::from_static(br#"{"n": 3}"#);
+        let avro = Conversion::JsonToAvro(schema.clone())
+            .apply(&json, None)
+            .unwrap();
+        assert_eq!(&avro[..], &[6u8, 0], "zig-zag 3, then the null branch");
+        let back = Conversion::AvroToJson(schema.clone())
+            .apply(&avro, None)
+            .unwrap();
+        let back: Value = serde_json::from_slice(&back).unwrap();
+        assert_eq!(back, serde_json::json!({"n": 3, "site": null}));
+        let refused = Conversion::JsonToAvro(schema).apply(&Bytes::from_static(b"{}"), None);
+        assert!(refused.is_err(), "a required field is missing");
+    }
+
+    #[test]
     fn refuses_unknown_parameters_and_unclosed_braces() {
         let params = vec!["deviceId".to_owned()];
         assert!(
