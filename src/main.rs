@@ -1,6 +1,6 @@
 //! The `stepflow` command line: thin glue over the library.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// jemalloc instead of glibc's malloc: glibc keeps a heap arena per thread that grows under load
 /// and is not returned. In the load scenario (5k msg/s, 10 WebSocket subscribers) peak RSS was
@@ -41,6 +41,9 @@ enum Command {
         /// Also print warnings (remote references not fetched, at-most-once routes, ...).
         #[arg(long, short)]
         warnings: bool,
+        /// A directory of bridge definitions to check against the documents.
+        #[arg(long)]
+        bridges: Option<PathBuf>,
     },
     /// Print the routing table compiled from API documents.
     Routes {
@@ -56,7 +59,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run(&args),
-        Command::Validate { paths, warnings } => validate(&paths, warnings),
+        Command::Validate {
+            paths,
+            warnings,
+            bridges,
+        } => validate(&paths, warnings, bridges.as_deref()),
         Command::Routes { paths, json } => routes(&paths, json),
     }
 }
@@ -158,7 +165,7 @@ fn print_errors(errors: &[SpecError]) {
     );
 }
 
-fn validate(paths: &[PathBuf], show_warnings: bool) -> ExitCode {
+fn validate(paths: &[PathBuf], show_warnings: bool, bridges: Option<&Path>) -> ExitCode {
     let Some((apis, compiled, mut warnings)) = load_and_compile(paths) else {
         return ExitCode::FAILURE;
     };
@@ -166,6 +173,27 @@ fn validate(paths: &[PathBuf], show_warnings: bool) -> ExitCode {
         println!("no AsyncAPI or OpenAPI documents found");
         return ExitCode::FAILURE;
     }
+    let bridges = match bridges {
+        None => Vec::new(),
+        Some(dir) => {
+            let table = &compiled.table;
+            // Operations callable by id: OpenAPI operations and AsyncAPI sends with a reply.
+            let has_operation = |id: &str| {
+                table.routes().iter().any(|r| {
+                    r.request_reply
+                        .iter()
+                        .any(|rr| format!("{}.{}", r.api, rr.operation) == id)
+                })
+            };
+            match stepflow::bridge::load(dir, table, &has_operation) {
+                Ok(b) => b,
+                Err(errors) => {
+                    print_errors(&errors);
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    };
     warnings.extend(compiled.warnings);
     for api in &apis {
         let routes: Vec<&Route> = compiled
@@ -197,6 +225,19 @@ fn validate(paths: &[PathBuf], show_warnings: bool) -> ExitCode {
                 0 => String::new(),
                 n => format!(", {n} warning{}", if n == 1 { "" } else { "s" }),
             }
+        );
+    }
+    for b in &bridges {
+        println!(
+            "ok bridge {} ({}): {} → {}",
+            b.name,
+            b.file.display(),
+            b.source,
+            b.lanes
+                .iter()
+                .map(|l| l.target.label())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     if show_warnings {

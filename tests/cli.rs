@@ -47,11 +47,33 @@ fn validate_accepts_the_shipped_specs() {
         text.contains("device-registry.openapi.yaml (OpenAPI 3.1.0"),
         "{text}"
     );
-    assert_eq!(
-        text.lines().filter(|l| l.starts_with("ok ")).count(),
-        6,
+    assert!(
+        text.contains("telemetry-archive-amqp.yaml (AsyncAPI 3.0.0"),
         "{text}"
     );
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("ok ")).count(),
+        7,
+        "{text}"
+    );
+}
+
+#[test]
+fn validate_checks_the_shipped_bridges_against_the_shipped_specs() {
+    let out = stepflow(&["validate", "asyncapi-specs", "--bridges", "bridges"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "ok bridge commands-to-devices (bridges/commands.yaml): analytics.deviceCommands → iot.commands",
+        "ok bridge telemetry-to-kafka (bridges/telemetry.yaml): iot.telemetry → analytics.telemetryRaw, analytics.telemetryAvro",
+        "ok bridge telemetry-to-archive (bridges/telemetry.yaml): iot.telemetry → archive.readings",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
+    }
 }
 
 #[test]
