@@ -3,10 +3,12 @@
 //!
 //! It starts its own Mosquitto on a free port, a librdkafka mock cluster (a real Kafka-protocol
 //! broker on loopback) and the release daemon with one bridge `iot.telemetry → analytics.raw`,
-//! then runs both phases at the same rate. Reports delivered rate, loss, latency percentiles
-//! (MQTT publish → receive, both on this machine's clock) and the ratios bridged / direct.
+//! then runs the phases at the same rate: MQTT → MQTT, the Kafka leg alone (a producer set up as
+//! the daemon's → the mock broker → the reader), and MQTT → bridge → Kafka. Reports delivered
+//! rate, loss, latency percentiles (send → receive, both on this machine's clock), the ratios
+//! bridged / direct, and the lane's own latency from the daemon's histogram.
 //!
-//!     cargo build --release && cargo run --release --example load_bridge_mqtt_kafka -- --rate 5000 --seconds 10
+//!     cargo build --release && cargo run --release --example load_bridge_mqtt_kafka -- --rate 5000 --seconds 10 [--in-flight 256]
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -27,15 +29,17 @@ struct Args {
     rate: u64,
     seconds: u64,
     payload: usize,
+    in_flight: usize,
     binary: PathBuf,
 }
 
 fn args() -> Result<Args> {
-    let flags = Flags::parse(&["rate", "seconds", "payload"])?;
+    let flags = Flags::parse(&["rate", "seconds", "payload", "in-flight"])?;
     Ok(Args {
         rate: flags.get("rate", 5000)?,
         seconds: flags.get("seconds", 10)?,
         payload: flags.get("payload", 100)?,
+        in_flight: flags.get("in-flight", 256)?,
         binary: flags.binary(),
     })
 }
@@ -70,20 +74,20 @@ async fn direct_phase(port: u16, topic: &str, a: &Args) -> Result<(u64, Vec<Resu
     Ok((sent, stop_and_collect(vec![task], results).await))
 }
 
-async fn bridged_phase(
-    port: u16,
+/// A Kafka reader of `topic` that has its partitions, recording the payloads' `ts`.
+async fn kafka_reader(
     bootstrap: &str,
     topic: &str,
-    a: &Args,
-) -> Result<(u64, Vec<Results>)> {
+    group: &str,
+) -> Result<(Vec<Shared>, tokio::task::JoinHandle<()>)> {
     let results = shared(1);
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
-        .set("group.id", "load-reader")
+        .set("group.id", group)
         .set("auto.offset.reset", "latest")
         .set("fetch.wait.max.ms", "5")
         .create()?;
-    consumer.subscribe(&["load.raw"])?;
+    consumer.subscribe(&[topic])?;
     // The mock broker's first group join waits ~3 s; start reading before publishing.
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     while consumer.assignment()?.count() == 0 {
@@ -101,6 +105,57 @@ async fn bridged_phase(
             }
         }
     });
+    Ok((results, task))
+}
+
+/// The Kafka leg alone: a producer set up as the daemon's (acks=all, idempotent, linger 1 ms)
+/// → the mock broker → the same reader.
+async fn kafka_phase(bootstrap: &str, a: &Args) -> Result<(u64, Vec<Results>)> {
+    let (results, task) = kafka_reader(bootstrap, "load.direct", "load-direct").await?;
+    let producer: rdkafka::producer::FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "1")
+        .create()?;
+    let pad = "x".repeat(a.payload.saturating_sub(60));
+    let total = a.rate * a.seconds;
+    let started = tokio::time::Instant::now();
+    let mut sent = 0u64;
+    let mut deliveries = futures::stream::FuturesUnordered::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    while sent < total {
+        tick.tick().await;
+        let due = ((started.elapsed().as_secs_f64() * a.rate as f64) as u64).min(total);
+        while sent < due {
+            let body = format!(
+                r#"{{"temperature":1,"seq":{sent},"pad":"{pad}","ts":{}}}"#,
+                now_nanos()
+            );
+            let key = format!("{}", sent % 10);
+            let record = rdkafka::producer::FutureRecord::to("load.direct")
+                .key(&key)
+                .payload(&body);
+            match producer.send_result(record) {
+                Ok(delivery) => deliveries.push(delivery),
+                Err((e, _)) => bail!("the producer refused a record: {e}"),
+            }
+            sent += 1;
+        }
+        while let Some(Some(_)) = futures::FutureExt::now_or_never(deliveries.next()) {}
+    }
+    while deliveries.next().await.is_some() {}
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok((sent, stop_and_collect(vec![task], results).await))
+}
+
+async fn bridged_phase(
+    port: u16,
+    bootstrap: &str,
+    topic: &str,
+    a: &Args,
+) -> Result<(u64, Vec<Results>)> {
+    let (results, task) = kafka_reader(bootstrap, "load.raw", "load-reader").await?;
     let sent = mqtt_publish(port, topic.to_owned(), a.rate, a.seconds, a.payload).await?;
     Ok((sent, stop_and_collect(vec![task], results).await))
 }
@@ -175,6 +230,7 @@ async fn main() -> Result<()> {
     );
     let cluster = MockCluster::new(1)?;
     cluster.create_topic("load.raw", 3, 1)?;
+    cluster.create_topic("load.direct", 3, 1)?;
     let bootstrap = cluster.bootstrap_servers();
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -184,11 +240,17 @@ async fn main() -> Result<()> {
     std::fs::create_dir_all(&bridges)?;
     std::fs::write(specs.join("iot.yaml"), SPECS)?;
     std::fs::write(specs.join("analytics.yaml"), ANALYTICS)?;
-    std::fs::write(bridges.join("load.yaml"), BRIDGE)?;
+    std::fs::write(
+        bridges.join("load.yaml"),
+        format!(
+            "bridges:\n  load:\n    from: iot.telemetry\n    max_in_flight: {}\n    to:\n      - channel: analytics.raw\n",
+            a.in_flight
+        ),
+    )?;
     let http = free_port();
     let mqtt = format!("iot/broker=mqtt://127.0.0.1:{broker_port}");
     let kafka = format!("analytics/kafka=kafka://{bootstrap}");
-    let _daemon = start_daemon(
+    let daemon = start_daemon(
         &a.binary,
         http,
         &dir.path().join("data"),
@@ -206,14 +268,54 @@ async fn main() -> Result<()> {
     .await?;
 
     println!(
-        "rate {} msg/s, {} s, payload {} B; MQTT → Kafka bridge vs MQTT → MQTT",
-        a.rate, a.seconds, a.payload
+        "rate {} msg/s, {} s, payload {} B, max_in_flight {}; MQTT → Kafka bridge vs MQTT → MQTT",
+        a.rate, a.seconds, a.payload, a.in_flight
     );
     let topic = "load/devices/1/telemetry";
     let (sent_direct, direct) = direct_phase(broker_port, topic, &a).await?;
     let direct = summarize(sent_direct, &direct);
+    let (sent_kafka, kafka_only) = kafka_phase(&bootstrap, &a).await?;
+    let kafka_only = summarize(sent_kafka, &kafka_only);
     let (sent_bridged, bridged) = bridged_phase(broker_port, &bootstrap, topic, &a).await?;
     let bridged = summarize(sent_bridged, &bridged);
     report(&direct, &bridged);
+    println!(
+        "kafka leg alone (producer → mock broker → reader): delivered {}/{}, {:.0} msg/s, p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms; bridged p99 / (MQTT p99 + Kafka p99) = {:.2}",
+        kafka_only.delivered,
+        kafka_only.expected,
+        kafka_only.rate,
+        kafka_only.p50_ms,
+        kafka_only.p99_ms,
+        kafka_only.max_ms,
+        bridged.p99_ms / (direct.p99_ms + kafka_only.p99_ms).max(1e-9)
+    );
+    let metrics = reqwest::get(format!("http://127.0.0.1:{http}/metrics"))
+        .await?
+        .text()
+        .await?;
+    println!(
+        "inside the daemon (bridge_latency_seconds, MQTT arrival → Kafka delivery report): p50 ≤ {} ms, p99 ≤ {} ms",
+        bucket_quantile(&metrics, 0.50),
+        bucket_quantile(&metrics, 0.99)
+    );
+    drop(daemon);
     Ok(())
+}
+
+/// The upper bound (ms) of the histogram bucket holding quantile `q` of the lane's latency.
+fn bucket_quantile(metrics: &str, q: f64) -> String {
+    let buckets: Vec<(f64, f64)> = metrics
+        .lines()
+        .filter(|l| l.starts_with("stepflow_bridge_latency_seconds_bucket"))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let count = l.rsplit(' ').next()?.parse().ok()?;
+            Some((le.parse().unwrap_or(f64::INFINITY), count))
+        })
+        .collect();
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    buckets
+        .iter()
+        .find(|(_, c)| *c >= q * total)
+        .map_or("?".into(), |(le, _)| format!("{}", le * 1000.0))
 }
