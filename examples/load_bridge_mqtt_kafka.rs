@@ -198,9 +198,6 @@ operations:
   send: {action: send, channel: {$ref: '#/channels/raw'}}
 "#;
 
-const BRIDGE: &str =
-    "bridges:\n  load:\n    from: iot.telemetry\n    to:\n      - channel: analytics.raw\n";
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let a = args()?;
