@@ -1307,3 +1307,88 @@ async fn the_shipped_bridges_carry_telemetry_to_kafka_and_rabbitmq_and_commands_
         json!({"action": "reboot"})
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_bridge_starts_at_the_next_message_or_with_start_earliest_at_the_oldest() {
+    require_mosquitto();
+    let prefix = unique("bs");
+    let dir = tempfile::tempdir().unwrap();
+    let (iot, out) = (unique("iot"), unique("out"));
+    iot_spec(dir.path(), &iot, &prefix, 1);
+    write(
+        dir.path(),
+        "out.yaml",
+        &format!(
+            r#"asyncapi: 3.0.0
+x-stepflow-id: {out}
+info: {{title: Out, version: 1.0.0}}
+servers:
+  broker: {{host: '127.0.0.1:1883', protocol: mqtt}}
+channels:
+  early: {{address: '{prefix}/early/{{deviceId}}'}}
+  late: {{address: '{prefix}/late/{{deviceId}}'}}
+operations:
+  sendEarly: {{action: send, channel: {{$ref: '#/channels/early'}}, bindings: {{mqtt: {{qos: 1}}}}}}
+  sendLate: {{action: send, channel: {{$ref: '#/channels/late'}}, bindings: {{mqtt: {{qos: 1}}}}}}
+"#
+        ),
+    );
+    let data = tempfile::tempdir().unwrap();
+    let specs = dir.path().to_str().unwrap();
+    // A first run without bridges logs five readings.
+    let mut first = Daemon::start_in(data.path(), &["--specs", specs])
+        .await
+        .unwrap();
+    let (tx, _rx) = tokio::sync::watch::channel(0);
+    publish_acknowledged(
+        1883,
+        format!("{prefix}/devices/d1/telemetry"),
+        0..5,
+        1000,
+        tx,
+    )
+    .await;
+    first.wait_for_log(&format!("{iot}.telemetry"), 5).await;
+    first.terminate(Duration::from_secs(15)).unwrap();
+
+    let bridges = tempfile::tempdir().unwrap();
+    write(
+        bridges.path(),
+        "b.yaml",
+        &format!(
+            "bridges:\n  early:\n    from: {iot}.telemetry\n    start: earliest\n    to: [{{channel: {out}.early}}]\n  late:\n    from: {iot}.telemetry\n    to: [{{channel: {out}.late}}]\n"
+        ),
+    );
+    let mut reader = MqttClient::connect(1883, &unique("reader")).await.unwrap();
+    reader.subscribe(&format!("{prefix}/+/d1")).await.unwrap();
+    let _second = Daemon::start_in(
+        data.path(),
+        &[
+            "--specs",
+            specs,
+            "--bridges",
+            bridges.path().to_str().unwrap(),
+        ],
+    )
+    .await
+    .unwrap();
+    let (tx, _rx) = tokio::sync::watch::channel(0);
+    publish_acknowledged(
+        1883,
+        format!("{prefix}/devices/d1/telemetry"),
+        5..6,
+        1000,
+        tx,
+    )
+    .await;
+    let mut got: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    while got.values().map(Vec::len).sum::<usize>() < 7 {
+        let p = reader.recv(Duration::from_secs(20)).await.unwrap();
+        let seq = serde_json::from_slice::<Value>(&p.payload).unwrap()["seq"]
+            .as_u64()
+            .unwrap();
+        got.entry(p.topic.clone()).or_default().push(seq);
+    }
+    assert_eq!(got[&format!("{prefix}/early/d1")], vec![0, 1, 2, 3, 4, 5]);
+    assert_eq!(got[&format!("{prefix}/late/d1")], vec![5]);
+}

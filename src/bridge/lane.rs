@@ -20,7 +20,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{BRIDGE_HEADER, Bridge, Lane, Policy, TARGET_HEADER, Target};
+use super::{BRIDGE_HEADER, Bridge, Lane, Policy, Start, TARGET_HEADER, Target};
 use crate::calls::{CallError, CallRequest, Operations};
 use crate::connectors::Backoff;
 use crate::hub::{Hub, LiveRoute, PublishFailure, PublishRequest, SubscriptionEvent};
@@ -229,8 +229,9 @@ pub async fn dead_letter(
         .await
 }
 
-/// Gives every lane without a cursor one at the end of its source log, before any connector
-/// starts: a message that arrives after this is delivered, whenever the lane gets to run.
+/// Gives every lane without a cursor one (at the end of its source log, or at its oldest message
+/// for `start: earliest`) before any connector starts: a message that arrives after this is
+/// delivered, whenever the lane gets to run.
 pub async fn prepare_cursors(
     store: &Store,
     hub: &Hub,
@@ -248,11 +249,11 @@ pub async fn prepare_cursors(
             let Some(route) = hub.route(&lane.source) else {
                 continue;
             };
-            let next = store
-                .stats(&route.log)
-                .await?
-                .last_offset
-                .map_or(1, |o| o + 1);
+            let stats = store.stats(&route.log).await?;
+            let next = match lane.start {
+                Start::Earliest => stats.first_offset.unwrap_or(1),
+                Start::Latest => stats.last_offset.map_or(1, |o| o + 1),
+            };
             store
                 .state_put(CURSORS, &lane.cursor_key(), next.to_be_bytes().to_vec())
                 .await?;

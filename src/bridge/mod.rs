@@ -15,6 +15,7 @@
 //!     from: iot.telemetry
 //!     filter: has(payload.temperature)      # CEL, see routing::filter
 //!     on_target_down: block                 # block | drop_oldest | dead_letter
+//!     start: latest                         # a new lane: earliest | latest (default)
 //!     to:
 //!       - channel: analytics.telemetryRaw
 //!         params: {deviceId: '{deviceId}'}  # target parameter ← template over the source
@@ -89,6 +90,18 @@ pub struct Lane {
     pub max_in_flight: usize,
     pub max_lag: u64,
     pub retry_backoff: Duration,
+    /// Where a lane without a cursor starts: the oldest message in the source log, or the next.
+    pub start: Start,
+}
+
+/// Where a new lane starts reading its source log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Start {
+    /// The oldest message the log still holds.
+    Earliest,
+    /// The next message (the default).
+    Latest,
 }
 
 impl Lane {
@@ -186,8 +199,9 @@ struct Compiler<'a> {
     errors: &'a mut Vec<SpecError>,
 }
 
-const BRIDGE_FIELDS: [&str; 8] = [
+const BRIDGE_FIELDS: [&str; 9] = [
     "from",
+    "start",
     "to",
     "filter",
     "on_target_down",
@@ -374,6 +388,17 @@ impl Compiler<'_> {
                 }
             });
         let policy = self.policy(def, at).unwrap_or(Policy::Block);
+        let start = match self.string(def, "start", at).as_deref() {
+            None | Some("latest") => Start::Latest,
+            Some("earliest") => Start::Earliest,
+            Some(other) => {
+                self.error(
+                    &at.join("start"),
+                    format!("'{other}' is not a start: earliest or latest"),
+                );
+                Start::Latest
+            }
+        };
         let retries = self.number(def, "retries", at).unwrap_or(3) as u32;
         let max_in_flight = self
             .number(def, "max_in_flight", at)
@@ -432,6 +457,7 @@ impl Compiler<'_> {
                 lane.retries = lane_retries;
                 lane.max_in_flight = max_in_flight;
                 lane.max_lag = max_lag;
+                lane.start = start;
                 lanes.push(Arc::new(lane));
             }
         }
@@ -633,6 +659,7 @@ impl Compiler<'_> {
             max_in_flight: 256,
             max_lag: 100_000,
             retry_backoff: Duration::from_millis(100),
+            start: Start::Latest,
         })
     }
 
@@ -717,6 +744,7 @@ pub fn describe(bridge: &Bridge) -> Value {
         "targets": bridge.lanes.iter().map(|l| serde_json::json!({
             "target": l.target,
             "policy": l.policy,
+            "start": l.start,
             "retries": l.retries,
             "maxInFlight": l.max_in_flight,
             "filter": l.filter.as_ref().map(|f| f.source()),
