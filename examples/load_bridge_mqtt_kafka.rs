@@ -290,20 +290,24 @@ async fn main() -> Result<()> {
         .await?
         .text()
         .await?;
+    let lane = "stepflow_bridge_latency_seconds_bucket";
+    let flush = "stepflow_log_flush_seconds_bucket";
     println!(
-        "inside the daemon (bridge_latency_seconds, MQTT arrival → Kafka delivery report): p50 ≤ {} ms, p99 ≤ {} ms",
-        bucket_quantile(&metrics, 0.50),
-        bucket_quantile(&metrics, 0.99)
+        "inside the daemon: lane (MQTT arrival → Kafka delivery report) p50 ≤ {} ms, p99 ≤ {} ms; log fsync p50 ≤ {} ms, p99 ≤ {} ms",
+        bucket_quantile(&metrics, lane, 0.50),
+        bucket_quantile(&metrics, lane, 0.99),
+        bucket_quantile(&metrics, flush, 0.50),
+        bucket_quantile(&metrics, flush, 0.99)
     );
     drop(daemon);
     Ok(())
 }
 
-/// The upper bound (ms) of the histogram bucket holding quantile `q` of the lane's latency.
-fn bucket_quantile(metrics: &str, q: f64) -> String {
+/// The upper bound (ms) of the bucket holding quantile `q` of histogram `series` (`…_bucket`).
+fn bucket_quantile(metrics: &str, series: &str, q: f64) -> String {
     let buckets: Vec<(f64, f64)> = metrics
         .lines()
-        .filter(|l| l.starts_with("stepflow_bridge_latency_seconds_bucket"))
+        .filter(|l| l.starts_with(series))
         .filter_map(|l| {
             let le = l.split("le=\"").nth(1)?.split('"').next()?;
             let count = l.rsplit(' ').next()?.parse().ok()?;

@@ -60,6 +60,8 @@ impl Writer {
         let mut batch: Vec<Append> = Vec::with_capacity(config.max_batch);
         let mut completions: Vec<(Completion, Result<u64, Error>)> =
             Vec::with_capacity(config.max_batch);
+        let flush_time = metrics::histogram!(telemetry::LOG_FLUSH_DURATION);
+        let batch_size = metrics::histogram!(telemetry::LOG_BATCH_SIZE);
         loop {
             let Some(first) = rx.blocking_recv() else {
                 break;
@@ -111,14 +113,17 @@ impl Writer {
                 }
                 completions.push((append.done, result));
             }
-            if !completions.is_empty()
-                && failure.is_none()
-                && let Err(e) = db.flush()
-            {
-                failure = Some(Error::Io {
-                    log: "flush".into(),
-                    reason: e.to_string(),
-                });
+            if !completions.is_empty() && failure.is_none() {
+                let flush_started = Instant::now();
+                let flushed = db.flush();
+                flush_time.record(flush_started.elapsed().as_secs_f64());
+                batch_size.record(completions.len() as f64);
+                if let Err(e) = flushed {
+                    failure = Some(Error::Io {
+                        log: "flush".into(),
+                        reason: e.to_string(),
+                    });
+                }
             }
             for (done, result) in completions.drain(..) {
                 let outcome = match &failure {

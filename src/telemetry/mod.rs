@@ -33,6 +33,11 @@ pub const LOG_APPENDS: &str = "stepflow_log_appends_total";
 pub const LOG_BYTES: &str = "stepflow_log_bytes_total";
 /// Times the message log failed on I/O (a full disk, say) and was closed to be reopened.
 pub const LOG_FAILURES: &str = "stepflow_log_failures_total";
+/// How long one group commit's fsync took (messages that arrive meanwhile wait for it to be
+/// inserted and handed to live subscribers).
+pub const LOG_FLUSH_DURATION: &str = "stepflow_log_flush_seconds";
+/// Messages per group commit.
+pub const LOG_BATCH_SIZE: &str = "stepflow_log_batch_messages";
 /// 1 while the message log accepts appends, 0 while it is being reopened after a failure.
 pub const LOG_AVAILABLE: &str = "stepflow_log_available";
 /// Messages dropped because a bounded queue was full, by channel and queue.
