@@ -156,7 +156,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     if !problems.is_empty() {
         return Err(Error::Config(problems.join("; ")));
     }
-    crate::calls::triggers::start(hub.clone(), operations.clone(), triggers, shutdown.clone());
+    // Bridge lanes and call triggers: readers of the log with durable cursors, stopped before
+    // the connectors they publish through.
+    let lanes = TaskTracker::new();
+    let lane_shutdown = CancellationToken::new();
+    crate::calls::triggers::start(
+        hub.clone(),
+        operations.clone(),
+        triggers,
+        lane_shutdown.clone(),
+        &lanes,
+    )
+    .await?;
 
     let bridges: Vec<Arc<Bridge>> = match config.bridges.clone() {
         Some(dir) => {
@@ -288,8 +299,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         }
     }
     connectors.close();
-    let lanes = TaskTracker::new();
-    let lane_shutdown = CancellationToken::new();
     bridge::lane::start(
         hub.clone(),
         operations.clone(),

@@ -475,7 +475,7 @@ async fn an_openapi_document_added_at_run_time_is_callable_and_kept() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_from_the_broker_triggers_the_call_and_the_reply_is_published() {
     require_mosquitto();
-    let (port, _registry) = start_registry().await;
+    let (port, registry) = start_registry().await;
     let dir = tempfile::tempdir().unwrap();
     let api = unique("lookups");
     let p = unique("t");
@@ -516,7 +516,7 @@ operations:
         "{}/asyncapi-specs/device-registry.openapi.yaml",
         env!("CARGO_MANIFEST_DIR")
     );
-    let daemon = Daemon::start(&[
+    let mut daemon = Daemon::start(&[
         "--specs",
         lookups.to_str().unwrap(),
         "--specs",
@@ -565,6 +565,50 @@ operations:
         .await
         .unwrap();
     assert_eq!(log["calls"].as_array().unwrap().len(), 2, "{log}");
+
+    // A crash while a call is out: the message is logged (and acknowledged to the broker, which
+    // will not send it again), the call is made again after the restart from the trigger's cursor.
+    device
+        .client
+        .publish(
+            format!("{p}/lookups/slow"),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            json!({"correlationId": "q-3"}).to_string(),
+        )
+        .await
+        .unwrap();
+    let slow_calls = || {
+        registry
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(r, _)| r == "GET /devices/slow")
+            .count()
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    while slow_calls() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slow call was not made"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    daemon.kill9();
+    daemon.restart().await.unwrap();
+    // At-least-once: earlier lookups answered within the last cursor interval may be answered
+    // again; q-3 must come.
+    let body = loop {
+        let reply = device.recv(Duration::from_secs(30)).await.unwrap();
+        let body: Value = serde_json::from_slice(&reply.payload).unwrap();
+        if body["correlationId"] == "q-3" {
+            break body;
+        }
+        assert!(["q-1", "q-2"].contains(&body["correlationId"].as_str().unwrap()));
+    };
+    assert_eq!(body["body"]["name"], "late");
+    assert_eq!(slow_calls(), 2, "called again after the restart");
 }
 
 #[test]

@@ -5,22 +5,27 @@
 //! The message is the call request: `{"correlationId", "path", "query", "headers", "body"}`
 //! (all optional), its address parameters added to `path`. The reply is
 //! `{"correlationId", "status", "body"}` — or `{"correlationId", "error"}` when no upstream
-//! response came — published with the same address parameters. Messages are taken from the
-//! route's live stream, after the log: a message that arrives while the daemon is down is in the
-//! log but triggers no call (durable cursors come with bridges).
+//! response came — published with the same address parameters. Each trigger reads its route's
+//! log from a durable cursor, like a bridge lane: a message that arrived while the daemon was
+//! down is answered after the restart.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
 use serde_json::{Map, Value, json};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::{CallRequest, Operations};
 use crate::config::TriggerConfig;
-use crate::hub::{Hub, PublishRequest, SubscriptionEvent};
+use crate::hub::{Hub, PublishFailure, PublishRequest, SubscriptionEvent};
 use crate::routing::envelope::{Delivered, Origin, Transport};
+use crate::store;
 
 /// Calls in flight per trigger at most; more messages wait.
 const CONCURRENT_CALLS: usize = 64;
@@ -59,56 +64,113 @@ pub fn check(
     problems
 }
 
-/// Starts one reader per trigger (checked with [`check`] first).
-pub fn start(
+/// The store namespace of trigger cursors: route id → the next offset to answer.
+const CURSORS: &str = "trigger-cursors";
+/// How often a trigger records its cursor.
+const COMMIT_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Starts one reader per trigger (checked with [`check`] first). Each reads its route's log from
+/// a durable cursor, created at the end of the log before any connector starts: a message that
+/// arrives while the daemon is down is answered after the restart. Calls run concurrently; the
+/// cursor moves past a message once it and every earlier one were answered, so a crash calls
+/// again at most what was in flight (at-least-once, like bridges).
+pub async fn start(
     hub: Arc<Hub>,
     operations: Arc<Operations>,
     triggers: Vec<(String, TriggerConfig)>,
     shutdown: CancellationToken,
-) {
+    tasks: &TaskTracker,
+) -> Result<(), store::Error> {
     for (route_id, trigger) in triggers {
         let Some(route) = hub.route(&route_id).cloned() else {
             continue;
         };
+        let store = hub.store().clone();
+        let cursor = match store.state_get(CURSORS, &route_id).await? {
+            Some(bytes) => bytes.try_into().map(u64::from_be_bytes).unwrap_or(1),
+            None => {
+                let next = store
+                    .stats(&route.log)
+                    .await?
+                    .last_offset
+                    .map_or(1, |o| o + 1);
+                store
+                    .state_put(CURSORS, &route_id, next.to_be_bytes().to_vec())
+                    .await?;
+                next
+            }
+        };
         let (hub, operations, shutdown) = (hub.clone(), operations.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            let mut subscription = match hub.subscribe(&route, None).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(channel = %route.id(), error = %e, "cannot read the trigger route");
-                    return;
+        let trigger = Arc::new(trigger);
+        tasks.spawn(async move {
+            let mut next = cursor;
+            let mut committed = cursor;
+            let record = |next: u64| {
+                let (store, key) = (store.clone(), route_id.clone());
+                async move {
+                    if let Err(e) = store.state_put(CURSORS, &key, next.to_be_bytes().to_vec()).await {
+                        tracing::warn!(channel = %key, error = %e, "cannot record the trigger's cursor");
+                        return false;
+                    }
+                    true
                 }
             };
-            let slots = Arc::new(Semaphore::new(CONCURRENT_CALLS));
-            let trigger = Arc::new(trigger);
-            loop {
-                let event = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    e = subscription.next() => e,
-                };
-                let message = match event {
-                    Ok(Some(SubscriptionEvent::Message { message, .. })) => message,
-                    Ok(Some(SubscriptionEvent::Lagged { skipped, .. })) => {
-                        tracing::warn!(channel = %route.id(), skipped, "trigger fell behind; continuing from the log");
-                        continue;
-                    }
-                    Ok(None) => return,
+            'restart: loop {
+                let mut subscription = match hub.subscribe(&route, Some(next)).await {
+                    Ok(s) => s,
                     Err(e) => {
-                        tracing::warn!(channel = %route.id(), error = %e, "trigger stream interrupted");
-                        continue;
+                        tracing::warn!(channel = %route.id(), error = %e, "cannot read the trigger route; retrying");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break 'restart,
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'restart,
+                        }
                     }
                 };
-                let Ok(permit) = slots.clone().acquire_owned().await else {
-                    return;
-                };
-                let (hub, operations, trigger) = (hub.clone(), operations.clone(), trigger.clone());
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    answer(&hub, &operations, &trigger, &message).await;
-                });
+                let mut answering = FuturesOrdered::new();
+                let mut tick = tokio::time::interval(COMMIT_INTERVAL);
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {
+                            // Let the calls out finish (bounded), so they are not made again.
+                            let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+                            while let Ok(Some(offset)) = tokio::time::timeout_at(deadline, answering.next()).await {
+                                next = offset + 1;
+                            }
+                            break 'restart;
+                        }
+                        Some(offset) = answering.next(), if !answering.is_empty() => next = offset + 1,
+                        event = subscription.next(), if answering.len() < CONCURRENT_CALLS => match event {
+                            Ok(Some(SubscriptionEvent::Message { message, .. })) => {
+                                let (hub, operations, trigger) = (hub.clone(), operations.clone(), trigger.clone());
+                                answering.push_back(async move {
+                                    answer(&hub, &operations, &trigger, &message).await;
+                                    message.offset
+                                });
+                            }
+                            Ok(Some(SubscriptionEvent::Lagged { .. })) => {}
+                            Ok(None) => break 'restart,
+                            Err(e) => {
+                                tracing::warn!(channel = %route.id(), error = %e, "trigger stream interrupted; resuming from the cursor");
+                                while let Some(offset) = answering.next().await {
+                                    next = offset + 1;
+                                }
+                                continue 'restart;
+                            }
+                        },
+                        _ = tick.tick() => {
+                            if next != committed && record(next).await {
+                                committed = next;
+                            }
+                        }
+                    }
+                }
+            }
+            if next != committed {
+                record(next).await;
             }
         });
     }
+    Ok(())
 }
 
 async fn answer(hub: &Hub, operations: &Operations, trigger: &TriggerConfig, message: &Delivered) {
@@ -151,20 +213,39 @@ async fn answer(hub: &Hub, operations: &Operations, trigger: &TriggerConfig, mes
         .iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
-    let published = hub
-        .publish(
-            &trigger.reply,
-            PublishRequest {
-                payload: Bytes::from(reply.to_string()),
-                content_type: Some("application/json".into()),
-                params,
-                headers: Vec::new(),
-                origin: Origin::client(Transport::Bridge, 0),
-                key: None,
-            },
-        )
-        .await;
-    if let Err(e) = published {
-        tracing::error!(reply = %trigger.reply, operation = %trigger.operation, error = %e, "cannot publish a triggered call's reply");
+    // The reply's upstream may be down for a moment: retry a few times before giving up on it.
+    let payload = Bytes::from(reply.to_string());
+    let mut backoff =
+        crate::connectors::Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+    loop {
+        let published = hub
+            .publish(
+                &trigger.reply,
+                PublishRequest {
+                    payload: payload.clone(),
+                    content_type: Some("application/json".into()),
+                    params: params.clone(),
+                    headers: Vec::new(),
+                    origin: Origin::client(Transport::Bridge, 0),
+                    key: None,
+                },
+            )
+            .await;
+        match published {
+            Ok(_) => return,
+            Err(e @ (PublishFailure::Upstream(_) | PublishFailure::Store(_)))
+                if backoff.attempts() < REPLY_ATTEMPTS =>
+            {
+                tracing::debug!(reply = %trigger.reply, error = %e, "reply not published yet; retrying");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Err(e) => {
+                tracing::error!(reply = %trigger.reply, operation = %trigger.operation, error = %e, "cannot publish a triggered call's reply");
+                return;
+            }
+        }
     }
 }
+
+/// Publish attempts for one reply before it is given up (and logged).
+const REPLY_ATTEMPTS: u32 = 5;
