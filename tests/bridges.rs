@@ -767,18 +767,10 @@ async fn target_down_for_10s_with_dead_letter_then_replay_delivers_everything() 
     assert_eq!(counted as usize, dead.len());
 
     // Replay them to the target: all delivered, none left.
-    let replay: Value = reqwest::Client::new()
-        .post(
-            s.daemon
-                .url(&format!("/api/v1/channels/{channel}/dead-letters/replay")),
-        )
-        .json(&json!({"limit": 10000}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let replay = s
+        .daemon
+        .replay_dead_letters(&channel, json!({"limit": 10000}))
+        .await;
     assert_eq!(
         replay["replayed"].as_u64().unwrap() as usize,
         dead.len(),

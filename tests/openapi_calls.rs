@@ -472,6 +472,38 @@ async fn an_openapi_document_added_at_run_time_is_callable_and_kept() {
     );
 }
 
+/// The daemon on `lookups` and the shipped registry, with `{api}.lookups` triggering
+/// `device-registry.getDevice` and replying on `{api}.replies`.
+async fn start_with_trigger(
+    dir: &std::path::Path,
+    lookups: &std::path::Path,
+    port: u16,
+    api: &str,
+) -> Daemon {
+    let config = dir.join("stepflow.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "servers:\n  device-registry:\n    url: http://127.0.0.1:{port}\n    client_id: gateway\n    client_secret: s3cret\nroutes:\n  {api}.lookups:\n    call: {{operation: device-registry.getDevice, reply: {api}.replies}}\n"
+        ),
+    )
+    .unwrap();
+    let registry_spec = format!(
+        "{}/asyncapi-specs/device-registry.openapi.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    Daemon::start(&[
+        "--specs",
+        lookups.to_str().unwrap(),
+        "--specs",
+        &registry_spec,
+        "--config",
+        config.to_str().unwrap(),
+    ])
+    .await
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_from_the_broker_triggers_the_call_and_the_reply_is_published() {
     require_mosquitto();
@@ -504,28 +536,7 @@ operations:
         ),
     )
     .unwrap();
-    let config = dir.path().join("stepflow.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "servers:\n  device-registry:\n    url: http://127.0.0.1:{port}\n    client_id: gateway\n    client_secret: s3cret\nroutes:\n  {api}.lookups:\n    call: {{operation: device-registry.getDevice, reply: {api}.replies}}\n"
-        ),
-    )
-    .unwrap();
-    let registry_spec = format!(
-        "{}/asyncapi-specs/device-registry.openapi.yaml",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let mut daemon = Daemon::start(&[
-        "--specs",
-        lookups.to_str().unwrap(),
-        "--specs",
-        &registry_spec,
-        "--config",
-        config.to_str().unwrap(),
-    ])
-    .await
-    .unwrap();
+    let mut daemon = start_with_trigger(dir.path(), &lookups, port, &api).await;
     let mut device = MqttClient::connect(1883, &unique("device")).await.unwrap();
     device
         .subscribe(&format!("{p}/lookups/+/reply"))
@@ -648,4 +659,92 @@ fn a_trigger_to_an_unknown_operation_or_route_stops_the_start_with_the_reason() 
         stderr.contains("routes.alerts.alerts.call.reply: no route alerts.nowhere"),
         "{stderr}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_that_cannot_be_published_is_a_dead_letter_that_replays_upstream() {
+    require_mosquitto();
+    let (port, _registry) = start_registry().await;
+    let mut replies_broker = OwnMosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let api = unique("lookups");
+    let p = unique("t");
+    let lookups = dir.path().join("lookups.yaml");
+    std::fs::write(
+        &lookups,
+        format!(
+            r#"asyncapi: 3.0.0
+x-stepflow-id: {api}
+info: {{title: Lookups in and replies out on two brokers, version: 1.0.0}}
+servers:
+  broker: {{host: '127.0.0.1:1883', protocol: mqtt}}
+  replies: {{host: '127.0.0.1:{}', protocol: mqtt, x-stepflow-optional: true}}
+channels:
+  lookups:
+    address: '{p}/lookups/{{deviceId}}'
+    servers: [{{$ref: '#/servers/broker'}}]
+  replies:
+    address: '{p}/lookups/{{deviceId}}/reply'
+    servers: [{{$ref: '#/servers/replies'}}]
+operations:
+  receiveLookups: {{action: receive, channel: {{$ref: '#/channels/lookups'}}}}
+  sendReplies: {{action: send, channel: {{$ref: '#/channels/replies'}}}}
+"#,
+            replies_broker.port
+        ),
+    )
+    .unwrap();
+    let daemon = start_with_trigger(dir.path(), &lookups, port, &api).await;
+    replies_broker.stop();
+    let sender = MqttClient::connect(1883, &unique("device")).await.unwrap();
+    sender
+        .client
+        .publish(
+            format!("{p}/lookups/42"),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            json!({"correlationId": "q-9"}).to_string(),
+        )
+        .await
+        .unwrap();
+    let replies = format!("{api}.replies");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let dead = loop {
+        let dead = daemon.replay_all(&replies, "dead-letters").await.unwrap();
+        if !dead.is_empty() {
+            break dead;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reply was not dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(dead[0]["payload"]["correlationId"], "q-9");
+    assert_eq!(dead[0]["params"]["deviceId"], "42");
+
+    // The broker is back: a replay publishes the reply where it was going.
+    replies_broker.restart();
+    let mut device = MqttClient::connect(replies_broker.port, &unique("device"))
+        .await
+        .unwrap();
+    device
+        .subscribe(&format!("{p}/lookups/+/reply"))
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let replay = daemon.replay_dead_letters(&replies, json!({})).await;
+        if replay["replayed"] == 1 {
+            assert_eq!(replay["remaining"], 0, "{replay}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{replay}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let reply = device.recv(WAIT).await.unwrap();
+    assert_eq!(reply.topic, format!("{p}/lookups/42/reply"));
+    let body: Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(body["correlationId"], "q-9");
+    assert_eq!(body["body"]["name"], "device 42");
 }

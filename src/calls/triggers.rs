@@ -240,12 +240,50 @@ async fn answer(hub: &Hub, operations: &Operations, trigger: &TriggerConfig, mes
                 tokio::time::sleep(backoff.next_delay()).await;
             }
             Err(e) => {
-                tracing::error!(reply = %trigger.reply, operation = %trigger.operation, error = %e, "cannot publish a triggered call's reply");
+                tracing::error!(reply = %trigger.reply, operation = %trigger.operation, error = %e, "cannot publish a triggered call's reply; it goes to the reply channel's dead letters");
+                dead_letter_reply(hub, trigger, message, payload, &e).await;
                 return;
             }
         }
     }
 }
 
-/// Publish attempts for one reply before it is given up (and logged).
+/// Publish attempts for one reply before it goes to the reply channel's dead letters.
 const REPLY_ATTEMPTS: u32 = 5;
+
+/// Keeps a reply that could not be published in the reply channel's dead-letter log, where
+/// `POST .../dead-letters/replay` publishes it again.
+async fn dead_letter_reply(
+    hub: &Hub,
+    trigger: &TriggerConfig,
+    request: &Delivered,
+    payload: Bytes,
+    error: &PublishFailure,
+) {
+    let Some(route) = hub.route(&trigger.reply) else {
+        return;
+    };
+    let envelope = crate::routing::envelope::Envelope::new(
+        route.route.id.clone(),
+        String::new(),
+        request.envelope.params.clone(),
+        payload,
+        Origin::client(Transport::Bridge, 0),
+    );
+    let written = match hub
+        .store()
+        .append(
+            route.dead_letters.clone(),
+            envelope,
+            Some(error.to_string()),
+            None,
+        )
+        .await
+    {
+        Ok(pending) => pending.flushed().await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = written {
+        tracing::error!(reply = %trigger.reply, error = %e, "the reply is lost: the dead-letter log failed too");
+    }
+}

@@ -12,6 +12,8 @@ use super::AppState;
 use super::api::route_or_404;
 use super::error::{ApiError, ErrorCode};
 use crate::bridge;
+use crate::hub::PublishRequest;
+use crate::routing::envelope::{Origin, Transport};
 use crate::subscriptions::{SubscriptionDef, SubscriptionError};
 
 impl From<SubscriptionError> for ApiError {
@@ -133,8 +135,9 @@ pub struct ReplayRequest {
     offsets: Option<Vec<u64>>,
 }
 
-/// Sends dead letters again: a bridge's to the target it missed, others into the route (checked
-/// against its schema first, so a still-invalid message stays where it is). Replayed ones leave
+/// Sends dead letters again: a bridge's to the target it missed; on a channel the gateway only
+/// sends on (a trigger's reply), upstream; others into the route (checked against its schema
+/// first, so a still-invalid message stays where it is). Replayed ones leave
 /// the dead-letter log; the others stay, with the reason in the response.
 pub async fn replay_dead_letters(
     State(state): State<AppState>,
@@ -167,6 +170,28 @@ pub async fn replay_dead_letters(
         .await
         {
             Some(result) => result.map_err(|e| e.detail().to_owned()),
+            // A message the gateway could not send (a trigger's reply): publish it again.
+            None if route.route.direction.writable && !route.route.direction.readable => state
+                .hub
+                .publish(
+                    &id,
+                    PublishRequest {
+                        payload: message.envelope.payload.clone(),
+                        content_type: None,
+                        params: message
+                            .envelope
+                            .params
+                            .iter()
+                            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                            .collect(),
+                        headers: message.envelope.headers.clone(),
+                        origin: Origin::client(Transport::Replay, 0),
+                        key: None,
+                    },
+                )
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
             None => match route.route.validate(&message.envelope.payload) {
                 Err(e) => Err(format!("still invalid: {e}")),
                 Ok(_) => {

@@ -363,6 +363,23 @@ impl Daemon {
         Ok(r.json().await?)
     }
 
+    /// `POST /api/v1/channels/{channel}/dead-letters/replay` with `body`; the JSON answer.
+    pub async fn replay_dead_letters(
+        &self,
+        channel: &str,
+        body: serde_json::Value,
+    ) -> serde_json::Value {
+        reqwest::Client::new()
+            .post(self.url(&format!("/api/v1/channels/{channel}/dead-letters/replay")))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// Every message of a channel's log, by following `next`.
     pub async fn replay_all(&self, channel: &str, log: &str) -> Result<Vec<serde_json::Value>> {
         let mut out = Vec::new();
