@@ -328,7 +328,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         connection_ids: Arc::new(AtomicU64::new(0)),
     };
     let http = tokio::spawn(server::run(listener, state));
-    let cursor_flusher = tokio::spawn(subscriptions.run_flusher(http_shutdown.clone()));
+    let cursor_flusher = tokio::spawn(
+        subscriptions
+            .clone()
+            .run_flusher(hub.clone(), http_shutdown.clone()),
+    );
 
     let housekeeping = tokio::spawn({
         let store = store.clone();

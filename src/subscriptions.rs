@@ -202,6 +202,9 @@ impl Subscriptions {
             dirty.remove(name);
         }
         let stored = self.store.state_remove(NAMESPACE, name).await?;
+        // The series cannot be removed; a deleted subscription has nothing waiting.
+        metrics::gauge!(crate::telemetry::SUBSCRIPTION_LAG, "subscription" => name.to_owned())
+            .set(0.0);
         Ok(known || stored)
     }
 
@@ -260,13 +263,24 @@ impl Subscriptions {
         }
     }
 
-    /// Flushes changed cursors every [`FLUSH_INTERVAL`] until `shutdown`, then once more.
-    pub async fn run_flusher(self, shutdown: CancellationToken) {
+    /// Flushes changed cursors every [`FLUSH_INTERVAL`] until `shutdown`, then once more; sets
+    /// each subscription's lag gauge every second.
+    pub async fn run_flusher(self, hub: Arc<Hub>, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(FLUSH_INTERVAL);
+        let mut ticks = 0u64;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => self.flush().await,
+            }
+            ticks += 1;
+            if ticks.is_multiple_of(10) {
+                for def in self.list() {
+                    if let Ok(lag) = self.lag(&hub, &def).await {
+                        metrics::gauge!(crate::telemetry::SUBSCRIPTION_LAG, "subscription" => def.name)
+                            .set(lag as f64);
+                    }
+                }
             }
         }
         self.flush().await;

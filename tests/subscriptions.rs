@@ -103,6 +103,20 @@ async fn a_durable_subscription_resumes_after_disconnects_and_a_crash_with_no_ga
         .unwrap();
     assert_eq!(view["cursor"], fifth + 1, "{view}");
     assert_eq!(view["lag"], 5, "{view}");
+    // Operators see it in Prometheus too (set every second).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while daemon
+        .metric(
+            "stepflow_subscription_lag_messages",
+            &[("subscription", "billing")],
+        )
+        .await
+        .unwrap_or(-1.0)
+        != 5.0
+    {
+        assert!(std::time::Instant::now() < deadline, "no lag gauge of 5");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // Reconnect after more arrived: from the first unacknowledged message, no gap.
     publish_readings(&prefix, 10..15).await;
