@@ -239,24 +239,12 @@ pub async fn prepare_cursors(
 ) -> Result<(), store::Error> {
     for bridge in bridges {
         for lane in &bridge.lanes {
-            if store
-                .state_get(CURSORS, &lane.cursor_key())
-                .await?
-                .is_some()
-            {
-                continue;
+            if let Some(route) = hub.route(&lane.source) {
+                let earliest = lane.start == Start::Earliest;
+                store
+                    .cursor_or_create(CURSORS, &lane.cursor_key(), &route.log, earliest)
+                    .await?;
             }
-            let Some(route) = hub.route(&lane.source) else {
-                continue;
-            };
-            let stats = store.stats(&route.log).await?;
-            let next = match lane.start {
-                Start::Earliest => stats.first_offset.unwrap_or(1),
-                Start::Latest => stats.last_offset.map_or(1, |o| o + 1),
-            };
-            store
-                .state_put(CURSORS, &lane.cursor_key(), next.to_be_bytes().to_vec())
-                .await?;
         }
     }
     Ok(())
@@ -264,10 +252,7 @@ pub async fn prepare_cursors(
 
 /// A lane's cursor: the next offset it will deliver.
 pub async fn cursor(store: &Store, lane: &Lane) -> Result<Option<u64>, store::Error> {
-    Ok(store
-        .state_get(CURSORS, &lane.cursor_key())
-        .await?
-        .and_then(|v| v.try_into().ok().map(u64::from_be_bytes)))
+    store.cursor(CURSORS, &lane.cursor_key()).await
 }
 
 /// Starts one task per lane.
@@ -595,11 +580,7 @@ impl Runner {
         if self.next != self.committed {
             match self
                 .store()
-                .state_put(
-                    CURSORS,
-                    &self.lane.cursor_key(),
-                    self.next.to_be_bytes().to_vec(),
-                )
+                .set_cursor(CURSORS, &self.lane.cursor_key(), self.next)
                 .await
             {
                 Ok(()) => self.committed = self.next,

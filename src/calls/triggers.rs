@@ -86,20 +86,9 @@ pub async fn start(
             continue;
         };
         let store = hub.store().clone();
-        let cursor = match store.state_get(CURSORS, &route_id).await? {
-            Some(bytes) => bytes.try_into().map(u64::from_be_bytes).unwrap_or(1),
-            None => {
-                let next = store
-                    .stats(&route.log)
-                    .await?
-                    .last_offset
-                    .map_or(1, |o| o + 1);
-                store
-                    .state_put(CURSORS, &route_id, next.to_be_bytes().to_vec())
-                    .await?;
-                next
-            }
-        };
+        let cursor = store
+            .cursor_or_create(CURSORS, &route_id, &route.log, false)
+            .await?;
         let (hub, operations, shutdown) = (hub.clone(), operations.clone(), shutdown.clone());
         let trigger = Arc::new(trigger);
         tasks.spawn(async move {
@@ -108,7 +97,7 @@ pub async fn start(
             let record = |next: u64| {
                 let (store, key) = (store.clone(), route_id.clone());
                 async move {
-                    if let Err(e) = store.state_put(CURSORS, &key, next.to_be_bytes().to_vec()).await {
+                    if let Err(e) = store.set_cursor(CURSORS, &key, next).await {
                         tracing::warn!(channel = %key, error = %e, "cannot record the trigger's cursor");
                         return false;
                     }

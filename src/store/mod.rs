@@ -502,6 +502,44 @@ impl Store {
     }
 }
 
+/// A durable reader's position in a log (a bridge lane, a call trigger): the next offset it will
+/// take, kept under `key` in `namespace`.
+impl Store {
+    pub async fn cursor(&self, namespace: &str, key: &str) -> Result<Option<u64>, Error> {
+        Ok(self
+            .state_get(namespace, key)
+            .await?
+            .and_then(|v| v.try_into().ok().map(u64::from_be_bytes)))
+    }
+
+    pub async fn set_cursor(&self, namespace: &str, key: &str, next: u64) -> Result<(), Error> {
+        self.state_put(namespace, key, next.to_be_bytes().to_vec())
+            .await
+    }
+
+    /// The cursor, created first when there is none: at `log`'s oldest message when
+    /// `earliest`, else after its newest.
+    pub async fn cursor_or_create(
+        &self,
+        namespace: &str,
+        key: &str,
+        log: &LogId,
+        earliest: bool,
+    ) -> Result<u64, Error> {
+        if let Some(next) = self.cursor(namespace, key).await? {
+            return Ok(next);
+        }
+        let stats = self.stats(log).await?;
+        let next = if earliest {
+            stats.first_offset.unwrap_or(1)
+        } else {
+            stats.last_offset.map_or(1, |o| o + 1)
+        };
+        self.set_cursor(namespace, key, next).await?;
+        Ok(next)
+    }
+}
+
 fn state_tree(namespace: &str) -> String {
     format!("s:{namespace}")
 }
