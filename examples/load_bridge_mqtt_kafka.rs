@@ -11,13 +11,12 @@
 //!     cargo build --release && cargo run --release --example load_bridge_mqtt_kafka -- --rate 5000 --seconds 10 [--in-flight 256]
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 mod common;
 use common::*;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use futures::StreamExt;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -208,23 +207,7 @@ async fn main() -> Result<()> {
         );
     }
     let dir = tempfile::tempdir()?;
-    let broker_port = free_port();
-    let conf = dir.path().join("mosquitto.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "listener {broker_port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 100\nmax_queued_messages 1000000\n"
-        ),
-    )?;
-    let _broker = Killed(
-        Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("mosquitto (apt-get install mosquitto)")?,
-    );
+    let (broker_port, _broker) = start_mosquitto(dir.path(), "max_queued_messages 1000000\n")?;
     let cluster = MockCluster::new(1)?;
     cluster.create_topic("load.raw", 3, 1)?;
     cluster.create_topic("load.direct", 3, 1)?;

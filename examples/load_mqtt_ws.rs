@@ -9,7 +9,6 @@
 //!     cargo build --release && cargo run --release --example load_mqtt_ws -- --rate 5000 --subscribers 10 --seconds 10
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 
 mod common;
 use common::*;
@@ -17,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use futures::StreamExt;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
@@ -122,23 +121,7 @@ async fn main() -> Result<()> {
         );
     }
     let dir = tempfile::tempdir()?;
-    let broker_port = free_port();
-    let conf = dir.path().join("mosquitto.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "listener {broker_port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 100\n"
-        ),
-    )?;
-    let _broker = Killed(
-        Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("mosquitto (apt-get install mosquitto)")?,
-    );
+    let (broker_port, _broker) = start_mosquitto(dir.path(), "")?;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let spec = dir.path().join("load.yaml");

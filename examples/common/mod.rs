@@ -315,3 +315,27 @@ pub async fn mqtt_publish(
     driver.abort();
     Ok(sent)
 }
+
+/// A Mosquitto of the scenario's own on a free port (its defaults, except
+/// `max_inflight_messages 100` and `extra` config lines); killed when the handle is dropped.
+pub fn start_mosquitto(dir: &std::path::Path, extra: &str) -> anyhow::Result<(u16, Killed)> {
+    use anyhow::Context;
+    let port = free_port();
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 100\n{extra}"
+        ),
+    )?;
+    let broker = Killed(
+        std::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("mosquitto (apt-get install mosquitto)")?,
+    );
+    Ok((port, broker))
+}
