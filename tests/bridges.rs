@@ -387,6 +387,14 @@ async fn mqtt_to_kafka_json_and_avro_loses_nothing_across_a_sigkill() {
         forwarded > 0.0,
         "the restarted daemon counts what it forwarded"
     );
+    let converted = daemon
+        .metric(
+            "stepflow_bridge_conversions_total",
+            &[("bridge", "to-kafka"), ("conversion", "json_to_avro")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(converted, forwarded, "each forwarded Avro record was converted");
 }
 
 /// Declares the test's exchange and a durable queue bound to every telemetry key.

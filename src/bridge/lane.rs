@@ -114,9 +114,6 @@ pub async fn send(
         .conversion
         .apply(&envelope.payload, parsed.as_ref())
         .map_err(SendFailure::Permanent)?;
-    if let Some(label) = lane.conversion.label() {
-        counter!(BRIDGE_CONVERSIONS, "bridge" => lane.bridge.clone(), "target" => lane.target.label().to_owned(), "conversion" => label).increment(1);
-    }
     match &lane.target {
         Target::Channel(channel) => hub
             .publish(
@@ -287,6 +284,8 @@ struct Done {
 
 struct LaneMetrics {
     forwarded: Counter,
+    /// Payloads converted and delivered, for lanes that convert.
+    converted: Option<Counter>,
     filtered: Counter,
     dead_lettered: Counter,
     dropped: Counter,
@@ -302,6 +301,9 @@ impl LaneMetrics {
         let outcome = |o: &'static str| counter!(BRIDGE_MESSAGES, "bridge" => b.clone(), "target" => t.clone(), "outcome" => o);
         LaneMetrics {
             forwarded: outcome("forwarded"),
+            converted: lane.conversion.label().map(|c| {
+                counter!(BRIDGE_CONVERSIONS, "bridge" => b.clone(), "target" => t.clone(), "conversion" => c)
+            }),
             filtered: outcome("filtered"),
             dead_lettered: outcome("dead_lettered"),
             dropped: outcome("dropped"),
@@ -482,6 +484,9 @@ impl Runner {
         match done.outcome {
             Outcome::Delivered => {
                 self.metrics.forwarded.increment(1);
+                if let Some(converted) = &self.metrics.converted {
+                    converted.increment(1);
+                }
                 if let Ok(age) = SystemTime::now().duration_since(done.message.envelope.received_at)
                 {
                     self.metrics.latency.record(age.as_secs_f64());
