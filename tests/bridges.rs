@@ -394,7 +394,10 @@ async fn mqtt_to_kafka_json_and_avro_loses_nothing_across_a_sigkill() {
         )
         .await
         .unwrap();
-    assert_eq!(converted, forwarded, "each forwarded Avro record was converted");
+    assert_eq!(
+        converted, forwarded,
+        "each forwarded Avro record was converted"
+    );
 }
 
 /// Declares the test's exchange and a durable queue bound to every telemetry key.

@@ -22,7 +22,7 @@
 //!         key: '{deviceId}'                 # Kafka record key
 //!         headers: {source: '{address}'}
 //!         format: avro                      # json | avro; default: the target message's
-//!       - operation: device-registry.reportReading
+//!       - operation: readings-api.postReading   # `{api}.{operationId}`
 //! ```
 
 pub mod lane;
