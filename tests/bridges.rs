@@ -173,6 +173,21 @@ async fn read_kafka_until(consumer: &StreamConsumer, timeout: Duration, want: u6
     records
 }
 
+/// The payload of the first record keyed `key` (within 30 s).
+async fn read_kafka_key(consumer: &StreamConsumer, key: &str) -> Vec<u8> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut stream = consumer.stream();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "no record keyed {key}");
+        if let Ok(Some(Ok(m))) = tokio::time::timeout(left, stream.next()).await
+            && m.key() == Some(key.as_bytes())
+        {
+            return m.payload().unwrap_or_default().to_vec();
+        }
+    }
+}
+
 /// Counts per sequence number: missing ones and extra copies.
 fn tally(seqs: impl IntoIterator<Item = u64>, total: u64) -> (Vec<u64>, u64) {
     let mut seen: BTreeMap<u64, u64> = BTreeMap::new();
@@ -1210,17 +1225,19 @@ async fn the_shipped_bridges_carry_telemetry_to_kafka_and_rabbitmq_and_commands_
         )
         .await
         .unwrap();
-    let device = unique("dev");
-    channel
-        .queue_bind(
-            queue.clone().into(),
-            "telemetry".into(),
-            format!("devices.{device}.telemetry").into(),
-            QueueBindOptions::default(),
-            Default::default(),
-        )
-        .await
-        .unwrap();
+    let (device, simulator) = (unique("dev"), unique("sim"));
+    for d in [&device, &simulator] {
+        channel
+            .queue_bind(
+                queue.clone().into(),
+                "telemetry".into(),
+                format!("devices.{d}.telemetry").into(),
+                QueueBindOptions::default(),
+                Default::default(),
+            )
+            .await
+            .unwrap();
+    }
     let mut handset = MqttClient::connect(1883, &unique("handset")).await.unwrap();
     handset
         .subscribe(&format!("devices/{device}/commands"))
@@ -1234,35 +1251,32 @@ async fn the_shipped_bridges_carry_telemetry_to_kafka_and_rabbitmq_and_commands_
     assert_eq!(bridges["bridges"].as_array().unwrap().len(), 3, "{bridges}");
 
     let sensor = MqttClient::connect(1883, &unique("sensor")).await.unwrap();
-    sensor
-        .client
-        .publish(
-            format!("devices/{device}/telemetry"),
-            rumqttc::QoS::AtLeastOnce,
-            false,
-            json!({"temperature": 21.5, "humidity": 40, "ts": "2026-11-29T00:00:00Z"}).to_string(),
-        )
-        .await
-        .unwrap();
+    // A simulator's reading first: the archive bridge's filter keeps it out of RabbitMQ.
+    for (d, humidity) in [(&simulator, 99), (&device, 40)] {
+        sensor
+            .client
+            .publish(
+                format!("devices/{d}/telemetry"),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                json!({"temperature": 21.5, "humidity": humidity, "ts": "2026-11-29T00:00:00Z"})
+                    .to_string(),
+            )
+            .await
+            .unwrap();
+    }
 
-    let mine = |records: Records| {
-        records
-            .into_iter()
-            .filter(|(k, _)| k.as_deref() == Some(device.as_str()))
-            .collect::<Vec<_>>()
-    };
     let raw_reader = kafka_reader(&cluster.bootstrap_servers(), "telemetry.raw");
-    let raw = mine(read_kafka_until(&raw_reader, Duration::from_secs(30), 1).await);
-    assert_eq!(raw.len(), 1, "keyed by the device id");
+    let raw = read_kafka_key(&raw_reader, &device).await;
     assert_eq!(
-        serde_json::from_slice::<Value>(&raw[0].1).unwrap()["temperature"],
-        21.5
+        serde_json::from_slice::<Value>(&raw).unwrap()["humidity"],
+        40,
+        "keyed by the device id"
     );
     let avro_reader = kafka_reader(&cluster.bootstrap_servers(), "telemetry.avro");
-    let avro = mine(read_kafka_until(&avro_reader, Duration::from_secs(30), 1).await);
-    assert_eq!(avro.len(), 1);
+    let avro = read_kafka_key(&avro_reader, &device).await;
     assert!(
-        serde_json::from_slice::<Value>(&avro[0].1).is_err(),
+        serde_json::from_slice::<Value>(&avro).is_err(),
         "Avro binary, not JSON"
     );
 
@@ -1285,7 +1299,14 @@ async fn the_shipped_bridges_carry_telemetry_to_kafka_and_rabbitmq_and_commands_
         .unwrap();
     assert_eq!(
         serde_json::from_slice::<Value>(&delivery.data).unwrap()["humidity"],
-        40
+        40,
+        "the simulator's reading was filtered out, the device's arrived"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), archive.next())
+            .await
+            .is_err(),
+        "nothing else reaches the archive"
     );
 
     // A command from analytics, keyed by the device, reaches the device's MQTT topic.
