@@ -637,15 +637,17 @@ impl Publisher for KafkaPublisher {
     ) -> BoxFuture<'static, Result<(), PublishError>> {
         let producer = self.producer.clone();
         let server = self.key.server.clone();
-        let key = match &upstream.binding {
-            _ if message.key.is_some() => message.key.clone().unwrap_or_default(),
-            UpstreamBinding::Kafka(k) => k
-                .key_template
-                .as_deref()
-                .and_then(|t| render_key(t, &message.params))
-                .unwrap_or_else(|| message.address.clone()),
-            _ => message.address.clone(),
-        };
+        let key = message
+            .key
+            .clone()
+            .unwrap_or_else(|| match &upstream.binding {
+                UpstreamBinding::Kafka(k) => k
+                    .key_template
+                    .as_deref()
+                    .and_then(|t| render_key(t, &message.params))
+                    .unwrap_or_else(|| message.address.clone()),
+                _ => message.address.clone(),
+            });
         async move {
             let mut headers = OwnedHeaders::new();
             for (name, value) in &message.headers {
