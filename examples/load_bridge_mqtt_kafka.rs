@@ -159,31 +159,6 @@ async fn bridged_phase(
     Ok((sent, stop_and_collect(vec![task], results).await))
 }
 
-const SPECS: &str = r#"asyncapi: 3.0.0
-x-stepflow-id: iot
-info: {title: Load, version: 1.0.0}
-servers:
-  broker: {host: '127.0.0.1:1883', protocol: mqtt}
-channels:
-  telemetry:
-    address: 'load/devices/{deviceId}/telemetry'
-    messages:
-      reading:
-        payload:
-          type: object
-          required: [temperature, seq, ts]
-          properties:
-            temperature: {type: number}
-            seq: {type: integer}
-            ts: {type: integer}
-            pad: {type: string}
-operations:
-  receive:
-    action: receive
-    channel: {$ref: '#/channels/telemetry'}
-    bindings: {mqtt: {qos: 1}}
-"#;
-
 const ANALYTICS: &str = r#"asyncapi: 3.0.0
 x-stepflow-id: analytics
 info: {title: Load analytics, version: 1.0.0}
@@ -218,7 +193,7 @@ async fn main() -> Result<()> {
     let bridges = dir.path().join("bridges");
     std::fs::create_dir_all(&specs)?;
     std::fs::create_dir_all(&bridges)?;
-    std::fs::write(specs.join("iot.yaml"), SPECS)?;
+    std::fs::write(specs.join("iot.yaml"), load_telemetry_spec("iot"))?;
     std::fs::write(specs.join("analytics.yaml"), ANALYTICS)?;
     std::fs::write(
         bridges.join("load.yaml"),

@@ -125,33 +125,7 @@ async fn main() -> Result<()> {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let spec = dir.path().join("load.yaml");
-    std::fs::write(
-        &spec,
-        r#"asyncapi: 3.0.0
-x-stepflow-id: load
-info: {title: Load, version: 1.0.0}
-servers:
-  broker: {host: '127.0.0.1:1883', protocol: mqtt}
-channels:
-  telemetry:
-    address: 'load/devices/{deviceId}/telemetry'
-    messages:
-      reading:
-        payload:
-          type: object
-          required: [temperature, seq, ts]
-          properties:
-            temperature: {type: number}
-            seq: {type: integer}
-            ts: {type: integer}
-            pad: {type: string}
-operations:
-  receive:
-    action: receive
-    channel: {$ref: '#/channels/telemetry'}
-    bindings: {mqtt: {qos: 1}}
-"#,
-    )?;
+    std::fs::write(&spec, load_telemetry_spec("load"))?;
     let http = free_port();
     let server = format!("broker=mqtt://127.0.0.1:{broker_port}");
     let daemon = start_daemon(

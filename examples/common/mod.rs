@@ -339,3 +339,34 @@ pub fn start_mosquitto(dir: &std::path::Path, extra: &str) -> anyhow::Result<(u1
     );
     Ok((port, broker))
 }
+
+/// The load scenarios' MQTT telemetry document: `{id}.telemetry` on `load/devices/{deviceId}/
+/// telemetry`, received at QoS 1, payloads `{temperature, seq, ts, pad}`.
+pub fn load_telemetry_spec(id: &str) -> String {
+    format!(
+        r#"asyncapi: 3.0.0
+x-stepflow-id: {id}
+info: {{title: Load, version: 1.0.0}}
+servers:
+  broker: {{host: '127.0.0.1:1883', protocol: mqtt}}
+channels:
+  telemetry:
+    address: 'load/devices/{{deviceId}}/telemetry'
+    messages:
+      reading:
+        payload:
+          type: object
+          required: [temperature, seq, ts]
+          properties:
+            temperature: {{type: number}}
+            seq: {{type: integer}}
+            ts: {{type: integer}}
+            pad: {{type: string}}
+operations:
+  receive:
+    action: receive
+    channel: {{$ref: '#/channels/telemetry'}}
+    bindings: {{mqtt: {{qos: 1}}}}
+"#
+    )
+}
