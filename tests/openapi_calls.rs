@@ -472,6 +472,20 @@ async fn an_openapi_document_added_at_run_time_is_callable_and_kept() {
     );
 }
 
+/// Publishes a lookup for device `id` on `{p}/lookups/{id}`.
+async fn send_lookup(client: &MqttClient, p: &str, id: &str, correlation: &str) {
+    client
+        .client
+        .publish(
+            format!("{p}/lookups/{id}"),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            json!({"correlationId": correlation}).to_string(),
+        )
+        .await
+        .unwrap();
+}
+
 /// The daemon on `lookups` and the shipped registry, with `{api}.lookups` triggering
 /// `device-registry.getDevice` and replying on `{api}.replies`.
 async fn start_with_trigger(
@@ -543,16 +557,7 @@ operations:
         .await
         .unwrap();
     for (id, correlation) in [("42", "q-1"), ("boom", "q-2")] {
-        device
-            .client
-            .publish(
-                format!("{p}/lookups/{id}"),
-                rumqttc::QoS::AtLeastOnce,
-                false,
-                json!({"correlationId": correlation}).to_string(),
-            )
-            .await
-            .unwrap();
+        send_lookup(&device, &p, id, correlation).await;
     }
     let mut replies = std::collections::BTreeMap::new();
     while replies.len() < 2 {
@@ -579,16 +584,7 @@ operations:
 
     // A crash while a call is out: the message is logged (and acknowledged to the broker, which
     // will not send it again), the call is made again after the restart from the trigger's cursor.
-    device
-        .client
-        .publish(
-            format!("{p}/lookups/slow"),
-            rumqttc::QoS::AtLeastOnce,
-            false,
-            json!({"correlationId": "q-3"}).to_string(),
-        )
-        .await
-        .unwrap();
+    send_lookup(&device, &p, "slow", "q-3").await;
     let slow_calls = || {
         registry
             .requests
@@ -697,16 +693,7 @@ operations:
     let daemon = start_with_trigger(dir.path(), &lookups, port, &api).await;
     replies_broker.stop();
     let sender = MqttClient::connect(1883, &unique("device")).await.unwrap();
-    sender
-        .client
-        .publish(
-            format!("{p}/lookups/42"),
-            rumqttc::QoS::AtLeastOnce,
-            false,
-            json!({"correlationId": "q-9"}).to_string(),
-        )
-        .await
-        .unwrap();
+    send_lookup(&sender, &p, "42", "q-9").await;
     let replies = format!("{api}.replies");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let dead = loop {
