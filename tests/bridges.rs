@@ -792,7 +792,10 @@ async fn target_down_for_10s_with_dead_letter_then_replay_delivers_everything() 
         .unwrap();
     assert_eq!(counted as usize, dead.len());
 
-    // Replay them to the target: all delivered, none left.
+    // Replay them to the target once the gateway is connected to it again (the lane may have
+    // settled everything into the dead letters before the connector's reconnect backoff ran
+    // out): all delivered, none left.
+    s.daemon.wait_ready(Duration::from_secs(30)).await.unwrap();
     let replay = s
         .daemon
         .replay_dead_letters(&channel, json!({"limit": 10000}))
