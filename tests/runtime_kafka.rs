@@ -337,11 +337,14 @@ async fn daemon_killed_mid_stream_loses_no_record_and_commits_never_pass_the_log
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_absent_at_start_then_the_daemon_connects_when_it_appears() {
     let kafka = Kafka::start();
-    kafka.cluster.broker_down(1).unwrap();
+    // The broker is reached through a proxy that starts down (librdkafka's `broker_down` frees
+    // the mock's port, and its re-bind aborts the process when another test took it meanwhile).
+    let mut proxy = TcpProxy::start(&kafka.bootstrap()).await;
+    proxy.down();
     let dir = tempfile::tempdir().unwrap();
     let api = unique("kdown");
     let spec = kafka.spec(dir.path(), &api);
-    let server = format!("broker=kafka://{}", kafka.bootstrap());
+    let server = format!("broker=kafka://127.0.0.1:{}", proxy.port);
     let mut daemon =
         Daemon::start_serving(&["--specs", spec.to_str().unwrap(), "--server", &server])
             .await
@@ -352,7 +355,7 @@ async fn broker_absent_at_start_then_the_daemon_connects_when_it_appears() {
     let body: Value = ready.json().await.unwrap();
     assert_ne!(body["connections"][0]["state"], "connected", "{body}");
 
-    kafka.cluster.broker_up(1).unwrap();
+    proxy.up().await;
     daemon.wait_ready(Duration::from_secs(30)).await.unwrap();
     let channel = format!("{api}.telemetry");
     let producer = kafka.producer();

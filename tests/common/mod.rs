@@ -981,33 +981,31 @@ pub fn kafka_reader(bootstrap: &str, topic: &str) -> rdkafka::consumer::StreamCo
     consumer
 }
 
-/// A TCP proxy to a real server that the test can take down and bring back on the same port:
-/// to the gateway, the server is gone (connections reset, new ones refused) for that time.
+/// A TCP proxy to a real server that the test can take down and bring back: to the gateway, the
+/// server is gone (open connections cut, new ones closed at once) for that time. The proxy keeps
+/// its port bound throughout, so no other process can take it meanwhile (a re-bind could fail).
 pub struct TcpProxy {
     pub port: u16,
-    upstream: std::net::SocketAddr,
-    stop: Option<tokio_util::sync::CancellationToken>,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Cancelled when the proxy goes down: cuts the relays of that period.
+    relays: std::sync::Arc<std::sync::Mutex<tokio_util::sync::CancellationToken>>,
+    stop: tokio_util::sync::CancellationToken,
 }
 
 impl TcpProxy {
+    /// A proxy to `upstream` (`host:port`), relaying.
     pub async fn start(upstream: &str) -> TcpProxy {
-        let mut proxy = TcpProxy {
-            port: free_port(),
-            upstream: upstream.parse().expect("host:port"),
-            stop: None,
-        };
-        proxy.up().await;
-        proxy
-    }
-
-    /// Accepts again and relays to the upstream.
-    pub async fn up(&mut self) {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
-            .expect("the proxy port is free again");
-        let stop = tokio_util::sync::CancellationToken::new();
-        self.stop = Some(stop.clone());
-        let upstream = self.upstream;
+            .expect("a loopback port");
+        let proxy = TcpProxy {
+            port: listener.local_addr().unwrap().port(),
+            up: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            relays: std::sync::Arc::default(),
+            stop: tokio_util::sync::CancellationToken::new(),
+        };
+        let upstream: std::net::SocketAddr = upstream.parse().expect("host:port");
+        let (up, relays, stop) = (proxy.up.clone(), proxy.relays.clone(), proxy.stop.clone());
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -1017,30 +1015,41 @@ impl TcpProxy {
                 let Ok((mut client, _)) = accepted else {
                     continue;
                 };
-                let stop = stop.clone();
+                if !up.load(Ordering::SeqCst) {
+                    continue; // dropped: the client sees its connection closed
+                }
+                let cut = relays.lock().unwrap().clone();
                 tokio::spawn(async move {
                     let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
                         return;
                     };
                     tokio::select! {
-                        _ = stop.cancelled() => {}
+                        _ = cut.cancelled() => {}
                         _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
                     }
                 });
             }
         });
+        proxy
     }
 
-    /// Closes every relayed connection and refuses new ones.
+    /// Relays again.
+    pub async fn up(&mut self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+
+    /// Cuts every relayed connection and closes new ones at once.
     pub fn down(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            stop.cancel();
-        }
+        self.up.store(false, Ordering::SeqCst);
+        let mut relays = self.relays.lock().unwrap();
+        relays.cancel();
+        *relays = tokio_util::sync::CancellationToken::new();
     }
 }
 
 impl Drop for TcpProxy {
     fn drop(&mut self) {
         self.down();
+        self.stop.cancel();
     }
 }
