@@ -33,8 +33,8 @@ use tokio_util::task::TaskTracker;
 
 use super::mqtt::ServerOverride;
 use super::{
-    Backoff, ConnectionState, Connections, Outbound, PublishError, Publisher, ServerKey,
-    percent_encode,
+    Backoff, ConnectionState, Connections, IntakeProgress, Outbound, PublishError, Publisher,
+    ServerKey, percent_encode,
 };
 use crate::hub::{Hub, LiveRoute};
 use crate::routing::envelope::{Envelope, Origin, Transport};
@@ -165,11 +165,12 @@ impl AmqpConnector {
 
     pub fn start(self, hub: Arc<Hub>, shutdown: CancellationToken, tracker: &TaskTracker) {
         let connections = hub.connections().clone();
-        connections.register_with(
+        let progress = connections.register_with(
             self.key.clone(),
             "amqp",
             self.config.display_url.clone(),
             self.optional,
+            super::DEFAULT_STALL_AFTER,
         );
         let publish_channel: Arc<RwLock<Option<Channel>>> = Arc::default();
         hub.register_publisher(
@@ -188,6 +189,7 @@ impl AmqpConnector {
             connections,
             publish_channel,
             tracker: tracker.clone(),
+            progress,
         };
         tracker.spawn(supervisor.run(shutdown));
     }
@@ -201,6 +203,7 @@ struct Supervisor {
     connections: Connections,
     publish_channel: Arc<RwLock<Option<Channel>>>,
     tracker: TaskTracker,
+    progress: Arc<IntakeProgress>,
 }
 
 impl Supervisor {
@@ -328,16 +331,22 @@ impl Supervisor {
         for (route, amqp, consumer) in consumers {
             let (acks_tx, acks_rx) = mpsc::channel(1024);
             self.tracker.spawn(consume_route(
-                self.hub.clone(),
-                self.key.server.clone().into(),
-                route,
-                amqp,
+                RouteIntake {
+                    hub: self.hub.clone(),
+                    server: self.key.server.clone().into(),
+                    route,
+                    amqp,
+                    acks: acks_tx,
+                    lost: lost_tx.clone(),
+                    progress: self.progress.clone(),
+                },
                 consumer,
-                acks_tx,
-                lost_tx.clone(),
             ));
-            self.tracker
-                .spawn(acknowledge(acks_rx, self.hub.store().clone()));
+            self.tracker.spawn(acknowledge(
+                acks_rx,
+                self.hub.store().clone(),
+                self.progress.clone(),
+            ));
         }
         let lost = async move {
             lost_rx
@@ -442,15 +451,29 @@ struct Delivered {
     appends: Vec<PendingAppend>,
 }
 
-async fn consume_route(
+/// What one route's consumer task needs.
+struct RouteIntake {
     hub: Arc<Hub>,
     server: Arc<str>,
     route: Arc<LiveRoute>,
     amqp: AmqpRoute,
-    mut consumer: lapin::Consumer,
     acks: mpsc::Sender<Delivered>,
     lost: mpsc::Sender<String>,
-) {
+    progress: Arc<IntakeProgress>,
+}
+
+async fn consume_route(intake: RouteIntake, mut consumer: lapin::Consumer) {
+    let RouteIntake {
+        hub,
+        server,
+        route,
+        amqp,
+        acks,
+        lost,
+        progress,
+    } = intake;
+    // lapin's own I/O task reads the socket and carries acks, so waiting on the ack queue here
+    // closes no cycle; `basic.qos` bounds what the broker sends unacknowledged.
     while let Some(delivery) = consumer.next().await {
         let delivery = match delivery {
             Ok(d) => d,
@@ -459,6 +482,7 @@ async fn consume_route(
                 break;
             }
         };
+        progress.received();
         let routing_key = delivery.routing_key.as_str().to_owned();
         let params = amqp
             .routing_key
@@ -517,6 +541,7 @@ async fn consume_route(
                         ..BasicNackOptions::default()
                     })
                     .await;
+                progress.settled(1);
                 continue;
             }
         };
@@ -536,7 +561,11 @@ async fn consume_route(
 /// Acks each delivery once logged; nacks with requeue what could not be flushed, once the log
 /// is back: RabbitMQ hands a requeued delivery straight back, and nacking at once would spin on
 /// it while the log is down.
-async fn acknowledge(mut rx: mpsc::Receiver<Delivered>, store: Store) {
+async fn acknowledge(
+    mut rx: mpsc::Receiver<Delivered>,
+    store: Store,
+    progress: Arc<IntakeProgress>,
+) {
     while let Some(d) = rx.recv().await {
         let mut logged = true;
         for append in d.appends {
@@ -553,6 +582,8 @@ async fn acknowledge(mut rx: mpsc::Receiver<Delivered>, store: Store) {
                 })
                 .await
         };
+        // Acked, requeued, or requeued by the broker because the channel is gone: settled.
+        progress.settled(1);
         if result.is_err() {
             // The channel is gone: RabbitMQ requeues this delivery for the next consumer.
             continue;

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::mqtt::ServerOverride;
-use super::{Connections, Outbound, PublishError, Publisher, ServerKey};
+use super::{Connections, IntakeProgress, Outbound, PublishError, Publisher, ServerKey};
 use crate::hub::{Hub, LiveRoute};
 use crate::routing::address::ProtocolAddress;
 use crate::routing::envelope::{Envelope, Origin, Transport};
@@ -282,11 +282,12 @@ impl KafkaConnector {
         tracker: &TaskTracker,
     ) -> Result<(), Error> {
         let connections = hub.connections().clone();
-        connections.register_with(
+        let progress = connections.register_with(
             self.key.clone(),
             "kafka",
             format!("kafka://{}", self.config.bootstrap_servers),
             self.optional,
+            super::DEFAULT_STALL_AFTER,
         );
         let fail = |e: rdkafka::error::KafkaError| Error::Config {
             server: self.key.to_string(),
@@ -348,6 +349,7 @@ impl KafkaConnector {
                 consumer_config,
                 consumer,
                 shutdown.clone(),
+                progress.clone(),
             ));
         }
         Ok(())
@@ -404,7 +406,10 @@ async fn consume_group(
     config: ConsumerConfig,
     first: Arc<GatewayConsumer>,
     shutdown: CancellationToken,
+    progress: Arc<IntakeProgress>,
 ) {
+    // librdkafka fetches in its own threads and `store_offset` is a local call, so nothing
+    // here waits on a queue that only this task drains.
     let mut consumer = Some(first);
     loop {
         let current = match consumer.take() {
@@ -420,7 +425,12 @@ async fn consume_group(
         let (tx, rx) = mpsc::channel(INGRESS_CAPACITY);
         // Ends this consumer's session: on shutdown, or when a record could not be logged.
         let session = shutdown.child_token();
-        let offsets = tokio::spawn(store_offsets(current.clone(), rx, session.clone()));
+        let offsets = tokio::spawn(store_offsets(
+            current.clone(),
+            rx,
+            session.clone(),
+            progress.clone(),
+        ));
         consume(
             hub.clone(),
             key.clone(),
@@ -428,9 +438,12 @@ async fn consume_group(
             config.subscribed.clone(),
             tx,
             session,
+            progress.clone(),
         )
         .await;
         let _ = offsets.await;
+        // What this consumer read but did not store is read again by the next one.
+        progress.settle_all();
         // Closing a consumer leaves the group and waits for the broker: not on a runtime thread.
         let _ = tokio::task::spawn_blocking(move || drop(current)).await;
         if shutdown.is_cancelled() {
@@ -459,6 +472,7 @@ async fn consume(
     routes: Vec<Subscribed>,
     acks: mpsc::Sender<InFlight>,
     shutdown: CancellationToken,
+    progress: Arc<IntakeProgress>,
 ) {
     let server: Arc<str> = key.server.clone().into();
     loop {
@@ -474,6 +488,7 @@ async fn consume(
                 continue;
             }
         };
+        progress.received();
         let topic = message.topic().to_owned();
         let payload = Bytes::copy_from_slice(message.payload().unwrap_or_default());
         let mut headers = Vec::new();
@@ -548,6 +563,7 @@ async fn store_offsets(
     consumer: Arc<GatewayConsumer>,
     mut rx: mpsc::Receiver<InFlight>,
     session: CancellationToken,
+    progress: Arc<IntakeProgress>,
 ) {
     while let Some(record) = rx.recv().await {
         let mut safe = true;
@@ -565,6 +581,7 @@ async fn store_offsets(
             // The partition was revoked meanwhile: its new owner re-reads the record.
             tracing::debug!(topic = %record.topic, partition = record.partition, error = %e, "offset not stored");
         }
+        progress.settled(1);
     }
     let _ = tokio::task::spawn_blocking(move || {
         if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {

@@ -8,6 +8,7 @@
 pub mod amqp;
 pub mod kafka;
 pub mod mqtt;
+pub mod progress;
 pub mod server_access;
 pub mod sse;
 pub mod ws;
@@ -19,6 +20,8 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use serde::Serialize;
+
+pub use progress::{IntakeProgress, ProgressSnapshot, StallReason};
 
 use crate::routing::envelope::Headers;
 use crate::routing::{Route, Upstream};
@@ -57,9 +60,31 @@ pub struct ConnectionStatus {
     pub since: u64,
     pub last_error: Option<String>,
     pub disconnects: u64,
-    /// Not required for readiness (`x-stepflow-optional`).
+    /// Not required for readiness (`x-stepflow-optional`, or `optional: true` in the config).
     pub optional: bool,
+    /// How messages move from this upstream into the log (filled in by [`Connections::snapshot`]).
+    pub progress: Option<ProgressSnapshot>,
+    /// Set while the connection is up but its intake makes no progress (see [`progress::stall`]).
+    pub stalled: Option<Stall>,
+    /// How long without progress counts as a stall.
+    pub stall_after_secs: u64,
+    #[serde(skip)]
+    intake: Arc<IntakeProgress>,
+    #[serde(skip)]
+    stall_after: Duration,
 }
+
+/// A stall in progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Stall {
+    pub reason: StallReason,
+    /// Seconds since the Unix epoch when it was detected.
+    pub since: u64,
+}
+
+/// How long an upstream may hold messages without settling one before it counts as stalled,
+/// unless its connector knows better (MQTT: the keep-alive, after which the broker gives up).
+pub const DEFAULT_STALL_AFTER: Duration = Duration::from_secs(30);
 
 /// Every upstream connection's state; written by connectors, read by the HTTP server.
 #[derive(Debug, Clone, Default)]
@@ -69,18 +94,26 @@ pub struct Connections {
 
 impl Connections {
     pub fn register(&self, key: ServerKey, protocol: &'static str, url: String) {
-        self.register_with(key, protocol, url, false);
+        self.register_with(key, protocol, url, false, DEFAULT_STALL_AFTER);
     }
 
-    /// Registers an upstream; an optional one does not hold back readiness.
+    /// Registers an upstream; an optional one does not hold back readiness. The connector
+    /// reports its intake through the returned handle; `stall_after` is its stall timeout.
     pub fn register_with(
         &self,
         key: ServerKey,
         protocol: &'static str,
         url: String,
         optional: bool,
-    ) {
+        stall_after: Duration,
+    ) -> Arc<IntakeProgress> {
+        let intake = Arc::new(IntakeProgress::default());
         let status = ConnectionStatus {
+            progress: None,
+            stalled: None,
+            stall_after_secs: stall_after.as_secs(),
+            intake: intake.clone(),
+            stall_after,
             optional,
             api: key.api.clone(),
             server: key.server.clone(),
@@ -94,6 +127,7 @@ impl Connections {
         if let Ok(mut map) = self.inner.write() {
             map.insert(key, status);
         }
+        intake
     }
 
     pub fn set(&self, key: &ServerKey, state: ConnectionState, error: Option<String>) {
@@ -138,6 +172,14 @@ impl Connections {
         self.set(key, state, error);
     }
 
+    /// The URL the connector uses for `key` (after the config's overrides).
+    pub fn url(&self, key: &ServerKey) -> Option<String> {
+        self.inner
+            .read()
+            .ok()
+            .and_then(|m| m.get(key).map(|s| s.url.clone()))
+    }
+
     pub fn is_connected(&self, key: &ServerKey) -> bool {
         self.inner
             .read()
@@ -149,19 +191,69 @@ impl Connections {
     pub fn snapshot(&self) -> Vec<ConnectionStatus> {
         self.inner
             .read()
-            .map(|m| m.values().cloned().collect())
+            .map(|m| {
+                m.values()
+                    .map(|s| ConnectionStatus {
+                        progress: Some(s.intake.snapshot()),
+                        ..s.clone()
+                    })
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
-    /// Ready when every required upstream is connected.
+    /// Ready when every required upstream is connected and none of them is stalled.
     pub fn all_connected(&self) -> bool {
         self.inner
             .read()
             .map(|m| {
-                m.values()
-                    .all(|s| s.optional || s.state == ConnectionState::Connected)
+                m.values().all(|s| {
+                    s.optional || (s.state == ConnectionState::Connected && s.stalled.is_none())
+                })
             })
             .unwrap_or(false)
+    }
+
+    /// Applies the stall rule to every connection: a connection that starts or stops stalling
+    /// is logged and counted once, at the change (the daemon calls this every second).
+    pub fn check_stalls(&self) {
+        let Ok(mut map) = self.inner.write() else {
+            return;
+        };
+        for (key, status) in map.iter_mut() {
+            let progress = status.intake.snapshot();
+            let reason = if status.state == ConnectionState::Connected {
+                progress::stall(&progress, status.stall_after)
+            } else {
+                None
+            };
+            match (reason, &status.stalled) {
+                (Some(reason), None) => {
+                    crate::telemetry::events::UpstreamStalled {
+                        server: &key.to_string(),
+                        protocol: status.protocol,
+                        reason,
+                        outstanding: progress.outstanding,
+                        stall_after: status.stall_after,
+                    }
+                    .emit();
+                    status.stalled = Some(Stall {
+                        reason,
+                        since: now_secs(),
+                    });
+                }
+                (None, Some(stall)) => {
+                    crate::telemetry::events::UpstreamRecovered {
+                        server: &key.to_string(),
+                        protocol: status.protocol,
+                        stalled_for: Duration::from_secs(now_secs().saturating_sub(stall.since)),
+                    }
+                    .emit();
+                    status.stalled = None;
+                }
+                _ => {}
+            }
+        }
     }
 }
 
@@ -306,6 +398,39 @@ mod tests {
     }
 
     #[test]
+    fn a_stalled_upstream_holds_back_readiness_until_it_moves_again() {
+        let c = Connections::default();
+        let key = ServerKey {
+            api: "iot".into(),
+            server: "mosquitto".into(),
+        };
+        let intake = c.register_with(
+            key.clone(),
+            "mqtt",
+            "mqtt://x".into(),
+            false,
+            Duration::from_millis(20),
+        );
+        c.set(&key, ConnectionState::Connected, None);
+        intake.received();
+        c.check_stalls();
+        assert!(c.all_connected(), "within the stall timeout");
+        std::thread::sleep(Duration::from_millis(40));
+        c.check_stalls();
+        let status = &c.snapshot()[0];
+        assert_eq!(
+            status.stalled.as_ref().map(|s| s.reason),
+            Some(StallReason::NoAcknowledgement)
+        );
+        assert_eq!(status.progress.as_ref().map(|p| p.outstanding), Some(1));
+        assert!(!c.all_connected(), "stalled is not ready");
+        intake.settled(1);
+        c.check_stalls();
+        assert!(c.snapshot()[0].stalled.is_none());
+        assert!(c.all_connected());
+    }
+
+    #[test]
     fn connection_registry_counts_disconnects() {
         let c = Connections::default();
         let key = ServerKey {
@@ -328,7 +453,13 @@ mod tests {
             server: "kafka".into(),
         };
         c.set(&key, ConnectionState::Connected, None);
-        c.register_with(analytics.clone(), "kafka", "kafka://x".into(), true);
+        c.register_with(
+            analytics.clone(),
+            "kafka",
+            "kafka://x".into(),
+            true,
+            DEFAULT_STALL_AFTER,
+        );
         assert!(c.all_connected());
         c.set(&key, ConnectionState::Disconnected, None);
         assert!(!c.all_connected());

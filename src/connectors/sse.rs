@@ -97,11 +97,13 @@ impl SseConnector {
 
     pub fn start(self, hub: Arc<Hub>, shutdown: CancellationToken, tracker: &TaskTracker) {
         let connections = hub.connections().clone();
+        // Nothing to acknowledge upstream: the intake handle stays unused.
         connections.register_with(
             self.key.clone(),
             "sse",
             self.base_url.clone(),
             self.optional,
+            super::DEFAULT_STALL_AFTER,
         );
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))

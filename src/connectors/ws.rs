@@ -134,7 +134,14 @@ impl WsConnector {
 
     pub fn start(self, hub: Arc<Hub>, shutdown: CancellationToken, tracker: &TaskTracker) {
         let connections = hub.connections().clone();
-        connections.register_with(self.key.clone(), "ws", self.base_url.clone(), self.optional);
+        // Nothing to acknowledge upstream: the intake handle stays unused.
+        connections.register_with(
+            self.key.clone(),
+            "ws",
+            self.base_url.clone(),
+            self.optional,
+            super::DEFAULT_STALL_AFTER,
+        );
         let states = Arc::new(SocketStates {
             key: self.key.clone(),
             connections: connections.clone(),

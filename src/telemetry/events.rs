@@ -183,6 +183,51 @@ impl UpstreamConnectionChanged<'_> {
     }
 }
 
+/// A connected upstream's intake stopped making progress.
+pub struct UpstreamStalled<'a> {
+    pub server: &'a str,
+    pub protocol: &'static str,
+    pub reason: crate::connectors::StallReason,
+    pub outstanding: u64,
+    pub stall_after: std::time::Duration,
+}
+
+impl UpstreamStalled<'_> {
+    pub fn emit(&self) {
+        tracing::error!(
+            server = self.server,
+            protocol = self.protocol,
+            reason = self.reason.as_str(),
+            outstanding = self.outstanding,
+            stall_after = ?self.stall_after,
+            "upstream intake stalled: connected, but no message is moving into the log"
+        );
+        counter!(UPSTREAM_STALLS, "server" => self.server.to_owned(), "protocol" => self.protocol, "reason" => self.reason.as_str()).increment(1);
+        gauge!(UPSTREAM_STALLED, "server" => self.server.to_owned(), "protocol" => self.protocol)
+            .set(1.0);
+    }
+}
+
+/// A stalled upstream's intake moves again (or its connection went away).
+pub struct UpstreamRecovered<'a> {
+    pub server: &'a str,
+    pub protocol: &'static str,
+    pub stalled_for: std::time::Duration,
+}
+
+impl UpstreamRecovered<'_> {
+    pub fn emit(&self) {
+        tracing::info!(
+            server = self.server,
+            protocol = self.protocol,
+            stalled_for = ?self.stalled_for,
+            "upstream intake moving again"
+        );
+        gauge!(UPSTREAM_STALLED, "server" => self.server.to_owned(), "protocol" => self.protocol)
+            .set(0.0);
+    }
+}
+
 /// A live subscriber fell behind and is being resumed from the log.
 pub struct SubscriberLagged<'a> {
     pub channel: &'a str,
