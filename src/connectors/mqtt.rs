@@ -9,8 +9,24 @@
 //! rumqttc does not report per message: the event loop pairs `Outgoing::Publish(pkid)` events
 //! with publish requests in the order they were queued (see [`PendingPublishes`]).
 //!
-//! One task owns the event loop and polls it without stopping; it never awaits a client call
-//! (a full request channel would deadlock it). Reconnects use capped, jittered backoff.
+//! **The invariant: the event-loop task awaits nothing but rumqttc's poll.** rumqttc's request
+//! queue (publishes, subscriptions and our PUBACKs) is drained only by that poll, so any wait of
+//! the event-loop task on something downstream — the ingest queue, which waits on the log,
+//! whose acknowledgements wait on the request queue — closes a cycle that deadlocks intake as
+//! soon as a backlog fills the queues (a broker redelivering thousands of messages after a
+//! restart does). The code keeps it so:
+//! - incoming publishes go to the ingest queue with `try_send`; what does not fit waits in the
+//!   task's own [`Held`] list, moved on by a `reserve()` branch of the same `select!`;
+//! - acknowledgements come back to this task over a channel and enter rumqttc with `try_ack`;
+//!   what does not fit waits in a local list and is retried after the next poll;
+//! - the held list has a cap. With a persistent session the task sheds the connection past it
+//!   (the broker keeps the messages and redelivers them once the log has caught up); with a
+//!   clean session there is nothing to come back to, so it keeps them and counts the overflow.
+//!
+//! Acknowledgements carry the connection generation they were received on: after a reconnect,
+//! packet ids start over, and an old PUBACK could acknowledge a different, unlogged message.
+//! Stale ones are dropped (the broker redelivers those messages; duplicates, never loss).
+//! The task reports its progress ([`IntakeProgress`]) so a stall is visible in `/readyz`.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,7 +44,10 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Backoff, ConnectionState, Connections, Outbound, PublishError, Publisher, ServerKey};
+use super::{
+    Backoff, ConnectionState, Connections, IntakeProgress, Outbound, PublishError, Publisher,
+    ServerKey,
+};
 use crate::hub::{Hub, LiveRoute};
 use crate::routing::UpstreamBinding;
 use crate::routing::envelope::{Envelope, Origin, Transport};
@@ -103,6 +122,8 @@ pub struct ServerOverride {
     pub client_secret: Option<String>,
     /// How long an OpenAPI call may take, retries included.
     pub timeout: Option<Duration>,
+    /// Overrides the document's `x-stepflow-optional`.
+    pub optional: Option<bool>,
 }
 
 impl std::fmt::Debug for ServerOverride {
@@ -118,6 +139,7 @@ impl std::fmt::Debug for ServerOverride {
             .field("token", &secret(&self.token))
             .field("client_secret", &secret(&self.client_secret))
             .field("timeout", &self.timeout)
+            .field("optional", &self.optional)
             .finish()
     }
 }
@@ -232,9 +254,18 @@ impl MqttServerConfig {
 
 /// Capacity of the client's request queue (publishes, acks, subscriptions).
 const REQUEST_CAPACITY: usize = 1024;
-/// Messages between the event loop and the ingest task. QoS ≥ 1 deliveries are bounded by the
-/// broker's in-flight window, far below this; QoS 0 overflow is dropped and counted.
+/// Messages between the event loop and the ingest task, and between ingest and the ack task:
+/// enough for a few group commits at full speed.
 const INGRESS_CAPACITY: usize = 1024;
+/// Acknowledgements on their way back to the event loop.
+const ACK_CAPACITY: usize = 1024;
+/// Messages the event loop holds beyond the ingest queue before it sheds the connection. A
+/// broker sends at most its in-flight window of unacknowledged messages (Mosquitto's
+/// `max_inflight_messages`, 20 by default; some set it to thousands or to unlimited), so this is
+/// reached only when a broker's window is larger than what the log can absorb at once.
+const HOLD_LIMIT: usize = 16 * 1024;
+/// How often a shed connection checks whether ingest has caught up.
+const SHED_RECHECK: Duration = Duration::from_millis(50);
 
 /// One MQTT server's connector.
 pub struct MqttConnector {
@@ -277,7 +308,15 @@ impl MqttConnector {
     pub fn start(self, hub: Arc<Hub>, shutdown: CancellationToken, tracker: &TaskTracker) {
         let (client, eventloop) = AsyncClient::new(self.config.to_mqtt_options(), REQUEST_CAPACITY);
         let connections = hub.connections().clone();
-        connections.register_with(self.key.clone(), "mqtt", self.url.clone(), self.optional);
+        // Past the keep-alive without progress the broker is about to give up on the session
+        // too; that is when an operator must hear of it.
+        let progress = connections.register_with(
+            self.key.clone(),
+            "mqtt",
+            self.url.clone(),
+            self.optional,
+            self.config.keep_alive,
+        );
         let pending = Arc::new(Mutex::new(PendingPublishes::default()));
         let publisher = Arc::new(MqttPublisher {
             key: self.key.clone(),
@@ -306,24 +345,26 @@ impl MqttConnector {
             })
             .collect();
         let (ingress_tx, ingress_rx) = mpsc::channel(INGRESS_CAPACITY);
-        let (ack_tx, ack_rx) = mpsc::channel(INGRESS_CAPACITY);
+        let (flush_tx, flush_rx) = mpsc::channel(INGRESS_CAPACITY);
+        let (ack_tx, ack_rx) = mpsc::channel(ACK_CAPACITY);
         let server: Arc<str> = self.key.server.clone().into();
-        let ingest = Ingest {
-            hub: hub.clone(),
-            server: server.clone(),
-            routes: readable.clone(),
-        };
         let redelivery = Redelivery {
             store: hub.store().clone(),
             reconnect: Arc::default(),
             armed: Arc::default(),
         };
-        tracker.spawn(ingest.run(ingress_rx, ack_tx, redelivery.clone()));
-        let acks_done = CancellationToken::new();
-        tracker.spawn(run_acks(
-            client.clone(),
-            ack_rx,
-            acks_done.clone(),
+        let ingest = Ingest {
+            hub: hub.clone(),
+            server: server.clone(),
+            routes: readable.clone(),
+            progress: progress.clone(),
+            redelivery: redelivery.clone(),
+        };
+        tracker.spawn(ingest.run(ingress_rx, flush_tx));
+        tracker.spawn(await_flushes(
+            flush_rx,
+            ack_tx,
+            progress.clone(),
             redelivery.clone(),
         ));
         let event_loop = EventLoopTask {
@@ -333,9 +374,17 @@ impl MqttConnector {
             pending,
             reconnect: redelivery.reconnect,
             filters: subscriptions(&readable),
+            clean_session: self.config.clean_session,
+            progress,
         };
-        tracker.spawn(event_loop.run(eventloop, ingress_tx, shutdown, acks_done));
+        tracker.spawn(event_loop.run(eventloop, ingress_tx, ack_rx, shutdown));
     }
+}
+
+/// A message as received on connection number `generation` (counted from 1 at each CONNACK).
+struct Received {
+    generation: u64,
+    publish: Publish,
 }
 
 #[derive(Clone)]
@@ -475,11 +524,55 @@ struct EventLoopTask {
     /// Signalled when messages the log could not take must be redelivered.
     reconnect: Arc<Notify>,
     filters: Vec<(String, QoS)>,
+    /// With a clean session a dropped connection loses the broker's queue, so shedding is no
+    /// way to slow the broker down.
+    clean_session: bool,
+    progress: Arc<IntakeProgress>,
 }
 
 /// How long a stopping connector keeps polling so that acknowledgements for logged messages
 /// still reach the broker.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The event loop's own queues; everything in here is moved on without waiting.
+#[derive(Default)]
+struct Backlog {
+    /// Received messages the ingest queue had no room for, oldest first.
+    held: VecDeque<Received>,
+    /// PUBACKs rumqttc's request queue had no room for, in the order they must go out.
+    acks: VecDeque<Publish>,
+    /// Generation of the current connection (0: none yet).
+    generation: u64,
+    connected: bool,
+}
+
+/// What to do with an acknowledgement that came back from the log.
+#[derive(Debug, PartialEq, Eq)]
+enum AckFate {
+    Send,
+    /// Received on an earlier connection: its packet id may name another message by now. The
+    /// broker redelivers the message (logged twice, never lost).
+    Stale,
+}
+
+impl Backlog {
+    fn ack_fate(&self, generation: u64) -> AckFate {
+        if self.connected && generation == self.generation {
+            AckFate::Send
+        } else {
+            AckFate::Stale
+        }
+    }
+
+    /// The connection is gone: its unsent acknowledgements mean nothing on the next one.
+    /// Returns how many were dropped.
+    fn disconnected(&mut self) -> u64 {
+        self.connected = false;
+        let dropped = self.acks.len() as u64;
+        self.acks.clear();
+        dropped
+    }
+}
 
 impl EventLoopTask {
     fn pending(&self) -> std::sync::MutexGuard<'_, PendingPublishes> {
@@ -493,54 +586,123 @@ impl EventLoopTask {
         self.connections.report(&self.key, "mqtt", connected, error);
     }
 
+    /// Hands PUBACKs to rumqttc while its request queue has room; never waits.
+    fn send_acks(&self, backlog: &mut Backlog) {
+        while let Some(publish) = backlog.acks.front() {
+            if self.client.try_ack(publish).is_err() {
+                return; // Full: the next poll drains it.
+            }
+            backlog.acks.pop_front();
+            self.progress.settled(1);
+        }
+    }
+
+    /// Moves held messages into the ingest queue while it has room; never waits.
+    fn forward_held(backlog: &mut Backlog, ingress: &mpsc::Sender<Received>) {
+        while let Some(received) = backlog.held.pop_front() {
+            match ingress.try_send(received) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(received)) => {
+                    backlog.held.push_front(received);
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+            }
+        }
+    }
+
     async fn run(
         self,
         mut eventloop: EventLoop,
-        ingress: mpsc::Sender<Publish>,
+        ingress: mpsc::Sender<Received>,
+        mut acks: mpsc::Receiver<Received>,
         shutdown: CancellationToken,
-        acks_done: CancellationToken,
     ) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-        let mut connected = false;
+        let mut backlog = Backlog::default();
         let mut ingress = Some(ingress);
+        // Set while a shed connection waits for ingest to catch up before it reconnects.
+        let mut shed = false;
+        let mut acks_open = true;
         let mut drain_deadline = None;
         loop {
+            // Acknowledgements first: each one frees a slot of the broker's window.
+            self.send_acks(&mut backlog);
+            if let Some(tx) = &ingress {
+                Self::forward_held(&mut backlog, tx);
+            }
+            // Stopping, and every logged message's PUBACK is with rumqttc: leave cleanly.
+            if drain_deadline.is_some() && !acks_open && backlog.acks.is_empty() {
+                self.disconnect(&mut eventloop).await;
+                return;
+            }
+            let room = ingress.clone();
+            self.progress.loop_waiting();
             let event = tokio::select! {
-                // Stop taking new messages; keep polling so pending acks go out.
+                biased;
+                // Stop taking new messages; keep polling so pending acks go out. Held messages
+                // are not acknowledged: the broker redelivers them after the restart.
                 _ = shutdown.cancelled(), if ingress.is_some() => {
+                    self.progress.loop_working();
                     ingress = None;
+                    self.progress.settled(backlog.held.len() as u64);
+                    backlog.held.clear();
                     drain_deadline = Some(tokio::time::Instant::now() + DRAIN_TIMEOUT);
                     continue;
                 }
-                // Every logged message is acknowledged (or the deadline passed): leave cleanly.
-                _ = async {
-                    match drain_deadline {
-                        Some(deadline) => {
-                            tokio::select! {
-                                _ = acks_done.cancelled() => {}
-                                _ = tokio::time::sleep_until(deadline) => {}
-                            }
-                        }
-                        None => std::future::pending().await,
-                    }
-                } => {
+                // Draining took too long: leave; the broker redelivers what was not acked.
+                _ = sleep_until_deadline(drain_deadline) => {
+                    self.progress.loop_working();
                     self.disconnect(&mut eventloop).await;
                     return;
                 }
                 // The broker resends unacknowledged messages when the session resumes.
-                _ = self.reconnect.notified(), if connected && ingress.is_some() => {
+                _ = self.reconnect.notified(), if backlog.connected && ingress.is_some() => {
+                    self.progress.loop_working();
                     tracing::warn!(server = %self.key, "reconnecting so that the broker redelivers the messages the log could not take");
                     eventloop.clean();
-                    connected = false;
+                    self.progress.settled(backlog.disconnected());
                     self.changed(false, Some("reconnecting for redelivery after a log failure".into()));
                     continue;
                 }
+                // Cancel-safe: a reserve() cancelled by another branch takes nothing.
+                permit = reserve(room.as_ref()), if !backlog.held.is_empty() => {
+                    self.progress.loop_working();
+                    if let (Some(permit), Some(received)) = (permit, backlog.held.pop_front()) {
+                        permit.send(received);
+                    }
+                    continue;
+                }
+                // An acknowledgement back from the log. Taken only when the last ones went out,
+                // so the local list stays within one request queue's worth. Cancel-safe.
+                ack = acks.recv(), if acks_open && backlog.acks.is_empty() => {
+                    self.progress.loop_working();
+                    match ack {
+                        Some(received) => match backlog.ack_fate(received.generation) {
+                            AckFate::Send => backlog.acks.push_back(received.publish),
+                            AckFate::Stale => self.progress.settled(1),
+                        },
+                        None => acks_open = false,
+                    }
+                    continue;
+                }
+                // Shed: reconnect once ingest has room again (the broker holds the rest).
+                _ = tokio::time::sleep(SHED_RECHECK), if shed => {
+                    self.progress.loop_working();
+                    if ingress.as_ref().is_none_or(|tx| tx.capacity() == tx.max_capacity()) {
+                        tracing::info!(server = %self.key, "ingest caught up; reconnecting for the rest of the backlog");
+                        shed = false;
+                    }
+                    continue;
+                }
                 // Cancel-safe per rumqttc: a cancelled poll loses no state.
-                event = eventloop.poll() => event,
+                event = eventloop.poll(), if !shed => event,
             };
+            self.progress.loop_working();
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    connected = true;
+                    backlog.connected = true;
+                    backlog.generation += 1;
                     backoff.reset();
                     if !ack.session_present {
                         self.pending().fail_all(&self.key.server);
@@ -560,16 +722,34 @@ impl EventLoopTask {
                     let Some(tx) = &ingress else {
                         continue; // Stopping: not acked, so the broker redelivers it later.
                     };
-                    if publish.qos == QoS::AtMostOnce {
-                        if tx.try_send(publish).is_err() {
+                    let at_most_once = publish.qos == QoS::AtMostOnce;
+                    let received = Received {
+                        generation: backlog.generation,
+                        publish,
+                    };
+                    if at_most_once {
+                        // Nothing to acknowledge, nothing to redeliver: a full queue drops it.
+                        if tx.try_send(received).is_err() {
                             QueueOverflowed {
                                 channel: &self.key.to_string(),
                                 queue: "mqtt_ingress_qos0",
                             }
                             .emit();
                         }
-                    } else if tx.send(publish).await.is_err() {
-                        return;
+                        continue;
+                    }
+                    self.progress.received();
+                    if backlog.held.is_empty() {
+                        match tx.try_send(received) {
+                            Ok(()) => continue,
+                            Err(mpsc::error::TrySendError::Full(r)) => backlog.held.push_back(r),
+                            Err(mpsc::error::TrySendError::Closed(_)) => return,
+                        }
+                    } else {
+                        backlog.held.push_back(received);
+                    }
+                    if backlog.held.len() > HOLD_LIMIT {
+                        self.overflowed(&mut eventloop, &mut backlog, &mut shed);
                     }
                 }
                 Ok(Event::Incoming(Packet::PubAck(ack))) => self.pending().acked(ack.pkid),
@@ -577,10 +757,10 @@ impl EventLoopTask {
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => self.pending().sent(pkid),
                 Ok(_) => {}
                 Err(error) => {
-                    if connected || drain_deadline.is_none() {
+                    if backlog.connected || drain_deadline.is_none() {
                         self.changed(false, Some(describe(&error)));
                     }
-                    connected = false;
+                    self.progress.settled(backlog.disconnected());
                     if drain_deadline.is_some() {
                         return;
                     }
@@ -592,6 +772,45 @@ impl EventLoopTask {
                 }
             }
         }
+    }
+
+    /// More messages are held than [`HOLD_LIMIT`]: the broker's window is wider than the log
+    /// can take at once.
+    fn overflowed(&self, eventloop: &mut EventLoop, backlog: &mut Backlog, shed: &mut bool) {
+        let server = self.key.to_string();
+        if self.clean_session {
+            // A clean session has no redelivery to fall back on: keep the oldest, count the
+            // newest as lost.
+            while backlog.held.len() > HOLD_LIMIT {
+                backlog.held.pop_back();
+                self.progress.settled(1);
+                QueueOverflowed {
+                    channel: &server,
+                    queue: "mqtt_ingress_clean_session",
+                }
+                .emit();
+            }
+            return;
+        }
+        tracing::warn!(
+            server = %self.key,
+            held = backlog.held.len(),
+            "the log is behind the broker's backlog: disconnecting until it catches up; the broker keeps the messages and redelivers them"
+        );
+        QueueOverflowed {
+            channel: &server,
+            queue: "mqtt_ingress_shed",
+        }
+        .emit();
+        self.progress.settled(backlog.held.len() as u64);
+        backlog.held.clear();
+        eventloop.clean();
+        self.progress.settled(backlog.disconnected());
+        self.changed(
+            false,
+            Some("paused: the log is behind the broker's backlog".into()),
+        );
+        *shed = true;
     }
 
     async fn disconnect(&self, eventloop: &mut EventLoop) {
@@ -610,6 +829,21 @@ impl EventLoopTask {
     }
 }
 
+/// Waits for room in the ingest queue (never, without a queue).
+async fn reserve(tx: Option<&mpsc::Sender<Received>>) -> Option<mpsc::Permit<'_, Received>> {
+    match tx {
+        Some(tx) => tx.reserve().await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_deadline(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
 fn describe(error: &ConnectionError) -> String {
     match error {
         ConnectionError::Io(e) => format!("I/O: {}", e.kind()),
@@ -621,16 +855,18 @@ struct Ingest {
     hub: Arc<Hub>,
     server: Arc<str>,
     routes: Vec<(Arc<LiveRoute>, Subscription)>,
+    progress: Arc<IntakeProgress>,
+    redelivery: Redelivery,
 }
 
 impl Ingest {
     async fn run(
         self,
-        mut rx: mpsc::Receiver<Publish>,
-        acks: mpsc::Sender<(Publish, Vec<PendingAppend>)>,
-        redelivery: Redelivery,
+        mut rx: mpsc::Receiver<Received>,
+        flushes: mpsc::Sender<(Received, Vec<PendingAppend>)>,
     ) {
-        while let Some(publish) = rx.recv().await {
+        while let Some(received) = rx.recv().await {
+            let publish = &received.publish;
             let mut appends = Vec::new();
             let mut matched = false;
             let mut logged = true;
@@ -657,7 +893,10 @@ impl Ingest {
             }
             if !logged {
                 // Not acknowledged: the broker redelivers it after the reconnect.
-                redelivery.request();
+                if publish.qos != QoS::AtMostOnce {
+                    self.progress.settled(1);
+                }
+                self.redelivery.request();
                 continue;
             }
             if !matched {
@@ -667,7 +906,7 @@ impl Ingest {
                 }
                 .emit();
             }
-            if acks.send((publish, appends)).await.is_err() {
+            if flushes.send((received, appends)).await.is_err() {
                 return;
             }
         }
@@ -700,29 +939,36 @@ impl Redelivery {
     }
 }
 
-/// Acknowledges each message once all its appends are flushed, in arrival order.
-async fn run_acks(
-    client: AsyncClient,
-    mut rx: mpsc::Receiver<(Publish, Vec<PendingAppend>)>,
-    done: CancellationToken,
+/// Waits for each message's appends to be flushed, in arrival order, and hands its PUBACK back
+/// to the event loop. May wait on the event loop's ack channel: the event loop drains it
+/// without waiting on anything but its poll, so this closes no cycle.
+async fn await_flushes(
+    mut rx: mpsc::Receiver<(Received, Vec<PendingAppend>)>,
+    acks: mpsc::Sender<Received>,
+    progress: Arc<IntakeProgress>,
     redelivery: Redelivery,
 ) {
-    while let Some((publish, appends)) = rx.recv().await {
+    while let Some((received, appends)) = rx.recv().await {
         let mut safe = true;
         for append in appends {
             if let Err(e) = append.flushed().await {
-                tracing::error!(topic = %publish.topic, error = %e, "log flush failed; message not acknowledged");
+                tracing::error!(topic = %received.publish.topic, error = %e, "log flush failed; message not acknowledged");
                 safe = false;
             }
         }
-        if !safe {
-            redelivery.request();
+        if received.publish.qos == QoS::AtMostOnce {
+            continue;
         }
-        if safe && publish.qos != QoS::AtMostOnce && client.ack(&publish).await.is_err() {
+        if !safe {
+            progress.settled(1);
+            redelivery.request();
+            continue;
+        }
+        if acks.send(received).await.is_err() {
             break;
         }
     }
-    done.cancel();
+    // Dropping `acks` tells the event loop that every logged message's PUBACK is with it.
 }
 
 #[cfg(test)]
