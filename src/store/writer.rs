@@ -1,4 +1,8 @@
 //! The log writer thread: group commit and retention.
+//!
+//! Debug builds (the ones `cargo test` runs) read one failpoint, for tests that need a log that
+//! stops accepting: `STEPFLOW_FAILPOINT_LOG_FREEZE=AFTER:SECONDS` freezes the writer for
+//! SECONDS once AFTER appends have been written. Release builds do not contain it.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -62,10 +66,14 @@ impl Writer {
             Vec::with_capacity(config.max_batch);
         let flush_time = metrics::histogram!(telemetry::LOG_FLUSH_DURATION);
         let batch_size = metrics::histogram!(telemetry::LOG_BATCH_SIZE);
+        #[cfg(debug_assertions)]
+        let mut freeze = failpoint::Freeze::from_env();
         loop {
             let Some(first) = rx.blocking_recv() else {
                 break;
             };
+            #[cfg(debug_assertions)]
+            freeze.before_batch();
             let started = Instant::now();
             let mut trim_requested = false;
             let mut push = |command: Command, batch: &mut Vec<Append>| match command {
@@ -91,6 +99,8 @@ impl Writer {
                 }
             }
             let mut failure: Option<Error> = None;
+            #[cfg(debug_assertions)]
+            freeze.appended(batch.len());
             for append in batch.drain(..) {
                 let result = if failure.is_some() {
                     Err(Error::Unavailable {
@@ -411,5 +421,57 @@ mod tests {
         .unwrap();
         assert_eq!(removed, 4, "the newest record keeps the offset sequence");
         assert_eq!(offset_of(&tree.first().unwrap().unwrap().0), 5);
+    }
+}
+
+/// Fault injection for tests, compiled into debug builds only.
+#[cfg(debug_assertions)]
+mod failpoint {
+    use std::time::Duration;
+
+    /// `STEPFLOW_FAILPOINT_LOG_FREEZE=AFTER:SECONDS`.
+    pub(super) struct Freeze {
+        after: u64,
+        duration: Duration,
+        appended: u64,
+        done: bool,
+    }
+
+    impl Freeze {
+        pub(super) fn from_env() -> Freeze {
+            let parsed = std::env::var("STEPFLOW_FAILPOINT_LOG_FREEZE")
+                .ok()
+                .and_then(|v| {
+                    let (after, secs) = v.split_once(':')?;
+                    Some((after.parse().ok()?, secs.parse().ok()?))
+                });
+            match parsed {
+                Some((after, secs)) => Freeze {
+                    after,
+                    duration: Duration::from_secs(secs),
+                    appended: 0,
+                    done: false,
+                },
+                None => Freeze {
+                    after: 0,
+                    duration: Duration::ZERO,
+                    appended: 0,
+                    done: true,
+                },
+            }
+        }
+
+        pub(super) fn appended(&mut self, n: usize) {
+            self.appended += n as u64;
+        }
+
+        pub(super) fn before_batch(&mut self) {
+            if !self.done && self.appended >= self.after {
+                self.done = true;
+                tracing::warn!(after = self.after, duration = ?self.duration, "failpoint: the log writer freezes");
+                std::thread::sleep(self.duration);
+                tracing::warn!("failpoint: the log writer resumes");
+            }
+        }
     }
 }
