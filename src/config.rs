@@ -78,6 +78,9 @@ pub struct ServerFileConfig {
     pub client_secret: Option<String>,
     /// How long an OpenAPI call to this server may take, retries included (default 10000).
     pub timeout_ms: Option<u64>,
+    /// Whether `/readyz` waits for this server (`x-stepflow-optional` in a document says the
+    /// same; this wins, for documents you do not edit).
+    pub optional: Option<bool>,
 }
 
 /// Per-route settings as the file writes them (keyed by route id).
@@ -186,6 +189,7 @@ impl Config {
                     token: v.token,
                     client_secret: v.client_secret,
                     timeout: v.timeout_ms.map(Duration::from_millis),
+                    optional: v.optional,
                 },
             );
         }

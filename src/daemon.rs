@@ -223,6 +223,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                 reason,
             };
             let overrides = config.server_override(&api.id, &server.id);
+            let configured;
+            let server = match overrides.optional {
+                Some(optional) if optional != server.optional => {
+                    configured = crate::spec::Server {
+                        optional,
+                        ..server.clone()
+                    };
+                    &configured
+                }
+                _ => server,
+            };
             match server.protocol.family() {
                 ProtocolFamily::Mqtt => {
                     let mqtt = MqttServerConfig::build(
@@ -337,8 +348,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let housekeeping = tokio::spawn({
         let store = store.clone();
         let shutdown = shutdown.clone();
+        let connections = hub.connections().clone();
         async move {
             let mut tick = tokio::time::interval(Duration::from_secs(5));
+            // Stall timeouts are seconds long (MQTT's keep-alive is at least 5 s): checking
+            // every second reports a stall within a second of its timeout.
+            let mut stall_check = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
@@ -346,6 +361,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                         metrics.run_upkeep();
                         store.trim();
                     }
+                    _ = stall_check.tick() => connections.check_stalls(),
                 }
             }
         }

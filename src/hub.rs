@@ -190,6 +190,23 @@ impl Hub {
         &self.config
     }
 
+    /// Whether every upstream a publish on `channel` goes through is connected; `None` when
+    /// the channel has no connected upstream to wait for (unknown, or nothing registered).
+    pub fn upstreams_connected(&self, channel: &str) -> Option<bool> {
+        let route = self.routes.get(channel)?;
+        let publishers = self.publishers.read().ok()?;
+        let mut states = route.route.upstreams.iter().filter_map(|u| {
+            publishers
+                .get(&ServerKey {
+                    api: route.route.api.clone(),
+                    server: u.server.clone(),
+                })
+                .map(|p| p.is_connected())
+        });
+        let first = states.next()?;
+        Some(states.fold(first, |all, s| all && s))
+    }
+
     /// Connectors register their sending side per server.
     pub fn register_publisher(&self, key: ServerKey, publisher: Arc<dyn Publisher>) {
         if let Ok(mut map) = self.publishers.write() {

@@ -38,6 +38,10 @@ pub const CURSORS: &str = "bridge-cursors";
 const COMMIT_INTERVAL: Duration = Duration::from_millis(200);
 /// Longest wait between two attempts on a target that is down.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
+/// How long a starting lane waits for its target's first connection before its policy applies
+/// as to any target that is down (a broker's connect and CONNACK take milliseconds; a broker
+/// still booting alongside the gateway, seconds).
+const FIRST_CONNECTION_GRACE: Duration = Duration::from_secs(10);
 /// How long a graceful stop waits for sends already out.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -377,6 +381,19 @@ impl Runner {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     }
+                }
+            }
+        }
+        // Connectors start together with the lanes: give the target its first connection
+        // before the first send, rather than warn about a target that is merely starting.
+        if let Target::Channel(target) = &self.lane.target {
+            let deadline = tokio::time::Instant::now() + FIRST_CONNECTION_GRACE;
+            while self.hub.upstreams_connected(target) == Some(false)
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
                 }
             }
         }

@@ -277,8 +277,9 @@ impl BrokerCalls {
                     }])
                 }
                 crate::hub::PublishFailure::InvalidAddress(e) => {
+                    // The same place an OpenAPI call names: `path.deviceId`.
                     CallError::Invalid(vec![super::Problem {
-                        at: "path".into(),
+                        at: format!("path.{}", e.parameter()),
                         reason: e.to_string(),
                     }])
                 }

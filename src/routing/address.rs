@@ -77,6 +77,19 @@ pub enum FillError {
     },
 }
 
+impl FillError {
+    /// The parameter the error is about.
+    pub fn parameter(&self) -> &str {
+        match self {
+            FillError::Missing { name }
+            | FillError::Empty { name }
+            | FillError::NotAllowed { name, .. }
+            | FillError::SchemaMismatch { name, .. }
+            | FillError::ReservedCharacter { name, .. } => name,
+        }
+    }
+}
+
 /// One piece of a template.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Segment {

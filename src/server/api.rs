@@ -13,13 +13,31 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::error::{ApiError, ErrorCode};
+use crate::connectors::{Connections, ServerKey};
 use crate::hub::{LiveRoute, PublishRequest};
 use crate::routing::Route;
 use crate::routing::envelope::{Origin, Transport};
 use crate::store::LogId;
 
-/// A route as `/api/v1/channels` lists it.
-pub fn channel_view(route: &Route, subscribers: usize) -> Value {
+/// A route as `/api/v1/channels` lists it. Each server's `url` is the one the gateway uses
+/// (the config's override, when there is one); `documentUrl` is the document's own.
+pub fn channel_view(route: &Route, subscribers: usize, connections: &Connections) -> Value {
+    let servers: Vec<Value> = route
+        .upstreams
+        .iter()
+        .map(|u| {
+            let mut view = serde_json::to_value(u).unwrap_or(Value::Null);
+            let key = ServerKey {
+                api: route.api.clone(),
+                server: u.server.clone(),
+            };
+            if let (Some(url), Some(obj)) = (connections.url(&key), view.as_object_mut()) {
+                obj.insert("documentUrl".into(), json!(u.url));
+                obj.insert("url".into(), json!(url));
+            }
+            view
+        })
+        .collect();
     json!({
         "id": route.id,
         "api": route.api,
@@ -30,7 +48,7 @@ pub fn channel_view(route: &Route, subscribers: usize) -> Value {
         "writable": route.direction.writable,
         "delivery": route.delivery,
         "parameters": route.parameters,
-        "servers": route.upstreams,
+        "servers": servers,
         "messages": route.messages,
         "requestReply": route.request_reply,
         "liveSubscribers": subscribers,
@@ -41,7 +59,7 @@ pub async fn list_channels(State(state): State<AppState>) -> Json<Value> {
     let channels: Vec<Value> = state
         .hub
         .routes()
-        .map(|r| channel_view(&r.route, r.live_subscribers()))
+        .map(|r| channel_view(&r.route, r.live_subscribers(), state.hub.connections()))
         .collect();
     Json(json!({ "channels": channels }))
 }
@@ -61,7 +79,11 @@ pub async fn get_channel(
     let route = route_or_404(&state, &id)?;
     let log = state.hub.store().stats(&route.log).await?;
     let dead = state.hub.store().stats(&route.dead_letters).await?;
-    let mut view = channel_view(&route.route, route.live_subscribers());
+    let mut view = channel_view(
+        &route.route,
+        route.live_subscribers(),
+        state.hub.connections(),
+    );
     view["log"] = json!(log);
     view["deadLetters"] = json!(dead);
     Ok(Json(view))

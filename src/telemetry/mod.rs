@@ -24,6 +24,11 @@ pub const DELIVERY_LATENCY: &str = "stepflow_delivery_latency_seconds";
 pub const UPSTREAM_CONNECTED: &str = "stepflow_upstream_connected";
 /// Upstream connection losses, by server and protocol.
 pub const UPSTREAM_DISCONNECTS: &str = "stepflow_upstream_disconnects_total";
+/// Times an upstream's intake stopped making progress while connected, by server, protocol and
+/// reason.
+pub const UPSTREAM_STALLS: &str = "stepflow_upstream_stalls_total";
+/// 1 while an upstream is stalled, by server and protocol.
+pub const UPSTREAM_STALLED: &str = "stepflow_upstream_stalled";
 /// Live subscribers, by channel and transport.
 pub const SUBSCRIBERS: &str = "stepflow_subscribers";
 /// Subscribers that fell behind the live stream and were resumed from the log.
@@ -103,10 +108,14 @@ pub enum LogFormat {
 
 /// Sets up `tracing` from `RUST_LOG` (default `info`), in text or JSON.
 pub fn init_tracing(format: LogFormat) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colour codes only for a person at a terminal: a file, journald or a log shipper
+        // would store them as noise.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let result = match format {
         LogFormat::Text => builder.try_init(),
