@@ -225,12 +225,23 @@ fn publish_readings(
     rate: u64,
     progress: tokio::sync::watch::Sender<u64>,
 ) -> tokio::task::JoinHandle<u64> {
+    publish_n_readings(port, prefix, TOTAL, rate, progress)
+}
+
+/// Like [`publish_readings`], `total` of them.
+fn publish_n_readings(
+    port: u16,
+    prefix: &str,
+    total: u64,
+    rate: u64,
+    progress: tokio::sync::watch::Sender<u64>,
+) -> tokio::task::JoinHandle<u64> {
     let prefix = prefix.to_owned();
     let topic_of = move |seq: u64| format!("{prefix}/devices/d{}/telemetry", seq % DEVICES);
     tokio::spawn(publish_acknowledged_on(
         port,
         topic_of,
-        0..TOTAL,
+        0..total,
         rate,
         progress,
     ))
@@ -494,16 +505,16 @@ async fn consume_seqs(
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mqtt_to_amqp_loses_nothing_across_a_sigkill() {
-    require_rabbitmq();
-    let broker = OwnMosquitto::start();
-    let prefix = unique("ba");
-    let (_conn, channel, queue) = archive_queue(&prefix).await;
+/// The daemon with an IoT document on `broker`, an AMQP document on the machine's RabbitMQ
+/// and a bridge from the telemetry to the archive exchange of `prefix`.
+async fn start_mqtt_to_amqp(
+    broker: &OwnMosquitto,
+    prefix: &str,
+) -> (Daemon, (tempfile::TempDir, tempfile::TempDir)) {
     let dir = tempfile::tempdir().unwrap();
     let (iot, archive) = (unique("iot"), unique("archive"));
-    iot_spec(dir.path(), &iot, &prefix, 1);
-    amqp_target_spec(dir.path(), &archive, &prefix);
+    iot_spec(dir.path(), &iot, prefix, 1);
+    amqp_target_spec(dir.path(), &archive, prefix);
     let bridges = tempfile::tempdir().unwrap();
     write(
         bridges.path(),
@@ -513,14 +524,27 @@ async fn mqtt_to_amqp_loses_nothing_across_a_sigkill() {
         ),
     );
     let mqtt = format!("{iot}/broker={}", broker.url());
-    let mut daemon = start_bridged(dir.path(), bridges.path(), &[&mqtt]).await;
-    let (tx, mut progress) = tokio::sync::watch::channel(0);
-    let publisher = publish_readings(broker.port, &prefix, 4000, tx);
-    kill_and_restart_at(&mut daemon, &mut progress, TOTAL / 2).await;
-    assert_eq!(publisher.await.unwrap(), TOTAL);
+    let daemon = start_bridged(dir.path(), bridges.path(), &[&mqtt]).await;
+    (daemon, (dir, bridges))
+}
 
-    let got = consume_seqs(&channel, &queue, TOTAL, Duration::from_secs(120)).await;
-    let (missing, duplicates) = tally(got.iter().map(|(_, s)| *s), TOTAL);
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_to_amqp_loses_nothing_across_a_sigkill() {
+    require_rabbitmq();
+    let broker = OwnMosquitto::start();
+    let prefix = unique("ba");
+    let (_conn, channel, queue) = archive_queue(&prefix).await;
+    let (mut daemon, _dirs) = start_mqtt_to_amqp(&broker, &prefix).await;
+    let (tx, mut progress) = tokio::sync::watch::channel(0);
+    // More than every queue between the broker and the log holds (a stall at ~3,000 once lost
+    // the tail of such a stream).
+    let total = 20_000;
+    let publisher = publish_n_readings(broker.port, &prefix, total, 5000, tx);
+    kill_and_restart_at(&mut daemon, &mut progress, total / 2).await;
+    assert_eq!(publisher.await.unwrap(), total);
+
+    let got = consume_seqs(&channel, &queue, total, Duration::from_secs(120)).await;
+    let (missing, duplicates) = tally(got.iter().map(|(_, s)| *s), total);
     let mut per_key: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for (key, seq) in &got {
         assert_eq!(key, &format!("devices.d{}.telemetry", seq % DEVICES));
@@ -528,7 +552,7 @@ async fn mqtt_to_amqp_loses_nothing_across_a_sigkill() {
     }
     let violations = order_violations(&per_key);
     println!(
-        "MQTT → AMQP across a SIGKILL: {TOTAL} sent, {} received, {} missing, {duplicates} duplicates, {violations} per-key order violations",
+        "MQTT → AMQP across a SIGKILL: {total} sent, {} received, {} missing, {duplicates} duplicates, {violations} per-key order violations",
         got.len(),
         missing.len()
     );
@@ -881,10 +905,14 @@ async fn target_down_for_10s_with_drop_oldest_keeps_the_newest() {
         distinct.len()
     );
     assert!(dropped > 0, "the outage outgrew max_lag");
-    assert_eq!(
-        distinct.len() as u64 + dropped,
-        OUTAGE_TOTAL,
-        "each message delivered or counted as dropped"
+    // Every message is delivered or counted as dropped. The two can overlap by the sends that
+    // were in flight when the target went away: their outcome is unknown (a confirm lost with
+    // the connection), so the lane retries them and, once they are the oldest waiting, drops
+    // them — yet the broker may already hold them. The overlap is bounded by the lane's window.
+    let accounted = distinct.len() as u64 + dropped;
+    assert!(
+        (OUTAGE_TOTAL..=OUTAGE_TOTAL + 256).contains(&accounted),
+        "each message delivered or counted as dropped: {accounted} of {OUTAGE_TOTAL}"
     );
     let newest: Vec<u64> = (OUTAGE_TOTAL - 100..OUTAGE_TOTAL).collect();
     assert!(
@@ -1418,4 +1446,40 @@ operations:
     }
     assert_eq!(got[&format!("{prefix}/early/d1")], vec![0, 1, 2, 3, 4, 5]);
     assert_eq!(got[&format!("{prefix}/late/d1")], vec![5]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starting_lane_waits_for_its_targets_first_connection_instead_of_warning() {
+    require_rabbitmq();
+    let broker = OwnMosquitto::start();
+    let prefix = unique("bq");
+    let (_conn, channel, queue) = archive_queue(&prefix).await;
+    let (mut daemon, _dirs) = start_mqtt_to_amqp(&broker, &prefix).await;
+    let (status, _) = daemon.terminate(Duration::from_secs(20)).unwrap();
+    assert!(status.success());
+    // A backlog waits at the broker: the lane has messages to send the moment it starts, while
+    // RabbitMQ's connection is still being made.
+    let total = 500;
+    let (tx, _progress) = tokio::sync::watch::channel(0);
+    assert_eq!(
+        publish_n_readings(broker.port, &prefix, total, 10_000, tx)
+            .await
+            .unwrap(),
+        total
+    );
+    let first_run = daemon.log().len();
+    daemon.restart().await.unwrap();
+    let got = consume_seqs(&channel, &queue, total, Duration::from_secs(60)).await;
+    let (missing, _) = tally(got.iter().map(|(_, s)| *s), total);
+    assert!(missing.is_empty(), "lost {missing:?}");
+    let log = daemon.log();
+    let second_run = &log[first_run..];
+    assert!(second_run.contains("bridge lane started"), "{second_run}");
+    for warning in ["send failed; retrying in order", "target unavailable"] {
+        assert!(
+            !second_run.contains(warning),
+            "a starting lane warned '{warning}':\n{second_run}"
+        );
+    }
+    amqp_cleanup(&prefix, &["archive"]).await;
 }

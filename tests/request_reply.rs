@@ -210,6 +210,19 @@ async fn request_reply_over_mqtt_with_the_correlation_id_in_the_payload() {
         }
     });
     check_calls(&daemon, &api, Duration::from_millis(1500)).await;
+    // A missing address parameter is named where an OpenAPI call names it.
+    let r = call_operation(
+        &daemon,
+        &format!("{api}.requestStatus"),
+        json!({"body": {"verbose": true}}),
+    )
+    .await;
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        body["error"]["details"]["problems"][0]["at"], "path.deviceId",
+        "{body}"
+    );
     answering.abort();
 }
 

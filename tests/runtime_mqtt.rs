@@ -292,14 +292,9 @@ async fn sse_and_websocket_clients_resume_without_gaps_or_duplicates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_killed_mid_stream_loses_no_acknowledged_message() {
     let broker = OwnMosquitto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let api = unique("crash");
-    let prefix = unique("t");
-    let spec = iot_spec(dir.path(), &api, &prefix, 1);
-    let server = format!("broker={}", broker.url());
-    let mut daemon = Daemon::start(&["--specs", spec.to_str().unwrap(), "--server", &server])
-        .await
-        .unwrap();
+    let mut iot = IotDaemon::start(&broker, "crash").await;
+    let (api, prefix) = (iot.api.clone(), iot.prefix.clone());
+    let daemon = &mut iot.daemon;
     let channel = format!("{api}.telemetry");
     let total = 3000;
     let (progress_tx, mut progress) = tokio::sync::watch::channel(0);
@@ -356,14 +351,9 @@ async fn daemon_killed_mid_stream_loses_no_acknowledged_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_reconnects_and_resubscribes_after_a_broker_restart() {
     let mut broker = OwnMosquitto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let api = unique("outage");
-    let prefix = unique("t");
-    let spec = iot_spec(dir.path(), &api, &prefix, 1);
-    let server = format!("broker={}", broker.url());
-    let daemon = Daemon::start(&["--specs", spec.to_str().unwrap(), "--server", &server])
-        .await
-        .unwrap();
+    let mut iot = IotDaemon::start(&broker, "outage").await;
+    let (api, prefix) = (iot.api.clone(), iot.prefix.clone());
+    let daemon = &mut iot.daemon;
     let channel = format!("{api}.telemetry");
     let mut ws = ws_connect(&daemon.ws_url(&format!("/ws/{channel}")))
         .await
@@ -399,7 +389,6 @@ async fn daemon_reconnects_and_resubscribes_after_a_broker_restart() {
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     broker.restart();
-    let mut daemon = daemon;
     daemon.wait_ready(Duration::from_secs(15)).await.unwrap();
     let connections = daemon.get_json("/api/v1/connections").await.unwrap();
     assert!(
@@ -856,4 +845,117 @@ async fn a_full_disk_leaves_messages_unacknowledged_and_they_are_redelivered_whe
             .contains("reconnecting so that the broker redelivers"),
         "the messages came back by a session resume"
     );
+}
+
+/// A document with a `broker` the gateway needs and a `lake` it can do without.
+fn two_server_spec(dir: &std::path::Path, api: &str, prefix: &str, lake_optional: bool) -> String {
+    let path = dir.join(format!("{api}.yaml"));
+    std::fs::write(
+        &path,
+        format!(
+            r#"asyncapi: 3.0.0
+x-stepflow-id: {api}
+info: {{title: Optional lake, version: 1.0.0}}
+servers:
+  broker: {{host: '127.0.0.1:1883', protocol: mqtt}}
+  lake: {{host: 'lake.example:1883', protocol: mqtt, x-stepflow-optional: {lake_optional}}}
+channels:
+  telemetry:
+    address: '{prefix}/telemetry'
+    servers: [{{$ref: '#/servers/broker'}}]
+    messages: {{reading: {{payload: {{type: object}}}}}}
+  archive:
+    address: '{prefix}/archive'
+    servers: [{{$ref: '#/servers/lake'}}]
+    messages: {{reading: {{payload: {{type: object}}}}}}
+operations:
+  receiveTelemetry: {{action: receive, channel: {{$ref: '#/channels/telemetry'}}}}
+  receiveArchive: {{action: receive, channel: {{$ref: '#/channels/archive'}}}}
+"#
+        ),
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_config_marks_servers_optional_and_channels_show_the_url_in_use() {
+    let broker = OwnMosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (api, prefix) = (unique("lake"), unique("t"));
+    let dead = free_port();
+    // The document does not say the lake is optional; the operator's config does.
+    let spec = two_server_spec(dir.path(), &api, &prefix, false);
+    let config = dir.path().join("stepflow.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "servers:\n  broker:\n    url: {}\n  lake:\n    url: mqtt://127.0.0.1:{dead}\n    optional: true\n",
+            broker.url()
+        ),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&["--specs", &spec, "--config", config.to_str().unwrap()])
+        .await
+        .expect("ready although the optional lake is down");
+    let connections = daemon.get_json("/api/v1/connections").await.unwrap();
+    let lake = connections["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["server"] == "lake")
+        .unwrap();
+    assert_eq!(lake["optional"], true, "{connections}");
+    assert_ne!(lake["state"], "connected", "{connections}");
+
+    // The channel shows where the gateway really connects, and what the document said.
+    let channel = daemon
+        .get_json(&format!("/api/v1/channels/{api}.telemetry"))
+        .await
+        .unwrap();
+    let server = &channel["servers"][0];
+    assert_eq!(server["url"], broker.url(), "{channel}");
+    assert!(
+        server["documentUrl"]
+            .as_str()
+            .unwrap()
+            .contains("127.0.0.1:1883"),
+        "{channel}"
+    );
+    let listed = daemon.get_json("/api/v1/channels").await.unwrap();
+    let archive = listed["channels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == format!("{api}.archive"))
+        .unwrap();
+    assert_eq!(
+        archive["servers"][0]["url"],
+        format!("mqtt://127.0.0.1:{dead}"),
+        "{archive}"
+    );
+    // A log written to a file carries no terminal colour codes.
+    let log = daemon.log();
+    assert!(log.contains("upstream connected"), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "ANSI escapes in a file log:\n{log}"
+    );
+
+    // And the config wins the other way too: a server the document calls optional is required.
+    let spec = two_server_spec(dir.path(), &api, &prefix, true);
+    std::fs::write(
+        &config,
+        format!(
+            "servers:\n  broker:\n    url: {}\n  lake:\n    url: mqtt://127.0.0.1:{dead}\n    optional: false\n",
+            broker.url()
+        ),
+    )
+    .unwrap();
+    let strict = Daemon::start_serving(&["--specs", &spec, "--config", config.to_str().unwrap()])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ready = reqwest::get(strict.url("/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 503, "a required lake that is down");
 }

@@ -180,6 +180,43 @@ operations:
     path
 }
 
+/// A daemon on an IoT document of its own ([`iot_spec`], QoS 1) whose broker is `broker`.
+pub struct IotDaemon {
+    pub daemon: Daemon,
+    pub api: String,
+    pub prefix: String,
+    _dir: tempfile::TempDir,
+}
+
+impl IotDaemon {
+    pub async fn start(broker: &OwnMosquitto, api_prefix: &str) -> IotDaemon {
+        let dir = tempfile::tempdir().unwrap();
+        let api = unique(api_prefix);
+        let prefix = unique("t");
+        let spec = iot_spec(dir.path(), &api, &prefix, 1);
+        let server = format!("broker={}", broker.url());
+        let daemon = Daemon::start(&["--specs", spec.to_str().unwrap(), "--server", &server])
+            .await
+            .unwrap();
+        IotDaemon {
+            daemon,
+            api,
+            prefix,
+            _dir: dir,
+        }
+    }
+
+    /// The readable telemetry channel's id.
+    pub fn telemetry(&self) -> String {
+        format!("{}.telemetry", self.api)
+    }
+
+    /// A device's telemetry topic.
+    pub fn telemetry_topic(&self, device: &str) -> String {
+        format!("{}/devices/{device}/telemetry", self.prefix)
+    }
+}
+
 /// The gateway as a process.
 pub struct Daemon {
     pub port: u16,
@@ -409,6 +446,57 @@ impl Daemon {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// How many messages the channel's log holds, from `/api/v1/stats`.
+    pub async fn log_count(&self, channel: &str) -> Result<u64> {
+        let stats = self.get_json("/api/v1/stats").await?;
+        stats["channels"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["id"] == channel))
+            .and_then(|c| c["log"]["messages"].as_u64())
+            .ok_or_else(|| anyhow!("no channel {channel} in /api/v1/stats: {stats}"))
+    }
+
+    /// Waits until the channel's log holds at least `count` messages; fails with what it
+    /// holds (and the daemon's log) after `timeout` without progress.
+    pub async fn wait_for_count(&self, channel: &str, count: u64, timeout: Duration) -> u64 {
+        let mut last = (0, Instant::now());
+        loop {
+            let now = self.log_count(channel).await.unwrap();
+            if now >= count {
+                return now;
+            }
+            if now > last.0 {
+                last = (now, Instant::now());
+            } else if last.1.elapsed() > timeout {
+                panic!(
+                    "the log of {channel} stopped at {now} of {count} messages for {timeout:?}:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The sum of the series of `name` whose labels include `labels`, or `None` when no series
+    /// matches (so a renamed metric fails the test instead of reading as 0).
+    pub async fn metric_value(&self, name: &str, labels: &[(&str, &str)]) -> Result<Option<f64>> {
+        let text = reqwest::get(self.url("/metrics")).await?.text().await?;
+        let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))?;
+        let mut total = None;
+        for sample in scrape.samples.iter().filter(|s| s.metric == name) {
+            if labels.iter().all(|(k, v)| sample.labels.get(k) == Some(*v)) {
+                let value = match sample.value {
+                    prometheus_parse::Value::Counter(v)
+                    | prometheus_parse::Value::Gauge(v)
+                    | prometheus_parse::Value::Untyped(v) => v,
+                    _ => continue,
+                };
+                *total.get_or_insert(0.0) += value;
+            }
+        }
+        Ok(total)
     }
 
     /// The value of a metric series (summing every series whose labels include `labels`).
@@ -949,8 +1037,11 @@ pub async fn publish_acknowledged_on(
         }
         acked
     });
-    let pause = Duration::from_micros(1_000_000 / per_second.max(1));
-    for seq in seqs {
+    // Paced against a schedule, not by a sleep per message: a timer's millisecond granularity
+    // would cap the rate at about 1,000/s.
+    let started = tokio::time::Instant::now();
+    let per_second = per_second.max(1);
+    for (sent, seq) in seqs.enumerate() {
         client
             .publish(
                 topic_of(seq),
@@ -960,7 +1051,10 @@ pub async fn publish_acknowledged_on(
             )
             .await
             .unwrap();
-        tokio::time::sleep(pause).await;
+        let due = started + Duration::from_micros((sent as u64 + 1) * 1_000_000 / per_second);
+        if due > tokio::time::Instant::now() + Duration::from_millis(1) {
+            tokio::time::sleep_until(due).await;
+        }
     }
     tokio::time::timeout(Duration::from_secs(60), acks)
         .await
