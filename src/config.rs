@@ -271,7 +271,7 @@ fn read_file(path: &Path) -> Result<FileConfig, Error> {
             name,
         }
     })?;
-    serde_saphyr::from_str(&text).map_err(|e| Error::Parse {
+    crate::yaml::from_str(&text).map_err(|e| Error::Parse {
         path: path.to_path_buf(),
         reason: e.to_string().lines().next().unwrap_or("").to_owned(),
     })

@@ -9,6 +9,7 @@
 //! - [`bridge`]: `bridges/*.yaml`, channel → channel links across protocols, at-least-once
 //!   through durable cursors on the source log.
 //! - [`subscriptions`]: named durable cursors that WebSocket and SSE clients attach to.
+//! - [`yaml`]: the one YAML reader (YAML 1.2 core schema: only `true`/`false` are booleans).
 #![deny(unsafe_code)]
 
 pub mod bridge;
@@ -25,3 +26,4 @@ pub mod spec;
 pub mod store;
 pub mod subscriptions;
 pub mod telemetry;
+pub mod yaml;

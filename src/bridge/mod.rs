@@ -231,7 +231,7 @@ impl Compiler<'_> {
 
     fn file(&mut self, file: &Path, text: &str) -> Vec<Bridge> {
         let root = Location::new(file, "");
-        let value: Value = match serde_saphyr::from_str(text) {
+        let value: Value = match crate::yaml::from_str(text) {
             Ok(v) => v,
             Err(e) => {
                 let reason = e.to_string();

@@ -153,7 +153,7 @@ pub async fn add_spec(
     let text = String::from_utf8(bytes.to_vec())
         .map_err(|_| ApiError::bad_request("the document is not UTF-8 text"))?;
     let name = query.name.unwrap_or_else(|| {
-        let id = serde_saphyr::from_str::<Value>(&text)
+        let id = crate::yaml::from_str::<Value>(&text)
             .ok()
             .and_then(|v| {
                 v.get("x-stepflow-id")

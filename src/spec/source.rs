@@ -384,7 +384,7 @@ fn parse_text(path: &Path, text: &str) -> Result<Value, SpecErrorKind> {
             reason: e.to_string(),
         })?
     } else {
-        serde_saphyr::from_str(text).map_err(|e| SpecErrorKind::Syntax {
+        crate::yaml::from_str(text).map_err(|e| SpecErrorKind::Syntax {
             reason: first_line(&e.to_string()),
         })?
     };
