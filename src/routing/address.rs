@@ -75,6 +75,8 @@ pub enum FillError {
         character: char,
         protocol: &'static str,
     },
+    #[error("the address has the MQTT wildcard '{wildcard}': there is no one topic to send to")]
+    Wildcard { wildcard: char },
 }
 
 impl FillError {
@@ -86,6 +88,7 @@ impl FillError {
             | FillError::NotAllowed { name, .. }
             | FillError::SchemaMismatch { name, .. }
             | FillError::ReservedCharacter { name, .. } => name,
+            FillError::Wildcard { .. } => "address",
         }
     }
 }
@@ -95,6 +98,11 @@ impl FillError {
 pub enum Segment {
     Literal(String),
     Param(Arc<str>),
+    /// MQTT's `+`, written in the address itself (`devices/+/data`): any one level, unnamed.
+    /// Only [`AddressTemplate::mqtt`] produces it.
+    AnyLevel,
+    /// MQTT's `#` as the last level (`site/#`): any remaining levels.
+    AnyTail,
 }
 
 /// A parsed channel address.
@@ -205,7 +213,7 @@ impl AddressTemplate {
     pub fn params(&self) -> impl Iterator<Item = &str> {
         self.segments.iter().filter_map(|s| match s {
             Segment::Param(p) => Some(&**p),
-            Segment::Literal(_) => None,
+            _ => None,
         })
     }
 
@@ -223,20 +231,68 @@ impl AddressTemplate {
 
     /// The MQTT topic form. MQTT's `+` and `#` are wildcards, so a literal containing them cannot be
     /// subscribed to exactly; parameter values may not contain `/`, `+` or `#`.
+    ///
+    /// A whole level that is `+`, or a last level that is `#`, is MQTT's own wildcard, as people
+    /// write it for the channels they receive on (`devices/+/data`, `site/#`): the route subscribes
+    /// with it and matches any topic it covers. Anywhere else `+` and `#` cannot be expressed.
     pub fn mqtt(&self) -> Result<ProtocolAddress, AddressError> {
+        let inexpressible = |literal: &str, c: char| AddressError::Inexpressible {
+            protocol: "MQTT",
+            reason: format!(
+                "the literal '{literal}' contains '{}', a wildcard (or forbidden) character in MQTT topic filters; as a wildcard it must be a whole level ('+') or the last level ('#')",
+                c.escape_default()
+            ),
+        };
+        // Each level as written, parameters as NUL (no literal may contain it).
+        let rendered: String = self
+            .segments
+            .iter()
+            .map(|s| match s {
+                Segment::Literal(l) => l.as_str(),
+                _ => "\0",
+            })
+            .collect();
         for literal in self.literals() {
-            if let Some(c) = literal.chars().find(|c| matches!(c, '+' | '#' | '\0')) {
-                return Err(AddressError::Inexpressible {
-                    protocol: "MQTT",
-                    reason: format!(
-                        "the literal '{literal}' contains '{}', a wildcard (or forbidden) character in MQTT topic filters",
-                        c.escape_default()
-                    ),
-                });
+            if literal.contains('\0') {
+                return Err(inexpressible(literal, '\0'));
+            }
+        }
+        let levels: Vec<&str> = rendered.split('/').collect();
+        for (i, level) in levels.iter().enumerate() {
+            let whole = *level == "+" || (*level == "#" && i == levels.len() - 1);
+            if !whole && let Some(c) = level.chars().find(|c| matches!(c, '+' | '#')) {
+                let literal = self.literals().find(|l| l.contains(c)).unwrap_or(level);
+                return Err(inexpressible(literal, c));
+            }
+        }
+        let mut segments = Vec::with_capacity(self.segments.len());
+        for segment in &self.segments {
+            let Segment::Literal(literal) = segment else {
+                segments.push(segment.clone());
+                continue;
+            };
+            // Every '+' and '#' left is a whole level (checked above): split them out.
+            let mut text = String::new();
+            for c in literal.chars() {
+                let wildcard = match c {
+                    '+' => Segment::AnyLevel,
+                    '#' => Segment::AnyTail,
+                    c => {
+                        text.push(c);
+                        continue;
+                    }
+                };
+                if !text.is_empty() {
+                    segments.push(Segment::Literal(std::mem::take(&mut text)));
+                }
+                segments.push(wildcard);
+            }
+            if !text.is_empty() {
+                segments.push(Segment::Literal(text));
             }
         }
         Ok(ProtocolAddress {
-            segments: self.segments.clone(),
+            segments,
             syntax: Syntax::Mqtt,
         })
     }
@@ -308,7 +364,7 @@ impl AddressTemplate {
     fn literals(&self) -> impl Iterator<Item = &str> {
         self.segments.iter().filter_map(|s| match s {
             Segment::Literal(l) => Some(l.as_str()),
-            Segment::Param(_) => None,
+            _ => None,
         })
     }
 }
@@ -381,6 +437,15 @@ impl ProtocolAddress {
         self.syntax
     }
 
+    /// The MQTT wildcard written in the address (`+` or `#`), if it has one.
+    pub fn wildcard(&self) -> Option<char> {
+        self.segments.iter().find_map(|s| match s {
+            Segment::AnyLevel => Some('+'),
+            Segment::AnyTail => Some('#'),
+            _ => None,
+        })
+    }
+
     /// The concrete address when the template has no parameters.
     pub fn literal(&self) -> Option<String> {
         match self.segments.as_slice() {
@@ -403,6 +468,9 @@ impl ProtocolAddress {
             .map(|s| match s {
                 Segment::Literal(l) => l.as_str(),
                 Segment::Param(_) => "\0",
+                // Whole levels already: they stand for themselves in the filter.
+                Segment::AnyLevel => "+",
+                Segment::AnyTail => "#",
             })
             .collect();
         let mut exact = true;
@@ -445,7 +513,10 @@ impl ProtocolAddress {
                         pattern.push(c);
                     }
                 }
-                Segment::Param(_) => pattern.push_str("[A-Za-z0-9._-]+"),
+                // Only MQTT addresses hold wildcards; a Kafka form never does.
+                Segment::Param(_) | Segment::AnyLevel | Segment::AnyTail => {
+                    pattern.push_str("[A-Za-z0-9._-]+")
+                }
             }
         }
         pattern.push('$');
@@ -474,6 +545,13 @@ impl ProtocolAddress {
             Segment::Literal(l) => {
                 rest.starts_with(l.as_str()) && self.match_at(index + 1, &rest[l.len()..], out)
             }
+            // One level, possibly empty, as MQTT's `+` matches.
+            Segment::AnyLevel => {
+                let end = rest.find('/').unwrap_or(rest.len());
+                self.match_at(index + 1, &rest[end..], out)
+            }
+            // `#` is last: whatever remains.
+            Segment::AnyTail => true,
             Segment::Param(name) => {
                 // The longest prefix the value may span: up to the first reserved character.
                 let limit = rest
@@ -515,8 +593,8 @@ impl ProtocolAddress {
                         }
                         false
                     }
-                    // Parsing rejects adjacent parameters.
-                    Some(Segment::Param(_)) => false,
+                    // Parsing rejects adjacent parameters, and a wildcard is a whole level.
+                    Some(_) => false,
                 }
             }
         }
@@ -531,6 +609,8 @@ impl ProtocolAddress {
         for segment in &self.segments {
             match segment {
                 Segment::Literal(l) => out.push_str(l),
+                Segment::AnyLevel => return Err(FillError::Wildcard { wildcard: '+' }),
+                Segment::AnyTail => return Err(FillError::Wildcard { wildcard: '#' }),
                 Segment::Param(name) => {
                     let value = value_of(name).ok_or_else(|| FillError::Missing {
                         name: name.to_string(),
@@ -654,9 +734,10 @@ mod tests {
 
     #[test]
     fn unmappable_addresses_say_why() {
-        let err = t("devices/+/telemetry").mqtt().unwrap_err();
+        // Whole-level wildcards are filters (see below); inside a level they cannot be expressed.
+        let err = t("devices/a+b/telemetry").mqtt().unwrap_err();
         assert!(err.to_string().contains("wildcard"), "{err}");
-        let err = t("alerts/#").mqtt().unwrap_err();
+        let err = t("alerts/#/x").mqtt().unwrap_err();
         assert!(err.to_string().contains("'#'"), "{err}");
         let err = t("orders.*").amqp().unwrap_err();
         assert!(err.to_string().contains("AMQP"), "{err}");
@@ -767,5 +848,49 @@ mod tests {
         let g = t("x{a}é{b}").generic();
         let p = g.extract("xüéé").unwrap();
         assert_eq!(params(&p), pairs(&[("a", "ü"), ("b", "é")]));
+    }
+
+    #[test]
+    fn mqtt_wildcards_written_in_the_address_subscribe_and_match() {
+        let m = t("devices/+/data").mqtt().unwrap();
+        assert_eq!(m.wildcard_selector().pattern, "devices/+/data");
+        assert_eq!(m.wildcard(), Some('+'));
+        assert!(m.extract("devices/abc/data").is_some_and(|p| p.is_empty()));
+        assert!(m.extract("devices/abc/other").is_none());
+        assert!(m.extract("devices/a/b/data").is_none(), "+ is one level");
+
+        let m = t("devices/{uuid}/limits/+").mqtt().unwrap();
+        assert_eq!(m.wildcard_selector().pattern, "devices/+/limits/+");
+        let p = m.extract("devices/u1/limits/max").unwrap();
+        assert_eq!(params(&p), pairs(&[("uuid", "u1")]));
+
+        let m = t("site/#").mqtt().unwrap();
+        assert_eq!(m.wildcard_selector().pattern, "site/#");
+        assert_eq!(m.wildcard(), Some('#'));
+        assert!(m.extract("site/a/b/c").is_some());
+        assert!(m.extract("other/a").is_none());
+
+        let m = t("{site}/sensors/#").mqtt().unwrap();
+        assert_eq!(m.wildcard_selector().pattern, "+/sensors/#");
+        let p = m.extract("lab/sensors/t1/temp").unwrap();
+        assert_eq!(params(&p), pairs(&[("site", "lab")]));
+
+        // Nothing to fill a wildcard with.
+        assert_eq!(
+            t("devices/+/data").mqtt().unwrap().fill(|_| None),
+            Err(FillError::Wildcard { wildcard: '+' })
+        );
+        // Parameters alone keep no wildcard.
+        assert_eq!(t("devices/{id}/data").mqtt().unwrap().wildcard(), None);
+    }
+
+    #[test]
+    fn mqtt_wildcards_that_are_not_whole_levels_are_refused() {
+        for raw in ["devices/a+/x", "site/#/x", "devices/{id}+", "a#", "x/+y"] {
+            let err = t(raw).mqtt().unwrap_err();
+            assert!(err.to_string().contains("whole level"), "{raw}: {err}");
+        }
+        // Other protocols' forms are unchanged: '#' is an AMQP wildcard.
+        assert!(t("site/#").amqp().is_err());
     }
 }

@@ -475,6 +475,21 @@ impl ChannelCompiler<'_> {
                 }
                 Some(schema)
             });
+            // An example that its own schema refuses misleads every reader of the document;
+            // the reference parser reports it too. A warning: the document still runs.
+            if let Some(schema) = &payload {
+                for example in &message.examples {
+                    if let Err(e) = schema.validate_json(&example.payload) {
+                        self.warnings.push(SpecWarning {
+                            location: example.location.clone(),
+                            message: format!(
+                                "example does not match the payload schema: {} (at '{}')",
+                                e.reason, e.instance_path
+                            ),
+                        });
+                    }
+                }
+            }
             let headers = message
                 .headers
                 .as_ref()
@@ -580,7 +595,7 @@ impl ChannelCompiler<'_> {
                     self.kafka(template, direction, address_at)
                 }
                 (_, None) => Some(UpstreamBinding::DynamicAddress),
-                (ProtocolFamily::Mqtt, Some(t)) => self.mqtt(t, address_at),
+                (ProtocolFamily::Mqtt, Some(t)) => self.mqtt(t, direction, address_at),
                 (ProtocolFamily::Kafka, Some(_)) => self.kafka(template, direction, address_at),
                 (ProtocolFamily::Amqp, Some(t)) => self.amqp(t, address_at),
                 (ProtocolFamily::WebSocket, Some(t)) => Some(self.websocket(t)),
@@ -608,7 +623,12 @@ impl ChannelCompiler<'_> {
         out
     }
 
-    fn mqtt(&mut self, template: &AddressTemplate, at: &Location) -> Option<UpstreamBinding> {
+    fn mqtt(
+        &mut self,
+        template: &AddressTemplate,
+        direction: Direction,
+        at: &Location,
+    ) -> Option<UpstreamBinding> {
         let topic = match template.mqtt() {
             Ok(t) => t,
             Err(e) => {
@@ -616,6 +636,21 @@ impl ChannelCompiler<'_> {
                 return None;
             }
         };
+        // A wildcard address is a filter to receive on; a message sent needs one topic.
+        if let Some(wildcard) = topic.wildcard()
+            && direction.writable
+        {
+            self.address_error(
+                at,
+                AddressError::Inexpressible {
+                    protocol: "MQTT",
+                    reason: format!(
+                        "the gateway sends on this channel, and a message cannot be published to the wildcard '{wildcard}'; use a parameter ({{name}}) for the level instead"
+                    ),
+                },
+            );
+            return None;
+        }
         let qos = |b: Option<&Value>| {
             b.and_then(|b| b.get("qos"))
                 .and_then(Value::as_u64)
