@@ -165,44 +165,30 @@ fn print_errors(errors: &[SpecError]) {
     );
 }
 
+/// Checks every document, each on its own: a valid one is reported `ok` even when another
+/// file of the directory is invalid; the exit code is 1 when any is invalid (or cannot run).
 fn validate(paths: &[PathBuf], show_warnings: bool, bridges: Option<&Path>) -> ExitCode {
-    let Some((apis, compiled, mut warnings)) = load_and_compile(paths) else {
-        return ExitCode::FAILURE;
-    };
-    if apis.is_empty() {
+    let report = spec::load_all(paths);
+    let mut errors = report.errors;
+    let mut warnings = report.warnings;
+    let mut valid = Vec::new();
+    for api in report.apis {
+        match routing::compile(std::slice::from_ref(&api)) {
+            Ok(compiled) => {
+                warnings.extend(compiled.warnings);
+                valid.push((api, compiled.table));
+            }
+            Err(e) => errors.extend(e),
+        }
+    }
+    if valid.is_empty() && errors.is_empty() {
         println!("no AsyncAPI or OpenAPI documents found");
         return ExitCode::FAILURE;
     }
-    let bridges = match bridges {
-        None => Vec::new(),
-        Some(dir) => {
-            let table = &compiled.table;
-            // Operations callable by id: OpenAPI operations and AsyncAPI sends with a reply.
-            let has_operation = |id: &str| {
-                table.routes().iter().any(|r| {
-                    r.request_reply
-                        .iter()
-                        .any(|rr| format!("{}.{}", r.api, rr.operation) == id)
-                })
-            };
-            match stepflow::bridge::load(dir, table, &has_operation) {
-                Ok(b) => b,
-                Err(errors) => {
-                    print_errors(&errors);
-                    return ExitCode::FAILURE;
-                }
-            }
-        }
-    };
-    warnings.extend(compiled.warnings);
-    for api in &apis {
-        let routes: Vec<&Route> = compiled
-            .table
-            .routes()
-            .iter()
-            .filter(|r| r.api == api.id)
-            .map(|r| &**r)
-            .collect();
+    let files_with_errors: std::collections::BTreeSet<PathBuf> =
+        errors.iter().map(|e| e.file().to_path_buf()).collect();
+    for (api, table) in &valid {
+        let routes = table.routes();
         let readable = routes.iter().filter(|r| r.direction.readable).count();
         let writable = routes.iter().filter(|r| r.direction.writable).count();
         let own_warnings = warnings
@@ -227,18 +213,65 @@ fn validate(paths: &[PathBuf], show_warnings: bool, bridges: Option<&Path>) -> E
             }
         );
     }
-    for b in &bridges {
-        println!(
-            "ok bridge {} ({}): {} → {}",
-            b.name,
-            b.file.display(),
-            b.source,
-            b.lanes
-                .iter()
-                .map(|l| l.target.label())
-                .collect::<Vec<_>>()
-                .join(", ")
+    // Errors stay one `file#pointer: reason` line each on stdout (for editors and grep); the
+    // per-file verdict goes to stderr.
+    for file in &files_with_errors {
+        let own: Vec<&SpecError> = errors
+            .iter()
+            .filter(|e| e.file() == file.as_path())
+            .collect();
+        for e in &own {
+            println!("{e}");
+        }
+        eprintln!(
+            "invalid {}: {} error{}",
+            file.display(),
+            own.len(),
+            if own.len() == 1 { "" } else { "s" }
         );
+    }
+    let mut failed = !errors.is_empty();
+    // Bridges link documents: they are checked against the valid ones together.
+    if let Some(dir) = bridges {
+        let apis: Vec<spec::Api> = valid.iter().map(|(api, _)| api.clone()).collect();
+        match routing::compile(&apis) {
+            Ok(compiled) => {
+                let table = &compiled.table;
+                // Operations callable by id: OpenAPI operations and AsyncAPI sends with a reply.
+                let has_operation = |id: &str| {
+                    table.routes().iter().any(|r| {
+                        r.request_reply
+                            .iter()
+                            .any(|rr| format!("{}.{}", r.api, rr.operation) == id)
+                    })
+                };
+                match stepflow::bridge::load(dir, table, &has_operation) {
+                    Ok(bridges) => {
+                        for b in &bridges {
+                            println!(
+                                "ok bridge {} ({}): {} → {}",
+                                b.name,
+                                b.file.display(),
+                                b.source,
+                                b.lanes
+                                    .iter()
+                                    .map(|l| l.target.label())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            );
+                        }
+                    }
+                    Err(bridge_errors) => {
+                        print_errors(&bridge_errors);
+                        failed = true;
+                    }
+                }
+            }
+            Err(e) => {
+                print_errors(&e);
+                failed = true;
+            }
+        }
     }
     if show_warnings {
         for w in &warnings {
@@ -247,7 +280,20 @@ fn validate(paths: &[PathBuf], show_warnings: bool, bridges: Option<&Path>) -> E
     } else if !warnings.is_empty() {
         eprintln!("{} warnings (see them with --warnings)", warnings.len());
     }
-    ExitCode::SUCCESS
+    if failed {
+        let files = files_with_errors.len();
+        if files > 0 {
+            eprintln!(
+                "{} error{} in {files} file{}",
+                errors.len(),
+                if errors.len() == 1 { "" } else { "s" },
+                if files == 1 { "" } else { "s" }
+            );
+        }
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 fn routes(paths: &[PathBuf], json: bool) -> ExitCode {

@@ -11,10 +11,12 @@ use serde_json::Value;
 use super::bindings::{BindingTarget, read_bindings};
 use super::error::{Location, ReferenceRule, SpecErrorKind};
 use super::model::{
-    Action, Api, Channel, DocumentKind, Message, Operation, Parameter, Protocol, ProtocolFamily,
-    Reply, Role, SchemaDef, SchemaFormat, SecurityScheme, Server,
+    Action, Api, Channel, DocumentKind, Message, MessageExample, Operation, Parameter, Protocol,
+    ProtocolFamily, Reply, Role, SchemaDef, SchemaFormat, SecurityScheme, Server,
 };
-use super::reader::{Reader, is_valid_parameter_name, merge_patch, placeholders, slug};
+use super::reader::{
+    Reader, is_valid_component_key, is_valid_parameter_name, merge_patch, placeholders, slug,
+};
 use super::source::Node;
 
 /// Major AsyncAPI versions the loader reads.
@@ -171,14 +173,16 @@ fn read_server(
     };
     reader.check_fields(server, allowed);
     let protocol_name = reader.required_string(server, "protocol");
-    let protocol = protocol_name.as_ref().and_then(|name| {
-        let p = Protocol::parse(name);
-        if p.is_none() {
-            reader.error(
+    // The specification lists protocols "including, but not limited to" its own: one it does not
+    // list is not an error, and neither is one the gateway has no connector for.
+    let protocol = protocol_name.as_ref().map(|name| {
+        let p = Protocol::parse(name).unwrap_or(Protocol::Unlisted);
+        if p.family() == ProtocolFamily::Other {
+            reader.warn(
                 server.loc.join("protocol"),
-                SpecErrorKind::UnknownProtocol {
-                    protocol: name.clone(),
-                },
+                format!(
+                    "protocol '{name}' has no connector in this gateway: the server is not connected to, and its channels serve the log and web clients only"
+                ),
             );
         }
         p
@@ -259,11 +263,12 @@ pub(super) fn substitute_variables(
         });
         match value {
             Some(v) => out = out.replace(&format!("{{{name}}}"), &v),
-            None => reader.error(
+            // The specification requires neither; only running the server needs a value.
+            None => reader.warn(
                 variable.loc.clone(),
-                SpecErrorKind::Invalid(format!(
-                    "server variable '{name}' has neither a `default` nor an `enum`"
-                )),
+                format!(
+                    "server variable '{name}' has neither a `default` nor an `enum`: the gateway cannot fill it, so give this server's URL in the config (`servers.<id>.url`) before it connects"
+                ),
             ),
         }
     }
@@ -360,7 +365,13 @@ fn security_scheme(reader: &mut Reader<'_>, name: String, scheme: &Node) -> Secu
 // Channels, parameters, messages (shared)
 
 fn check_address(reader: &mut Reader<'_>, address: &str, at: &Location) {
-    if address.contains('?') || address.contains('#') {
+    // A last level of `#` is MQTT's multi-level wildcard (`site/#`), which MQTT documents write
+    // in receive channels; any other `#` starts a fragment.
+    let without_wildcard = address
+        .strip_suffix("/#")
+        .or((address == "#").then_some(""))
+        .unwrap_or(address);
+    if address.contains('?') || without_wildcard.contains('#') {
         reader.error(
             at.clone(),
             SpecErrorKind::BadChannelAddress {
@@ -578,6 +589,7 @@ fn read_message(reader: &mut Reader<'_>, node: &Node, id: String, ctx: &Ctx) -> 
         Some(Field::Trait(Value::Object(map), _)) => map,
         _ => Default::default(),
     };
+    let examples = read_examples(reader, &message);
     Some(Message {
         id,
         name,
@@ -586,8 +598,31 @@ fn read_message(reader: &mut Reader<'_>, node: &Node, id: String, ctx: &Ctx) -> 
         headers,
         correlation_id,
         bindings,
+        examples,
         location: message.loc.clone(),
     })
+}
+
+/// The payloads of a message's own `examples` (each example may also be a `$ref`).
+fn read_examples(reader: &mut Reader<'_>, message: &Node) -> Vec<MessageExample> {
+    let Some(items) = reader.array_field(message, "examples") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for item in items {
+        let Some(example) = reader.object(&item) else {
+            continue;
+        };
+        if let Some(payload) = example.get("payload")
+            && let Some(inlined) = reader.inline(&payload)
+        {
+            out.push(MessageExample {
+                payload: inlined.value,
+                location: payload.loc.clone(),
+            });
+        }
+    }
+    out
 }
 
 /// Reads a payload or headers schema. AsyncAPI 3 allows a Multi Format Schema Object
@@ -734,12 +769,12 @@ fn load_v2_channels(reader: &mut Reader<'_>, root: &Node, ctx: &Ctx, api: &mut A
         check_address(reader, &address, &node.loc);
         // AsyncAPI 2 channels have no id; `x-stepflow-id` names one, else the address's slug.
         let id = match reader.string(&channel, "x-stepflow-id") {
-            Some(explicit) if is_valid_parameter_name(&explicit) => explicit,
+            Some(explicit) if is_valid_component_key(&explicit) => explicit,
             Some(explicit) => {
                 reader.error(
                     channel.loc.join("x-stepflow-id"),
                     SpecErrorKind::Invalid(format!(
-                        "x-stepflow-id '{explicit}' must match ^[A-Za-z0-9_\\-]+$"
+                        "x-stepflow-id '{explicit}' must match ^[a-zA-Z0-9.\\-_]+$"
                     )),
                 );
                 slug(&address)
@@ -906,11 +941,11 @@ fn load_v3(reader: &mut Reader<'_>, root: &Node, ctx: &Ctx, api: &mut Api) {
     let mut channel_messages: HashMap<String, ChannelMessages> = HashMap::new();
     if let Some(channels) = reader.object_field(root, "channels") {
         for (id, node) in channels.entries() {
-            if !is_valid_parameter_name(&id) {
+            if !is_valid_component_key(&id) {
                 reader.error(
                     node.loc.clone(),
                     SpecErrorKind::Invalid(format!(
-                        "channel id '{id}' must match ^[A-Za-z0-9_\\-]+$"
+                        "channel id '{id}' must match ^[a-zA-Z0-9.\\-_]+$ (the specification's rule for component keys)"
                     )),
                 );
             }

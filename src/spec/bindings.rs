@@ -94,17 +94,31 @@ pub fn read_bindings(reader: &mut Reader<'_>, owner: &Node, target: BindingTarge
     let Some(node) = owner.get("bindings") else {
         return Bindings::new();
     };
+    // `bindings:` or `ws:` with nothing after it is an empty binding, as YAML authors mean it
+    // (the specification's schemas say "object", but an empty value configures nothing).
+    if node.value().is_null() {
+        reader.warn(node.loc.clone(), "empty `bindings`: nothing to configure");
+        return Bindings::new();
+    }
     let Some(node) = reader.object(&node) else {
         return Bindings::new();
     };
     let Some(inlined) = reader.inline(&node) else {
         return Bindings::new();
     };
-    let Value::Object(map) = inlined.value else {
+    let Value::Object(mut map) = inlined.value else {
         return Bindings::new();
     };
-    for (protocol, binding) in &map {
+    for (protocol, binding) in map.iter_mut() {
         let at = node.loc.join(protocol);
+        if binding.is_null() {
+            reader.warn(
+                at,
+                format!("empty `{protocol}` binding: the protocol's defaults apply"),
+            );
+            *binding = Value::Object(serde_json::Map::new());
+            continue;
+        }
         check_binding(reader, &at, protocol, target, binding);
     }
     map

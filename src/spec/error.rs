@@ -96,8 +96,6 @@ pub enum SpecErrorKind {
         id: String,
         first: String,
     },
-    #[error("unknown protocol '{protocol}'")]
-    UnknownProtocol { protocol: String },
     #[error("server '{server}' is not defined under the root `servers`")]
     UnknownServer { server: String },
     #[error("{0}")]

@@ -211,7 +211,7 @@ fn load_root(sources: &mut Sources, diag: &mut Diagnostics, root: &Node) -> Opti
                     SpecErrorKind::UnsupportedVersion {
                         field: "asyncapi",
                         found: version,
-                        supported: "2.0.0 to 2.6.0, 3.0.x",
+                        supported: "2.0.0 to 2.6.0, 3.0.x, 3.1.x",
                     },
                 );
                 return None;
@@ -271,7 +271,9 @@ fn check_every_reference(sources: &mut Sources, diag: &mut Diagnostics, node: &N
 fn asyncapi_major(version: &str) -> Option<asyncapi::Major> {
     if is_version(version, &["2.0", "2.1", "2.2", "2.3", "2.4", "2.5", "2.6"]) {
         Some(asyncapi::Major::V2)
-    } else if is_version(version, &["3.0"]) {
+    } else if is_version(version, &["3.0", "3.1"]) {
+        // 3.1 adds to 3.0 (ROS 2 bindings, message examples, multi-format schemas) and changes
+        // nothing the gateway reads: one reader serves both.
         Some(asyncapi::Major::V3)
     } else {
         None

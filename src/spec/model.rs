@@ -97,6 +97,9 @@ pub enum Protocol {
     Pulsar,
     Googlepubsub,
     Anypointmq,
+    /// A protocol the specification does not list (it allows any): loaded with a warning, and
+    /// its channels serve the log and web clients only.
+    Unlisted,
 }
 
 impl Protocol {
@@ -158,6 +161,7 @@ impl Protocol {
             Protocol::Nats => "nats",
             Protocol::Mercure => "mercure",
             Protocol::Solace => "solace",
+            Protocol::Unlisted => "unlisted",
             Protocol::Pulsar => "pulsar",
             Protocol::Googlepubsub => "googlepubsub",
             Protocol::Anypointmq => "anypointmq",
@@ -392,7 +396,18 @@ pub struct Message {
     /// Runtime expression of the correlation id (`$message.header#/correlationId`).
     pub correlation_id: Option<String>,
     pub bindings: Bindings,
+    /// The message's `examples` with a payload (AsyncAPI Message Example Objects).
     #[serde(skip)]
+    pub examples: Vec<MessageExample>,
+    #[serde(skip)]
+    pub location: Location,
+}
+
+/// One of a message's examples, checked against the payload schema as a warning.
+#[derive(Debug, Clone)]
+pub struct MessageExample {
+    pub payload: Value,
+    /// Where the example's `payload` is.
     pub location: Location,
 }
 

@@ -305,6 +305,7 @@ fn read_path_item(
             }
         }
         let request = Message {
+            examples: Vec::new(),
             id: "request".into(),
             name: Some(format!("{id} request")),
             content_type: request_body
@@ -323,6 +324,7 @@ fn read_path_item(
             .find(|r| r.status.starts_with('2'))
             .or_else(|| responses.iter().find(|r| r.status == "default"));
         let response = Message {
+            examples: Vec::new(),
             id: "response".into(),
             name: Some(format!("{id} response")),
             content_type: success.and_then(|r| r.content.first().map(|(m, _)| m.clone())),

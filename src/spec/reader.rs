@@ -239,6 +239,15 @@ pub fn placeholders(address: &str) -> Result<Vec<&str>, String> {
 }
 
 /// Parameter names as AsyncAPI allows them.
+/// The specification's rule for component keys (`^[a-zA-Z0-9\.\-_]+$`), which channel and
+/// operation ids follow too: Kafka and RabbitMQ users name channels `order.created`.
+pub fn is_valid_component_key(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
 pub fn is_valid_parameter_name(name: &str) -> bool {
     !name.is_empty()
         && name
