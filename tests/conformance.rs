@@ -1,5 +1,5 @@
 //! Conformance over the shared corpus (`../shared/conformance/`, read in place, never copied):
-//! every official AsyncAPI 2.6 / 3.0 example and every OpenAPI example loads and compiles into a
+//! every official AsyncAPI 2.6 / 3.0 / 3.1 example and every OpenAPI example loads and compiles into a
 //! routing table; every invalid document is rejected for the reason its README gives.
 
 use std::path::{Path, PathBuf};
@@ -86,6 +86,11 @@ fn every_asyncapi_2_6_example_compiles() {
 #[test]
 fn every_asyncapi_3_0_example_compiles() {
     assert_all_compile("asyncapi/v3", 24);
+}
+
+#[test]
+fn every_asyncapi_3_1_example_compiles() {
+    assert_all_compile("asyncapi/v3.1", 24);
 }
 
 #[test]

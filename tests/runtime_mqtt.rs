@@ -959,3 +959,60 @@ async fn the_config_marks_servers_optional_and_channels_show_the_url_in_use() {
     let ready = reqwest::get(strict.url("/readyz")).await.unwrap();
     assert_eq!(ready.status(), 503, "a required lake that is down");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_with_wildcard_channels_and_yaml_words_delivers_what_devices_send() {
+    let broker = OwnMosquitto::start();
+    let spec = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/documents/device-fleet-mqtt-3.1.yaml");
+    let server = format!("broker={}", broker.url());
+    let daemon = Daemon::start(&["--specs", spec.to_str().unwrap(), "--server", &server])
+        .await
+        .unwrap();
+    // Ready means connected; give the broker the SUBACK's moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut device = MqttClient::connect(broker.port, &unique("device"))
+        .await
+        .unwrap();
+    device.subscribe("fleet/devices/+/commands").await.unwrap();
+    publish(
+        &device,
+        "fleet/devices/d1/data",
+        json!({"state": "on", "level": 3}),
+    )
+    .await;
+    publish(&device, "fleet/devices/d2/data", json!({"state": "maybe"})).await;
+    publish(&device, "fleet/devices/u7/limits/max", json!({"value": 9})).await;
+    publish(&device, "fleet/site/hall/3/temp", json!({"t": 21})).await;
+
+    let api = "device-fleet-mqtt-3-1";
+    let data = daemon.wait_for_log(&format!("{api}.data"), 1).await;
+    assert_eq!(data.len(), 1, "{data:?}");
+    assert_eq!(data[0]["payload"]["state"], "on", "a YAML `on` is a string");
+    assert_eq!(data[0]["address"], "fleet/devices/d1/data");
+    let dead = daemon
+        .replay_all(&format!("{api}.data"), "dead-letters")
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0]["payload"]["state"], "maybe");
+    let limits = daemon.wait_for_log(&format!("{api}.limits"), 1).await;
+    assert_eq!(limits[0]["params"]["uuid"], "u7", "{limits:?}");
+    assert_eq!(limits[0]["address"], "fleet/devices/u7/limits/max");
+    let site = daemon.wait_for_log(&format!("{api}.site"), 1).await;
+    assert_eq!(site[0]["address"], "fleet/site/hall/3/temp");
+
+    // The command's enum value `on` is a string too.
+    let r = reqwest::Client::new()
+        .post(daemon.url(&format!("/api/v1/channels/{api}.commands/messages?uuid=u7")))
+        .header("content-type", "application/json")
+        .body(json!({"action": "on"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+    let command = device.recv(WAIT).await.unwrap();
+    assert_eq!(command.topic, "fleet/devices/u7/commands");
+    let body: Value = serde_json::from_slice(&command.payload).unwrap();
+    assert_eq!(body["action"], "on");
+}
