@@ -885,8 +885,28 @@ async fn target_down_for_10s_with_drop_oldest_keeps_the_newest() {
     };
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut got = Vec::new();
+    // One consumer for the whole wait: a consumer given up on mid-stream keeps what RabbitMQ
+    // had already pushed to it, unacknowledged and out of reach of the next one.
+    let mut consumer = s
+        .channel
+        .basic_consume(
+            s.queue.as_str().into(),
+            unique("test").into(),
+            BasicConsumeOptions::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
     loop {
-        got.extend(consume_seqs(&s.channel, &s.queue, OUTAGE_TOTAL, Duration::from_secs(2)).await);
+        while let Ok(Some(Ok(delivery))) =
+            tokio::time::timeout(Duration::from_millis(500), consumer.next()).await
+        {
+            let seq = serde_json::from_slice::<Value>(&delivery.data).unwrap()["seq"]
+                .as_u64()
+                .unwrap();
+            got.push((delivery.routing_key.to_string(), seq));
+            delivery.ack(BasicAckOptions::default()).await.unwrap();
+        }
         let distinct: BTreeSet<u64> = got.iter().map(|(_, q)| *q).collect();
         if distinct.len() as u64 + dropped().await >= OUTAGE_TOTAL {
             break;
