@@ -677,12 +677,28 @@ impl EventLoopTask {
                 // so the local list stays within one request queue's worth. Cancel-safe.
                 ack = acks.recv(), if acks_open && backlog.acks.is_empty() => {
                     self.progress.loop_working();
-                    match ack {
-                        Some(received) => match backlog.ack_fate(received.generation) {
-                            AckFate::Send => backlog.acks.push_back(received.publish),
-                            AckFate::Stale => self.progress.settled(1),
-                        },
-                        None => acks_open = false,
+                    let mut next = ack;
+                    // Take every acknowledgement already waiting, not one per loop turn: at
+                    // thousands a second a turn each would cost the poll its time.
+                    loop {
+                        match next {
+                            Some(received) => match backlog.ack_fate(received.generation) {
+                                AckFate::Send => backlog.acks.push_back(received.publish),
+                                AckFate::Stale => self.progress.settled(1),
+                            },
+                            None => {
+                                acks_open = false;
+                                break;
+                            }
+                        }
+                        if backlog.acks.len() >= ACK_CAPACITY {
+                            break;
+                        }
+                        next = match acks.try_recv() {
+                            Ok(received) => Some(received),
+                            Err(mpsc::error::TryRecvError::Empty) => break,
+                            Err(mpsc::error::TryRecvError::Disconnected) => None,
+                        };
                     }
                     continue;
                 }
