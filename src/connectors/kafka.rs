@@ -457,6 +457,51 @@ async fn consume_group(
     }
 }
 
+/// A failure that repeats: which occurrences to log (the first, then one a minute).
+#[derive(Debug, Default)]
+struct RepeatedFailure {
+    /// When the current run of failures was last logged; `None` while all is well.
+    logged_at: Option<std::time::Instant>,
+    /// Failures since that line.
+    since_logged: u64,
+    /// Failures in the current run.
+    in_run: u64,
+}
+
+/// How often a failure that keeps happening is logged again.
+const REMINDER_INTERVAL: Duration = Duration::from_secs(60);
+
+impl RepeatedFailure {
+    /// Another failure: `Some(n)` when it is to be logged, `n` being how many went unlogged
+    /// since the last line (0 for the first of a run).
+    fn failed(&mut self, now: std::time::Instant) -> Option<u64> {
+        self.in_run += 1;
+        match self.logged_at {
+            Some(at) if now.duration_since(at) < REMINDER_INTERVAL => {
+                self.since_logged += 1;
+                None
+            }
+            Some(_) => {
+                let unlogged = self.since_logged;
+                self.logged_at = Some(now);
+                self.since_logged = 0;
+                Some(unlogged.max(1))
+            }
+            None => {
+                self.logged_at = Some(now);
+                Some(0)
+            }
+        }
+    }
+
+    /// A success: `Some(failures)` when it ends a run of failures.
+    fn succeeded(&mut self) -> Option<u64> {
+        self.logged_at.take()?;
+        self.since_logged = 0;
+        Some(std::mem::take(&mut self.in_run))
+    }
+}
+
 /// A record whose appends are on their way to the log.
 struct InFlight {
     topic: String,
@@ -475,6 +520,11 @@ async fn consume(
     progress: Arc<IntakeProgress>,
 ) {
     let server: Arc<str> = key.server.clone().into();
+    let mut errors = RepeatedFailure::default();
+    let error_counter = metrics::counter!(
+        crate::telemetry::KAFKA_CONSUMER_ERRORS,
+        "server" => key.to_string()
+    );
     loop {
         let message = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -482,9 +532,23 @@ async fn consume(
             m = consumer.recv() => m,
         };
         let message = match message {
-            Ok(m) => m,
+            Ok(m) => {
+                if let Some(failed) = errors.succeeded() {
+                    tracing::info!(server = %key, errors = failed, "Kafka consumer receiving again");
+                }
+                m
+            }
             Err(e) => {
-                tracing::warn!(server = %key, error = %e, "Kafka consumer error");
+                // librdkafka reports a broker that is away many times a second: one line when
+                // it starts, a reminder a minute, every one counted.
+                error_counter.increment(1);
+                match errors.failed(std::time::Instant::now()) {
+                    Some(0) => tracing::warn!(server = %key, error = %e, "Kafka consumer error"),
+                    Some(since) => {
+                        tracing::warn!(server = %key, error = %e, repeated = since, "Kafka consumer error, still")
+                    }
+                    None => {}
+                }
                 continue;
             }
         };
@@ -758,5 +822,24 @@ mod tests {
         assert_eq!(render_key("{deviceId}", &p).as_deref(), Some("42"));
         assert_eq!(render_key("dev-{deviceId}", &p).as_deref(), Some("dev-42"));
         assert_eq!(render_key("{missing}", &p), None);
+    }
+
+    #[test]
+    fn a_repeating_failure_is_logged_once_then_once_a_minute() {
+        let start = std::time::Instant::now();
+        let at = |secs: u64| start + Duration::from_secs(secs);
+        let mut f = RepeatedFailure::default();
+        assert_eq!(f.failed(at(0)), Some(0), "the first is logged");
+        assert_eq!(f.failed(at(1)), None);
+        assert_eq!(f.failed(at(59)), None);
+        assert_eq!(
+            f.failed(at(61)),
+            Some(2),
+            "a reminder with what went unlogged"
+        );
+        assert_eq!(f.failed(at(62)), None);
+        assert_eq!(f.succeeded(), Some(5), "the run ends, with its count");
+        assert_eq!(f.succeeded(), None, "nothing to end");
+        assert_eq!(f.failed(at(63)), Some(0), "a new run is logged at once");
     }
 }

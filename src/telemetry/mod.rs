@@ -52,6 +52,8 @@ pub const PUBLISH_FAILURES: &str = "stepflow_publish_failures_total";
 /// Kafka consumer lag (messages behind the high watermark), by channel, from librdkafka's
 /// statistics every 5 s.
 pub const KAFKA_CONSUMER_LAG: &str = "stepflow_kafka_consumer_lag";
+/// Errors a Kafka consumer reported (a broker away, a failed fetch), by server.
+pub const KAFKA_CONSUMER_ERRORS: &str = "stepflow_kafka_consumer_errors_total";
 /// Request-reply calls, by operation and outcome (`2xx`...`5xx`, `invalid`, `timeout`,
 /// `unavailable`).
 pub const CALLS: &str = "stepflow_calls_total";
