@@ -1,8 +1,9 @@
-//! Load scenario: producer → Kafka (librdkafka's mock broker, real Kafka protocol on loopback) →
-//! StepFlow → N WebSocket subscribers, next to the baseline producer → Kafka → N Kafka consumers
-//! (one group each), in the same run and at the same rate.
+//! Load scenario: producer → Kafka → StepFlow → N WebSocket subscribers, next to the baseline
+//! producer → Kafka → N Kafka consumers (one group each), in the same run and at the same rate.
+//! The broker is librdkafka's mock (`--broker mock`, the default) or a tansu process of the
+//! scenario's own (`--broker tansu`, `tansu` on the PATH).
 //!
-//!     cargo build --release && cargo run --release --example load_kafka_ws -- --rate 5000 --subscribers 10 --seconds 10
+//!     cargo build --release && cargo run --release --example load_kafka_ws -- --rate 5000 --subscribers 10 --seconds 10 [--broker tansu]
 
 mod common;
 use common::*;
@@ -54,15 +55,30 @@ async fn produce(bootstrap: &str, topic: &str, rate: u64, seconds: u64) -> Resul
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let flags = Flags::parse(&["rate", "subscribers", "seconds"])?;
+    let flags = Flags::parse(&["rate", "subscribers", "seconds", "broker"])?;
     let rate: u64 = flags.get("rate", 5000)?;
     let subscribers: usize = flags.get("subscribers", 10)?;
     let seconds: u64 = flags.get("seconds", 10)?;
-    let cluster = MockCluster::new(1)?;
-    let bootstrap = cluster.bootstrap_servers();
-    for topic in ["load.direct", "load.bridged"] {
-        cluster.create_topic(topic, 4, 1)?;
-    }
+    let broker: String = flags.get("broker", "mock".to_owned())?;
+    let topics = ["load.direct", "load.bridged"];
+    // Kept alive for the whole run.
+    let (_mock, _tansu, bootstrap) = match broker.as_str() {
+        "mock" => {
+            let cluster = MockCluster::new(1)?;
+            for topic in topics {
+                cluster.create_topic(topic, 4, 1)?;
+            }
+            let bootstrap = cluster.bootstrap_servers();
+            (Some(cluster), None, bootstrap)
+        }
+        "tansu" => {
+            let tansu = TansuProcess::start(&topics, 4)?;
+            let bootstrap = tansu.bootstrap.clone();
+            (None, Some(tansu), bootstrap)
+        }
+        other => anyhow::bail!("--broker {other}: mock or tansu"),
+    };
+    println!("broker: {broker}");
     let dir = tempfile::tempdir()?;
     let spec = dir.path().join("load.yaml");
     std::fs::write(
@@ -122,7 +138,7 @@ operations:
             }
         }));
     }
-    // Consumer groups of the mock broker take ~3 s to settle.
+    // Consumer groups take a while to settle (the mock's ~3 s, tansu's ~0.5 s).
     tokio::time::sleep(Duration::from_secs(5)).await;
     let sent = produce(&bootstrap, "load.direct", rate, seconds).await?;
     let direct = summarize(sent, &stop_and_collect(tasks, results).await);
@@ -134,4 +150,57 @@ operations:
 
     report(&direct, &bridged);
     Ok(())
+}
+
+/// A tansu broker of the scenario's own, on a free port; killed on drop.
+struct TansuProcess {
+    child: std::process::Child,
+    bootstrap: String,
+    _dir: tempfile::TempDir,
+}
+
+impl TansuProcess {
+    fn start(topics: &[&str], partitions: u32) -> Result<TansuProcess> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = std::process::Command::new("tansu")
+            .current_dir(dir.path())
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("tansu does not start ({e}); install it: cargo install tansu --version 0.6.0 --locked --no-default-features --features libsql"))?;
+        let mut process = TansuProcess {
+            child,
+            bootstrap: format!("127.0.0.1:{port}"),
+            _dir: dir,
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if std::time::Instant::now() > deadline {
+                let _ = process.child.kill();
+                anyhow::bail!("tansu did not listen on {port}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for topic in topics {
+            let status = std::process::Command::new("tansu")
+                .current_dir(process._dir.path())
+                .args(["topic", "create", "--broker", &url, "--partitions"])
+                .arg(partitions.to_string())
+                .arg(topic)
+                .status()?;
+            anyhow::ensure!(status.success(), "tansu topic create {topic} failed");
+        }
+        Ok(process)
+    }
+}
+
+impl Drop for TansuProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

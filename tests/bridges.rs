@@ -18,8 +18,7 @@ use lapin::options::{
 use rdkafka::ClientConfig;
 use rdkafka::consumer::StreamConsumer;
 use rdkafka::message::Message;
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 
 const TOTAL: u64 = 10_000;
@@ -132,14 +131,11 @@ operations:
     )
 }
 
-fn kafka_cluster(prefix: &str, topics: &[&str]) -> MockCluster<'static, DefaultProducerContext> {
-    let cluster = MockCluster::new(1).expect("librdkafka mock cluster");
+fn kafka_cluster(kafka: TestKafka, prefix: &str, topics: &[&str]) -> TestKafka {
     for t in topics {
-        cluster
-            .create_topic(&format!("{prefix}.{t}"), 3, 1)
-            .expect("topic created");
+        kafka.create_topic(&format!("{prefix}.{t}"), 3);
     }
-    cluster
+    kafka
 }
 
 /// Every record (key, payload) in arrival order.
@@ -315,10 +311,19 @@ print(json.dumps(out))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mqtt_to_kafka_json_and_avro_loses_nothing_across_a_sigkill() {
+async fn mqtt_to_kafka_json_and_avro_loses_nothing_across_a_sigkill_on_tansu() {
+    mqtt_to_kafka_json_and_avro_loses_nothing_across_a_sigkill(TestKafka::tansu()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_to_kafka_json_and_avro_loses_nothing_across_a_sigkill_on_the_mock() {
+    mqtt_to_kafka_json_and_avro_loses_nothing_across_a_sigkill(TestKafka::mock()).await;
+}
+
+async fn mqtt_to_kafka_json_and_avro_loses_nothing_across_a_sigkill(kafka: TestKafka) {
     let broker = OwnMosquitto::start();
     let prefix = unique("b");
-    let cluster = kafka_cluster(&prefix, &["raw", "avro", "commands"]);
+    let cluster = kafka_cluster(kafka, &prefix, &["raw", "avro", "commands"]);
     let dir = tempfile::tempdir().unwrap();
     let (iot, analytics) = (unique("iot"), unique("analytics"));
     iot_spec(dir.path(), &iot, &prefix, 1);
@@ -332,7 +337,7 @@ async fn mqtt_to_kafka_json_and_avro_loses_nothing_across_a_sigkill() {
         ),
     );
     let mqtt = format!("{iot}/broker={}", broker.url());
-    let kafka = format!("{analytics}/kafka=kafka://{}", cluster.bootstrap_servers());
+    let kafka = format!("{analytics}/kafka=kafka://{}", cluster.bootstrap());
     let mut daemon = start_bridged(dir.path(), bridges.path(), &[&mqtt, &kafka]).await;
 
     let (tx, mut progress) = tokio::sync::watch::channel(0);
@@ -349,7 +354,7 @@ async fn mqtt_to_kafka_json_and_avro_loses_nothing_across_a_sigkill() {
             .as_u64()
             .unwrap()
     };
-    let raw_reader = kafka_reader(&cluster.bootstrap_servers(), &format!("{prefix}.raw"));
+    let raw_reader = kafka_reader(&cluster.bootstrap(), &format!("{prefix}.raw"));
     let raw = read_kafka_until(&raw_reader, Duration::from_secs(120), TOTAL).await;
     let (missing, duplicates) = tally(raw.iter().map(|(_, p)| json_seq(p)), TOTAL);
     let mut per_key: BTreeMap<String, Vec<u64>> = BTreeMap::new();
@@ -376,7 +381,7 @@ async fn mqtt_to_kafka_json_and_avro_loses_nothing_across_a_sigkill() {
     assert_eq!(violations, 0, "per-key order kept");
 
     // The Avro lane: decoded by an independent Avro implementation.
-    let avro_reader = kafka_reader(&cluster.bootstrap_servers(), &format!("{prefix}.avro"));
+    let avro_reader = kafka_reader(&cluster.bootstrap(), &format!("{prefix}.avro"));
     let avro = read_kafka_until(&avro_reader, Duration::from_secs(120), TOTAL).await;
     let schema = json!({"type": "record", "name": "Reading", "fields": [
         {"name": "temperature", "type": "double"},
@@ -566,10 +571,19 @@ async fn mqtt_to_amqp_loses_nothing_across_a_sigkill() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafka_to_mqtt_loses_nothing_across_a_sigkill() {
+async fn kafka_to_mqtt_loses_nothing_across_a_sigkill_on_tansu() {
+    kafka_to_mqtt_loses_nothing_across_a_sigkill(TestKafka::tansu()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_to_mqtt_loses_nothing_across_a_sigkill_on_the_mock() {
+    kafka_to_mqtt_loses_nothing_across_a_sigkill(TestKafka::mock()).await;
+}
+
+async fn kafka_to_mqtt_loses_nothing_across_a_sigkill(kafka: TestKafka) {
     let broker = OwnMosquitto::start();
     let prefix = unique("bk");
-    let cluster = kafka_cluster(&prefix, &["raw", "avro", "commands"]);
+    let cluster = kafka_cluster(kafka, &prefix, &["raw", "avro", "commands"]);
     let dir = tempfile::tempdir().unwrap();
     let (devices, analytics) = (unique("devices"), unique("analytics"));
     mqtt_commands_spec(dir.path(), &devices, &prefix);
@@ -590,11 +604,11 @@ async fn kafka_to_mqtt_loses_nothing_across_a_sigkill() {
         .await
         .unwrap();
     let mqtt = format!("{devices}/devices={}", broker.url());
-    let kafka = format!("{analytics}/kafka=kafka://{}", cluster.bootstrap_servers());
+    let kafka = format!("{analytics}/kafka=kafka://{}", cluster.bootstrap());
     let mut daemon = start_bridged(dir.path(), bridges.path(), &[&mqtt, &kafka]).await;
 
     let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", cluster.bootstrap_servers())
+        .set("bootstrap.servers", cluster.bootstrap())
         .set("linger.ms", "5")
         .create()
         .unwrap();
@@ -1245,9 +1259,9 @@ operations:
 async fn the_shipped_bridges_carry_telemetry_to_kafka_and_rabbitmq_and_commands_to_devices() {
     require_mosquitto();
     require_rabbitmq();
-    let cluster = MockCluster::new(1).expect("librdkafka mock cluster");
+    let cluster = TestKafka::tansu();
     for topic in ["telemetry.raw", "telemetry.avro", "device.commands"] {
-        cluster.create_topic(topic, 3, 1).unwrap();
+        cluster.create_topic(topic, 3);
     }
     // The archive's exchange as the shipped document declares it, and a queue of the test's own.
     let (_conn, channel) = amqp_channel().await.unwrap();
@@ -1296,7 +1310,7 @@ async fn the_shipped_bridges_carry_telemetry_to_kafka_and_rabbitmq_and_commands_
         .unwrap();
 
     // The newcomer's command, with the analytics Kafka pointed at the mock cluster.
-    let kafka = format!("analytics/kafka=kafka://{}", cluster.bootstrap_servers());
+    let kafka = format!("analytics/kafka=kafka://{}", cluster.bootstrap());
     let daemon = Daemon::start(&["--server", &kafka]).await.unwrap();
     let bridges = daemon.get_json("/api/v1/bridges").await.unwrap();
     assert_eq!(bridges["bridges"].as_array().unwrap().len(), 3, "{bridges}");
@@ -1317,14 +1331,14 @@ async fn the_shipped_bridges_carry_telemetry_to_kafka_and_rabbitmq_and_commands_
             .unwrap();
     }
 
-    let raw_reader = kafka_reader(&cluster.bootstrap_servers(), "telemetry.raw");
+    let raw_reader = kafka_reader(&cluster.bootstrap(), "telemetry.raw");
     let raw = read_kafka_key(&raw_reader, &device).await;
     assert_eq!(
         serde_json::from_slice::<Value>(&raw).unwrap()["humidity"],
         40,
         "keyed by the device id"
     );
-    let avro_reader = kafka_reader(&cluster.bootstrap_servers(), "telemetry.avro");
+    let avro_reader = kafka_reader(&cluster.bootstrap(), "telemetry.avro");
     let avro = read_kafka_key(&avro_reader, &device).await;
     assert!(
         serde_json::from_slice::<Value>(&avro).is_err(),
@@ -1362,7 +1376,7 @@ async fn the_shipped_bridges_carry_telemetry_to_kafka_and_rabbitmq_and_commands_
 
     // A command from analytics, keyed by the device, reaches the device's MQTT topic.
     let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", cluster.bootstrap_servers())
+        .set("bootstrap.servers", cluster.bootstrap())
         .create()
         .unwrap();
     let command = json!({"action": "reboot"}).to_string();

@@ -1,6 +1,6 @@
 //! AsyncAPI 3 request-reply over the brokers: the daemon (a process) publishes a request with a
 //! correlation id and returns the correlated reply to the HTTP caller; a responder client of the
-//! test answers over Mosquitto, Kafka (librdkafka's mock broker) and RabbitMQ.
+//! test answers over Mosquitto, Kafka (tansu, and librdkafka's mock broker) and RabbitMQ.
 
 mod common;
 
@@ -17,7 +17,6 @@ use lapin::types::FieldTable;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 
@@ -227,17 +226,25 @@ async fn request_reply_over_mqtt_with_the_correlation_id_in_the_payload() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn request_reply_over_kafka_with_correlation_and_reply_topic_headers() {
-    let cluster = MockCluster::new(1).expect("librdkafka mock cluster");
+async fn request_reply_over_kafka_with_correlation_and_reply_topic_headers_on_tansu() {
+    request_reply_over_kafka_with_correlation_and_reply_topic_headers(TestKafka::tansu()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_reply_over_kafka_with_correlation_and_reply_topic_headers_on_the_mock() {
+    request_reply_over_kafka_with_correlation_and_reply_topic_headers(TestKafka::mock()).await;
+}
+
+async fn request_reply_over_kafka_with_correlation_and_reply_topic_headers(cluster: TestKafka) {
     let p = unique("k");
     let (requests, replies) = (
         format!("{p}.status.requests"),
         format!("{p}.status.replies"),
     );
     for topic in [&requests, &replies] {
-        cluster.create_topic(topic, 1, 1).unwrap();
+        cluster.create_topic(topic, 1);
     }
-    let bootstrap = cluster.bootstrap_servers();
+    let bootstrap = cluster.bootstrap();
     let dir = tempfile::tempdir().unwrap();
     let api = unique("rrk");
     let path = spec(
@@ -336,7 +343,7 @@ async fn request_reply_over_kafka_with_correlation_and_reply_topic_headers() {
     // The mock broker holds a new group's first assignment for ~3 s: a warm-up request (its
     // reply goes to a topic the gateway does not read) shows the responder is in its group.
     let scratch = format!("{p}.scratch");
-    cluster.create_topic(&scratch, 1, 1).unwrap();
+    cluster.create_topic(&scratch, 1);
     let warmup = OwnedHeaders::new()
         .insert(Header {
             key: "correlationId",

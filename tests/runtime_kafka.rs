@@ -1,5 +1,7 @@
-//! The Kafka connector against librdkafka's Kafka-protocol mock broker (`MockCluster`, real TCP
-//! on loopback, one per test), with the daemon as a process.
+//! The Kafka connector, with the daemon as a process, against two Kafka-protocol brokers: tansu
+//! (an independent broker, its own processes per test, plaintext and SASL/SCRAM) and
+//! librdkafka's mock broker (`MockCluster`, real TCP on loopback), kept where a test needs what
+//! only it can do. The paths every user relies on run against both.
 
 mod common;
 
@@ -18,12 +20,18 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 const WAIT: Duration = Duration::from_secs(20);
 
+enum Broker {
+    Mock(MockCluster<'static, DefaultProducerContext>),
+    Tansu(Tansu),
+}
+
 struct Kafka {
-    cluster: MockCluster<'static, DefaultProducerContext>,
+    broker: Broker,
     prefix: String,
 }
 
 impl Kafka {
+    /// librdkafka's mock broker.
     fn start() -> Kafka {
         let cluster = MockCluster::new(1).expect("librdkafka mock cluster");
         let prefix = unique("k");
@@ -32,11 +40,37 @@ impl Kafka {
                 .create_topic(&format!("{prefix}.{topic}"), 2, 1)
                 .expect("topic created");
         }
-        Kafka { cluster, prefix }
+        Kafka {
+            broker: Broker::Mock(cluster),
+            prefix,
+        }
+    }
+
+    /// A tansu broker of the test's own (plaintext and SASL listeners).
+    fn start_tansu() -> Kafka {
+        let tansu = Tansu::start_with_sasl();
+        let prefix = unique("k");
+        for topic in ["telemetry", "commands"] {
+            tansu.create_topic(&format!("{prefix}.{topic}"), 2);
+        }
+        Kafka {
+            broker: Broker::Tansu(tansu),
+            prefix,
+        }
     }
 
     fn bootstrap(&self) -> String {
-        self.cluster.bootstrap_servers()
+        match &self.broker {
+            Broker::Mock(cluster) => cluster.bootstrap_servers(),
+            Broker::Tansu(tansu) => tansu.bootstrap(),
+        }
+    }
+
+    fn tansu(&mut self) -> &mut Tansu {
+        match &mut self.broker {
+            Broker::Tansu(tansu) => tansu,
+            Broker::Mock(_) => panic!("a tansu broker was expected"),
+        }
     }
 
     fn producer(&self) -> FutureProducer {
@@ -119,8 +153,16 @@ async fn start_daemon(kafka: &Kafka, dir: &std::path::Path, api: &str) -> Daemon
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn records_reach_websocket_sse_and_the_log_with_key_and_headers() {
-    let kafka = Kafka::start();
+async fn records_reach_websocket_sse_and_the_log_with_key_and_headers_on_tansu() {
+    records_reach_websocket_sse_and_the_log_with_key_and_headers(Kafka::start_tansu()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_reach_websocket_sse_and_the_log_with_key_and_headers_on_the_mock() {
+    records_reach_websocket_sse_and_the_log_with_key_and_headers(Kafka::start()).await;
+}
+
+async fn records_reach_websocket_sse_and_the_log_with_key_and_headers(kafka: Kafka) {
     let dir = tempfile::tempdir().unwrap();
     let api = unique("kin");
     let daemon = start_daemon(&kafka, dir.path(), &api).await;
@@ -178,8 +220,16 @@ async fn records_reach_websocket_sse_and_the_log_with_key_and_headers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn posts_and_websocket_frames_are_produced_with_key_and_headers() {
-    let kafka = Kafka::start();
+async fn posts_and_websocket_frames_are_produced_with_key_and_headers_on_tansu() {
+    posts_and_websocket_frames_are_produced_with_key_and_headers(Kafka::start_tansu()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posts_and_websocket_frames_are_produced_with_key_and_headers_on_the_mock() {
+    posts_and_websocket_frames_are_produced_with_key_and_headers(Kafka::start()).await;
+}
+
+async fn posts_and_websocket_frames_are_produced_with_key_and_headers(kafka: Kafka) {
     let dir = tempfile::tempdir().unwrap();
     let api = unique("kout");
     let daemon = start_daemon(&kafka, dir.path(), &api).await;
@@ -237,8 +287,17 @@ async fn posts_and_websocket_frames_are_produced_with_key_and_headers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn daemon_killed_mid_stream_loses_no_record_and_commits_never_pass_the_log() {
-    let kafka = Kafka::start();
+async fn daemon_killed_mid_stream_loses_no_record_and_commits_never_pass_the_log_on_tansu() {
+    daemon_killed_mid_stream_loses_no_record_and_commits_never_pass_the_log(Kafka::start_tansu())
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_killed_mid_stream_loses_no_record_and_commits_never_pass_the_log_on_the_mock() {
+    daemon_killed_mid_stream_loses_no_record_and_commits_never_pass_the_log(Kafka::start()).await;
+}
+
+async fn daemon_killed_mid_stream_loses_no_record_and_commits_never_pass_the_log(kafka: Kafka) {
     let dir = tempfile::tempdir().unwrap();
     let api = unique("kcrash");
     let mut daemon = start_daemon(&kafka, dir.path(), &api).await;
@@ -306,25 +365,7 @@ async fn daemon_killed_mid_stream_loses_no_record_and_commits_never_pass_the_log
 
     // The group's committed offsets never pass what the log holds.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let probe: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka.bootstrap())
-        .set("group.id", format!("{}-gateway", kafka.prefix))
-        .create()
-        .unwrap();
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for partition in 0..2 {
-        tpl.add_partition(&format!("{}.telemetry", kafka.prefix), partition);
-    }
-    let committed = probe
-        .committed_offsets(tpl, Duration::from_secs(5))
-        .unwrap();
-    let committed: Vec<(i32, i64)> = committed
-        .elements()
-        .iter()
-        .map(|e| (e.partition(), e.offset().to_raw().unwrap_or(-1)))
-        .collect();
-    // Drop the list before the consumer (a live list makes the consumer's Drop hang).
-    drop(probe);
+    let committed = committed_offsets(&kafka, "telemetry");
     for (partition, offset) in committed {
         let end = logged_end.get(&partition).copied().unwrap_or(0);
         assert!(
@@ -402,5 +443,297 @@ async fn a_full_disk_stops_offsets_and_the_records_are_read_again_when_space_ret
     assert!(
         daemon.log().contains("restarts from the committed offsets"),
         "the records came back by a new consumer"
+    );
+}
+
+/// The telemetry/commands document with the server secured by `scheme` (`scramSha256` or
+/// `scramSha512`), reached on tansu's SASL listener with credentials from the config, whose
+/// password comes from `${KAFKA_TEST_PASSWORD}`.
+fn sasl_daemon_files(
+    kafka: &Kafka,
+    dir: &std::path::Path,
+    api: &str,
+    scheme: &str,
+    user: &str,
+) -> (String, String) {
+    let spec = kafka.spec(dir, api);
+    let text = std::fs::read_to_string(&spec).unwrap().replace(
+        "  broker: {host: '127.0.0.1:9092', protocol: kafka}",
+        "  broker: {host: '127.0.0.1:9092', protocol: kafka, security: [{$ref: '#/components/securitySchemes/scram'}]}",
+    ) + &format!("components:\n  securitySchemes:\n    scram: {{type: {scheme}}}\n");
+    std::fs::write(&spec, text).unwrap();
+    let config = dir.join("stepflow.yaml");
+    let sasl = match &kafka.broker {
+        Broker::Tansu(t) => t.sasl_bootstrap(),
+        Broker::Mock(_) => unreachable!("the mock has no SASL"),
+    };
+    std::fs::write(
+        &config,
+        format!(
+            "servers:\n  broker:\n    url: kafka://{sasl}\n    username: {user}\n    password: '${{KAFKA_TEST_PASSWORD}}'\n"
+        ),
+    )
+    .unwrap();
+    (spec.display().to_string(), config.display().to_string())
+}
+
+async fn sasl_scram_consumes_and_produces(scheme: &str, mechanism: &str) {
+    let kafka = Kafka::start_tansu();
+    let secret = format!("s3cret-{}", unique("pw"));
+    match &kafka.broker {
+        Broker::Tansu(t) => t.create_user(mechanism, "alice", &secret),
+        Broker::Mock(_) => unreachable!(),
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let api = unique("ksasl");
+    let (spec, config) = sasl_daemon_files(&kafka, dir.path(), &api, scheme, "alice");
+    let daemon = Daemon::start_with_env(
+        &["--specs", &spec, "--config", &config],
+        &[("KAFKA_TEST_PASSWORD", &secret)],
+    )
+    .await
+    .expect("ready over SASL");
+    // Consumes what an independent producer writes (on the plaintext listener, same broker).
+    let producer = kafka.producer();
+    kafka
+        .produce(&producer, "d1", &json!({"temperature": 4.5}))
+        .await;
+    let channel = format!("{api}.telemetry");
+    let log = daemon.wait_for_log(&channel, 1).await;
+    assert_eq!(log.len(), 1, "{}", daemon.log());
+    assert_eq!(log[0]["headers"]["kafka_key"], "d1");
+    // Produces what a client posts.
+    let reader = kafka.consumer(&format!("{}.commands", kafka.prefix));
+    let response = reqwest::Client::new()
+        .post(daemon.url(&format!(
+            "/api/v1/channels/{api}.commands/messages?deviceId=5"
+        )))
+        .header("content-type", "application/json")
+        .body(json!({"action": "reboot"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
+    let record = tokio::time::timeout(WAIT, reader.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.key(), Some(&b"5"[..]));
+    assert!(
+        !daemon.log().contains(&secret),
+        "the password appears in the log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sasl_scram_sha_256_with_the_password_from_the_environment() {
+    sasl_scram_consumes_and_produces("scramSha256", "scram256").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sasl_scram_sha_512_with_the_password_from_the_environment() {
+    sasl_scram_consumes_and_produces("scramSha512", "scram512").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_sasl_password_is_reported_as_an_authentication_failure_and_nothing_is_acked() {
+    let kafka = Kafka::start_tansu();
+    let secret = format!("right-{}", unique("pw"));
+    let wrong = format!("wrong-{}", unique("pw"));
+    match &kafka.broker {
+        Broker::Tansu(t) => t.create_user("scram256", "bob", &secret),
+        Broker::Mock(_) => unreachable!(),
+    }
+    // A record waits for the gateway's group.
+    let producer = kafka.producer();
+    kafka
+        .produce(&producer, "d1", &json!({"temperature": 1}))
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let api = unique("kbad");
+    let (spec, config) = sasl_daemon_files(&kafka, dir.path(), &api, "scramSha256", "bob");
+    let daemon = Daemon::start_serving_with_env(
+        &["--specs", &spec, "--config", &config],
+        &[("KAFKA_TEST_PASSWORD", &wrong)],
+    )
+    .await
+    .unwrap();
+    // The probe runs every 2 s; the authentication failure names itself.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let connections = daemon.get_json("/api/v1/connections").await.unwrap();
+        let kafka_status = connections["connections"][0].clone();
+        if kafka_status["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("authentication failed"))
+        {
+            break kafka_status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no authentication error reported: {connections}\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    println!("wrong password: {status}");
+    assert_eq!(status["state"], "disconnected");
+    let ready = reqwest::get(daemon.url("/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let body: Value = ready.json().await.unwrap();
+    assert!(
+        body["connections"][0]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("authentication failed"),
+        "{body}"
+    );
+    let response = reqwest::Client::new()
+        .post(daemon.url(&format!(
+            "/api/v1/channels/{api}.commands/messages?deviceId=5"
+        )))
+        .header("content-type", "application/json")
+        .body(json!({"action": "reboot"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    // One line for the state change, however many probes failed; never the secret.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let log = daemon.log();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("upstream disconnected") && l.contains("authentication failed"))
+        .count();
+    assert_eq!(lines, 1, "{log}");
+    assert!(
+        !log.contains(&wrong) && !log.contains(&secret),
+        "a password in the log:\n{log}"
+    );
+    // Nothing was acknowledged: the group has no committed offset.
+    assert!(
+        daemon
+            .replay_all(&format!("{api}.telemetry"), "messages")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let committed = committed_offsets(&kafka, "telemetry");
+    assert!(
+        committed.iter().all(|(_, o)| *o < 0),
+        "committed without logging: {committed:?}"
+    );
+}
+
+/// The gateway group's committed offsets per partition of `{prefix}.{topic}` (-1: none).
+fn committed_offsets(kafka: &Kafka, topic: &str) -> Vec<(i32, i64)> {
+    let probe: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap())
+        .set("group.id", format!("{}-gateway", kafka.prefix))
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for partition in 0..2 {
+        tpl.add_partition(&format!("{}.{topic}", kafka.prefix), partition);
+    }
+    let committed = probe
+        .committed_offsets(tpl, Duration::from_secs(5))
+        .unwrap();
+    let out = committed
+        .elements()
+        .iter()
+        .map(|e| (e.partition(), e.offset().to_raw().unwrap_or(-1)))
+        .collect();
+    // Drop the list before the consumer (a live list makes the consumer's Drop hang).
+    drop(committed);
+    drop(probe);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tansu_stopped_and_restarted_mid_stream_loses_nothing() {
+    let mut kafka = Kafka::start_tansu();
+    let dir = tempfile::tempdir().unwrap();
+    let api = unique("kbounce");
+    let daemon = start_daemon(&kafka, dir.path(), &api).await;
+    let channel = format!("{api}.telemetry");
+    let total = 2000u64;
+    let produce_range = |kafka: &Kafka, range: std::ops::Range<u64>| {
+        let producer = kafka.producer();
+        let topic = format!("{}.telemetry", kafka.prefix);
+        async move {
+            let sends = range.map(|seq| {
+                let (producer, topic) = (producer.clone(), topic.clone());
+                async move {
+                    let payload = json!({"temperature": 1, "seq": seq}).to_string();
+                    producer
+                        .send(
+                            rdkafka::producer::FutureRecord::to(&topic)
+                                .key(&format!("d{}", seq % 7))
+                                .payload(&payload),
+                            Duration::from_secs(10),
+                        )
+                        .await
+                        .expect("tansu acknowledges");
+                }
+            });
+            futures::future::join_all(sends).await;
+        }
+    };
+    produce_range(&kafka, 0..total / 2).await;
+    daemon
+        .wait_for_count(&channel, 100, Duration::from_secs(30))
+        .await;
+    kafka.tansu().stop();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    kafka.tansu().restart();
+    produce_range(&kafka, total / 2..total).await;
+    daemon
+        .wait_for_count(&channel, total, Duration::from_secs(60))
+        .await;
+    let log = daemon.replay_all(&channel, "messages").await.unwrap();
+    let (missing, duplicates) = sequence_report(&log, total);
+    println!(
+        "tansu restarted mid-stream: {total} produced, {} logged, {} missing, {duplicates} duplicates",
+        log.len(),
+        missing.len()
+    );
+    assert!(
+        missing.is_empty(),
+        "lost {:?}",
+        &missing[..missing.len().min(10)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absent_broker_is_logged_once_and_counted_not_logged_per_retry() {
+    let kafka = Kafka::start();
+    let dir = tempfile::tempdir().unwrap();
+    let api = unique("kabsent");
+    let spec = kafka.spec(dir.path(), &api);
+    // Nobody listens there.
+    let server = format!("broker=kafka://127.0.0.1:{}", free_port());
+    let daemon = Daemon::start_serving(&["--specs", spec.to_str().unwrap(), "--server", &server])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let log = daemon.log();
+    let consumer_errors = log.matches("Kafka consumer error").count();
+    let disconnected = log
+        .lines()
+        .filter(|l| l.contains("upstream disconnected") && l.contains("kafka"))
+        .count();
+    println!(
+        "8 s without a broker: {consumer_errors} consumer error lines, {disconnected} disconnect lines"
+    );
+    assert!(consumer_errors <= 1, "{log}");
+    assert_eq!(disconnected, 1, "{log}");
+    let counted = daemon
+        .metric_value("stepflow_kafka_consumer_errors_total", &[])
+        .await
+        .unwrap();
+    assert!(
+        counted.is_some_and(|n| n >= 1.0),
+        "errors counted: {counted:?}"
     );
 }

@@ -202,9 +202,26 @@ fn log_librdkafka(level: rdkafka::config::RDKafkaLogLevel, facility: &str, messa
     }
 }
 
-/// The producer's context: logging only.
-#[derive(Clone)]
-struct Quiet;
+/// The producer's context: logging, and the last authentication failure librdkafka reported.
+/// A metadata fetch that fails only says "BrokerTransportFailure"; the reason an operator needs
+/// (a wrong password, an unknown user) arrives here, on librdkafka's error callback.
+#[derive(Clone, Default)]
+struct Quiet {
+    auth_failure: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl Quiet {
+    /// The authentication failure since the last successful fetch, if any.
+    fn auth_failure(&self) -> Option<String> {
+        self.auth_failure.lock().ok().and_then(|f| f.clone())
+    }
+
+    fn clear_auth_failure(&self) {
+        if let Ok(mut f) = self.auth_failure.lock() {
+            *f = None;
+        }
+    }
+}
 
 impl ClientContext for Quiet {
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
@@ -212,6 +229,15 @@ impl ClientContext for Quiet {
     }
 
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        if matches!(
+            error.rdkafka_error_code(),
+            Some(Code::Authentication | Code::SaslAuthenticationFailed)
+        ) && let Ok(mut f) = self.auth_failure.lock()
+        {
+            // librdkafka's text names the mechanism and the broker's reason, never the secret.
+            *f = Some(reason.to_owned());
+        }
         tracing::debug!(error = %error, "librdkafka: {reason}");
     }
 }
@@ -293,6 +319,7 @@ impl KafkaConnector {
             server: self.key.to_string(),
             reason: e.to_string(),
         };
+        let context = Quiet::default();
         let producer: FutureProducer<Quiet> = self
             .config
             .client_config()
@@ -300,7 +327,7 @@ impl KafkaConnector {
             .set("enable.idempotence", "true")
             .set("message.timeout.ms", "10000")
             .set("linger.ms", "1")
-            .create_with_context(Quiet)
+            .create_with_context(context.clone())
             .map_err(fail)?;
         hub.register_publisher(
             self.key.clone(),
@@ -313,6 +340,7 @@ impl KafkaConnector {
         tracker.spawn(probe(
             self.key.clone(),
             producer,
+            context,
             connections.clone(),
             shutdown.clone(),
         ));
@@ -659,10 +687,11 @@ async fn store_offsets(
 async fn probe(
     key: ServerKey,
     producer: FutureProducer<Quiet>,
+    context: Quiet,
     connections: Connections,
     shutdown: CancellationToken,
 ) {
-    let mut connected: Option<bool> = None;
+    let mut connected: Option<(bool, Option<String>)> = None;
     loop {
         let p = producer.clone();
         let ok = tokio::task::spawn_blocking(move || {
@@ -674,9 +703,20 @@ async fn probe(
         .await
         .unwrap_or_else(|e| Err(e.to_string()));
         let now = ok.is_ok() && ok.as_ref().is_ok_and(|b| *b);
-        if connected != Some(now) {
-            connections.report(&key, "kafka", now, ok.err());
-            connected = Some(now);
+        let error = match (now, context.auth_failure()) {
+            (true, _) => {
+                context.clear_auth_failure();
+                None
+            }
+            (false, Some(auth)) => Some(format!("authentication failed: {auth}")),
+            (false, None) => ok.err(),
+        };
+        // A state change, or the same state for a new reason (the broker answers, but refuses
+        // the credentials): one line each, never one per probe.
+        let state = (now, error.clone());
+        if connected.as_ref() != Some(&state) {
+            connections.report(&key, "kafka", now, error);
+            connected = Some(state);
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,

@@ -11,6 +11,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use futures::StreamExt;
 
+mod tansu;
+#[allow(unused_imports)]
+pub use tansu::{Tansu, TestKafka};
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -1,0 +1,210 @@
+//! tansu, an independent Kafka-protocol broker (crates.io, Apache-2.0), as a test's own
+//! processes: a plaintext listener and, when asked, a SASL/SCRAM one on the same sqlite
+//! database, each test with its own database and topics.
+
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::free_port;
+
+/// How `.ci/run` installs it (a 30–40 min compile, once per machine).
+const INSTALL: &str =
+    "cargo install tansu --version 0.6.0 --locked --no-default-features --features libsql";
+
+/// A tansu broker of the test's own. Killed on drop.
+pub struct Tansu {
+    /// The plaintext listener.
+    pub port: u16,
+    /// The SASL (SCRAM) listener, when started with [`Tansu::start_with_sasl`].
+    pub sasl_port: Option<u16>,
+    dir: tempfile::TempDir,
+    children: Vec<Child>,
+}
+
+impl Tansu {
+    /// The binary: `tansu` on the PATH, else cargo's bin directory. Fails (never skips) with the
+    /// install command when it is missing.
+    pub fn binary() -> PathBuf {
+        let on_path = std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|p| p.join("tansu"))
+                .find(|p| p.is_file())
+        });
+        let cargo_bin = std::env::var_os("CARGO_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+            .map(|h| h.join("bin/tansu"))
+            .filter(|p| p.is_file());
+        on_path.or(cargo_bin).unwrap_or_else(|| {
+            panic!("the tansu Kafka broker is not installed; install it with: {INSTALL}")
+        })
+    }
+
+    /// A plaintext broker on a free port.
+    pub fn start() -> Tansu {
+        let mut broker = Tansu {
+            port: free_port(),
+            sasl_port: None,
+            dir: tempfile::tempdir().unwrap(),
+            children: Vec::new(),
+        };
+        broker.spawn(broker.port, false);
+        broker
+    }
+
+    /// A plaintext broker plus a SASL listener on the same database (tansu serves one listener
+    /// per process). Users are created through the plaintext one.
+    pub fn start_with_sasl() -> Tansu {
+        let mut broker = Self::start();
+        let sasl = free_port();
+        broker.spawn(sasl, true);
+        broker.sasl_port = Some(sasl);
+        broker
+    }
+
+    fn spawn(&mut self, port: u16, authentication: bool) {
+        let url = format!("tcp://127.0.0.1:{port}");
+        let log = std::fs::File::create(self.dir.path().join(format!("tansu-{port}.log"))).unwrap();
+        let mut command = Command::new(Self::binary());
+        command
+            .current_dir(self.dir.path())
+            .arg("broker")
+            .args(["--listener-url", &url])
+            .args(["--advertised-listener-url", &url])
+            .args(["--storage-engine", "sqlite://tansu.db"]);
+        if authentication {
+            command.arg("--authentication");
+        }
+        let child = command
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("tansu starts");
+        self.children.push(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "tansu did not listen on {port}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything the broker processes logged.
+    pub fn log(&self) -> String {
+        let mut out = String::new();
+        if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
+            for entry in entries.flatten() {
+                if entry.path().extension().is_some_and(|e| e == "log") {
+                    out.push_str(&std::fs::read_to_string(entry.path()).unwrap_or_default());
+                }
+            }
+        }
+        out
+    }
+
+    /// `host:port` of the plaintext listener.
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `host:port` of the SASL listener.
+    pub fn sasl_bootstrap(&self) -> String {
+        format!(
+            "127.0.0.1:{}",
+            self.sasl_port.expect("started with start_with_sasl")
+        )
+    }
+
+    fn admin(&self, args: &[&str]) {
+        let broker = format!("tcp://127.0.0.1:{}", self.port);
+        let output = Command::new(Self::binary())
+            .current_dir(self.dir.path())
+            .args(args)
+            .args(["--broker", &broker])
+            .output()
+            .expect("tansu runs");
+        assert!(
+            output.status.success(),
+            "tansu {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// Topics are not created on first use: the test creates each of its own.
+    pub fn create_topic(&self, name: &str, partitions: u32) {
+        self.admin(&[
+            "topic",
+            "create",
+            "--partitions",
+            &partitions.to_string(),
+            name,
+        ]);
+    }
+
+    /// A SCRAM user (`mechanism`: `scram256` or `scram512`).
+    pub fn create_user(&self, mechanism: &str, user: &str, password: &str) {
+        self.admin(&["user", "create", "--mechanism", mechanism, user, password]);
+    }
+
+    /// Stops every listener (the database stays).
+    pub fn stop(&mut self) {
+        for mut child in self.children.drain(..) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the listeners again on the same ports and database.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn(self.port, false);
+        if let Some(sasl) = self.sasl_port {
+            self.spawn(sasl, true);
+        }
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A Kafka-protocol broker for a test: tansu (independent of the client), or librdkafka's mock
+/// (for what only it can do, such as injected errors).
+pub enum TestKafka {
+    Tansu(Tansu),
+    Mock(rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>),
+}
+
+impl TestKafka {
+    pub fn tansu() -> TestKafka {
+        TestKafka::Tansu(Tansu::start())
+    }
+
+    pub fn mock() -> TestKafka {
+        TestKafka::Mock(rdkafka::mocking::MockCluster::new(1).expect("librdkafka mock cluster"))
+    }
+
+    pub fn bootstrap(&self) -> String {
+        match self {
+            TestKafka::Tansu(t) => t.bootstrap(),
+            TestKafka::Mock(m) => m.bootstrap_servers(),
+        }
+    }
+
+    pub fn create_topic(&self, name: &str, partitions: u32) {
+        match self {
+            TestKafka::Tansu(t) => t.create_topic(name, partitions),
+            TestKafka::Mock(m) => m
+                .create_topic(name, partitions as i32, 1)
+                .expect("topic created"),
+        }
+    }
+}
