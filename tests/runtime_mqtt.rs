@@ -609,13 +609,22 @@ async fn invalid_messages_are_dead_lettered_or_refused_with_their_status() {
         "invalid_request"
     );
 
-    assert!(
-        s.daemon
-            .metric("stepflow_messages_rejected_total", &[])
-            .await
-            .unwrap()
-            >= 0.0
-    );
+    // The two invalid payloads and the oversized one above, counted by reason.
+    let rejected = |reason: &'static str| {
+        let commands = commands.clone();
+        let daemon = &s.daemon;
+        async move {
+            daemon
+                .metric(
+                    "stepflow_messages_rejected_total",
+                    &[("channel", &commands), ("reason", reason)],
+                )
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(rejected("invalid_payload").await, 2.0);
+    assert_eq!(rejected("too_large").await, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

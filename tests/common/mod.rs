@@ -504,21 +504,12 @@ impl Daemon {
     }
 
     /// The value of a metric series (summing every series whose labels include `labels`).
+    /// Fails when no series matches: a renamed or never-emitted metric must not read as 0.
+    /// For "has not happened yet", use [`Daemon::metric_value`] and expect `None`.
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
-        let text = reqwest::get(self.url("/metrics")).await?.text().await?;
-        let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))?;
-        let mut total = 0.0;
-        for sample in scrape.samples.iter().filter(|s| s.metric == name) {
-            if labels.iter().all(|(k, v)| sample.labels.get(k) == Some(*v)) {
-                total += match sample.value {
-                    prometheus_parse::Value::Counter(v)
-                    | prometheus_parse::Value::Gauge(v)
-                    | prometheus_parse::Value::Untyped(v) => v,
-                    _ => 0.0,
-                };
-            }
-        }
-        Ok(total)
+        self.metric_value(name, labels)
+            .await?
+            .ok_or_else(|| anyhow!("no series {name} with labels {labels:?} in /metrics"))
     }
 }
 
