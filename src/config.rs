@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::connectors::mqtt::ServerOverride;
 use crate::store::Retention;
 use crate::telemetry::LogFormat;
+use crate::upstream::ServerOverride;
 
 /// Configuration problems.
 #[derive(Debug, thiserror::Error)]

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tokio::sync::Mutex;
 
-use crate::connectors::mqtt::ServerOverride;
-use crate::connectors::percent_encode;
 use crate::spec::SecurityScheme;
+use crate::upstream::ServerOverride;
+use crate::upstream::percent_encode;
 
 /// A token is renewed this long before the server said it expires.
 const TOKEN_MARGIN: Duration = Duration::from_secs(30);

@@ -14,7 +14,6 @@ use crate::bridge::{self, Bridge};
 use crate::calls::Operations;
 use crate::calls::replies::BrokerCalls;
 use crate::config::Config;
-use crate::connectors::ServerKey;
 use crate::connectors::amqp::{AmqpConnector, AmqpServerConfig};
 use crate::connectors::kafka::{KafkaConnector, KafkaServerConfig};
 use crate::connectors::mqtt::{MqttConnector, MqttServerConfig};
@@ -28,6 +27,7 @@ use crate::spec::{self, DocumentKind, ProtocolFamily, SpecError};
 use crate::store::{Store, StoreConfig};
 use crate::subscriptions::Subscriptions;
 use crate::telemetry;
+use crate::upstream::ServerKey;
 
 /// Why the daemon could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]

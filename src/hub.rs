@@ -10,13 +10,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::broadcast;
 
-use crate::connectors::{Connections, Outbound, PublishError, Publisher, ServerKey};
 use crate::routing::address::{FillError, Params};
 use crate::routing::envelope::{Delivered, Envelope, Headers, Origin, Transport};
 use crate::routing::{ChannelId, Route, RoutingTable, UpstreamBinding};
 use crate::schema::{Encoding, ValidationError};
 use crate::store::{self, LogId, PendingAppend, Store};
 use crate::telemetry::events::{DeadLettered, PublishFailed, RejectReason, RouteMetrics};
+use crate::upstream::{Connections, Outbound, PublishError, Publisher, ServerKey};
 
 /// Hub tuning.
 #[derive(Debug, Clone)]

@@ -26,4 +26,5 @@ pub mod spec;
 pub mod store;
 pub mod subscriptions;
 pub mod telemetry;
+pub mod upstream;
 pub mod yaml;

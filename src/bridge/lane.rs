@@ -22,7 +22,6 @@ use tokio_util::task::TaskTracker;
 
 use super::{BRIDGE_HEADER, Bridge, Lane, Policy, Start, TARGET_HEADER, Target};
 use crate::calls::{CallError, CallRequest, Operations};
-use crate::connectors::Backoff;
 use crate::hub::{Hub, LiveRoute, PublishFailure, PublishRequest, SubscriptionEvent};
 use crate::routing::envelope::{Delivered, Origin, Transport};
 use crate::store::{self, PendingAppend, Store};
@@ -30,6 +29,7 @@ use crate::telemetry::{
     BRIDGE_CONVERSIONS, BRIDGE_FAILURES, BRIDGE_IN_FLIGHT, BRIDGE_LAG, BRIDGE_LATENCY,
     BRIDGE_MESSAGES, BRIDGE_RETRIES, DEAD_LETTERS,
 };
+use crate::upstream::Backoff;
 
 /// The store namespace of lane cursors: `{bridge}/{target}` → the next offset to deliver.
 pub const CURSORS: &str = "bridge-cursors";

@@ -18,8 +18,6 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-use crate::connectors::mqtt::ServerOverride;
-use crate::connectors::{Backoff, describe_http_error, percent_encode};
 use crate::credentials::Credentials;
 use crate::routing::ChannelId;
 use crate::routing::address::Params;
@@ -28,6 +26,8 @@ use crate::schema::{Encoding, PayloadSchema};
 use crate::spec::{Api, HttpOperation, SchemaDef};
 use crate::store::{LogId, Store};
 use crate::telemetry;
+use crate::upstream::ServerOverride;
+use crate::upstream::{Backoff, describe_http_error, percent_encode};
 use replies::{BrokerCalls, BrokerOperation};
 
 /// Why a call did not produce an upstream response.

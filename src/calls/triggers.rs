@@ -205,7 +205,7 @@ async fn answer(hub: &Hub, operations: &Operations, trigger: &TriggerConfig, mes
     // The reply's upstream may be down for a moment: retry a few times before giving up on it.
     let payload = Bytes::from(reply.to_string());
     let mut backoff =
-        crate::connectors::Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+        crate::upstream::Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
     loop {
         let published = hub
             .publish(

@@ -31,16 +31,16 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::mqtt::ServerOverride;
-use super::{
-    Backoff, ConnectionState, Connections, IntakeProgress, Outbound, PublishError, Publisher,
-    ServerKey, percent_encode,
-};
 use crate::hub::{Hub, LiveRoute};
 use crate::routing::envelope::{Envelope, Origin, Transport};
 use crate::routing::{AmqpRoute, Upstream, UpstreamBinding};
 use crate::spec::{Protocol, Server};
 use crate::store::{PendingAppend, Store};
+use crate::upstream::ServerOverride;
+use crate::upstream::{
+    Backoff, ConnectionState, Connections, IntakeProgress, Outbound, PublishError, Publisher,
+    ServerKey, percent_encode,
+};
 
 /// Connection settings of one AMQP server.
 #[derive(Clone, PartialEq)]
@@ -170,7 +170,7 @@ impl AmqpConnector {
             "amqp",
             self.config.display_url.clone(),
             self.optional,
-            super::DEFAULT_STALL_AFTER,
+            crate::upstream::DEFAULT_STALL_AFTER,
         );
         let publish_channel: Arc<RwLock<Option<Channel>>> = Arc::default();
         hub.register_publisher(

@@ -30,8 +30,6 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::mqtt::ServerOverride;
-use super::{Connections, IntakeProgress, Outbound, PublishError, Publisher, ServerKey};
 use crate::hub::{Hub, LiveRoute};
 use crate::routing::address::ProtocolAddress;
 use crate::routing::envelope::{Envelope, Origin, Transport};
@@ -39,6 +37,8 @@ use crate::routing::{Upstream, UpstreamBinding};
 use crate::spec::{Protocol, Server};
 use crate::store::PendingAppend;
 use crate::telemetry::events::MessageUnmatched;
+use crate::upstream::ServerOverride;
+use crate::upstream::{Connections, IntakeProgress, Outbound, PublishError, Publisher, ServerKey};
 
 /// Why a Kafka server cannot be used.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -313,7 +313,7 @@ impl KafkaConnector {
             "kafka",
             format!("kafka://{}", self.config.bootstrap_servers),
             self.optional,
-            super::DEFAULT_STALL_AFTER,
+            crate::upstream::DEFAULT_STALL_AFTER,
         );
         let fail = |e: rdkafka::error::KafkaError| Error::Config {
             server: self.key.to_string(),

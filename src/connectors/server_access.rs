@@ -7,13 +7,13 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::mqtt::ServerOverride;
-use super::{ServerKey, percent_encode};
 use crate::config::RouteFileConfig;
 use crate::credentials::Credentials;
 use crate::routing::Route;
 use crate::routing::address::{Params, ProtocolAddress};
 use crate::spec::Server;
+use crate::upstream::ServerOverride;
+use crate::upstream::{ServerKey, percent_encode};
 
 /// A server the gateway connects to as a client, as its connector needs it.
 pub struct ClientSide {

@@ -21,12 +21,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::server_access::ClientSide;
-use super::{Backoff, Connections, ServerKey, describe_http_error};
 use crate::config::RouteFileConfig;
 use crate::hub::{Hub, LiveRoute};
 use crate::routing::UpstreamBinding;
 use crate::routing::address::Params;
 use crate::routing::envelope::{Envelope, Origin, Transport};
+use crate::upstream::{Backoff, Connections, ServerKey, describe_http_error};
 
 /// One stream: a route at one concrete address.
 struct Stream {
@@ -103,7 +103,7 @@ impl SseConnector {
             "sse",
             self.base_url.clone(),
             self.optional,
-            super::DEFAULT_STALL_AFTER,
+            crate::upstream::DEFAULT_STALL_AFTER,
         );
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))

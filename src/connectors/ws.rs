@@ -27,13 +27,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::server_access::ClientSide;
-use super::{Backoff, Connections, Outbound, PublishError, Publisher, ServerKey};
 use crate::config::RouteFileConfig;
 use crate::hub::{Hub, LiveRoute};
 use crate::routing::address::Params;
 use crate::routing::envelope::{Envelope, Origin, Transport};
 use crate::routing::{UpstreamBinding, frame_text};
 use crate::telemetry::events::MessageUnmatched;
+use crate::upstream::{Backoff, Connections, Outbound, PublishError, Publisher, ServerKey};
 
 const PING_INTERVAL: Duration = Duration::from_secs(15);
 /// No frame (not even a pong) for this long: the socket is dead.
@@ -140,7 +140,7 @@ impl WsConnector {
             "ws",
             self.base_url.clone(),
             self.optional,
-            super::DEFAULT_STALL_AFTER,
+            crate::upstream::DEFAULT_STALL_AFTER,
         );
         let states = Arc::new(SocketStates {
             key: self.key.clone(),

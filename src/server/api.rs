@@ -13,11 +13,11 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::error::{ApiError, ErrorCode};
-use crate::connectors::{Connections, ServerKey};
 use crate::hub::{LiveRoute, PublishRequest};
 use crate::routing::Route;
 use crate::routing::envelope::{Origin, Transport};
 use crate::store::LogId;
+use crate::upstream::{Connections, ServerKey};
 
 /// A route as `/api/v1/channels` lists it. Each server's `url` is the one the gateway uses
 /// (the config's override, when there is one); `documentUrl` is the document's own.

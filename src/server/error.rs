@@ -6,9 +6,9 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::connectors::PublishError;
 use crate::hub::PublishFailure;
 use crate::store;
+use crate::upstream::PublishError;
 
 /// Error codes clients can rely on (a closed list).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -187,7 +187,7 @@ impl UpstreamConnectionChanged<'_> {
 pub struct UpstreamStalled<'a> {
     pub server: &'a str,
     pub protocol: &'static str,
-    pub reason: crate::connectors::StallReason,
+    pub reason: crate::upstream::StallReason,
     pub outstanding: u64,
     pub stall_after: std::time::Duration,
 }
