@@ -15,7 +15,9 @@ use crate::routing::envelope::{Delivered, Envelope, Headers, Origin, Transport};
 use crate::routing::{ChannelId, Route, RoutingTable, UpstreamBinding};
 use crate::schema::{Encoding, ValidationError};
 use crate::store::{self, LogId, PendingAppend, Store};
-use crate::telemetry::events::{DeadLettered, PublishFailed, RejectReason, RouteMetrics};
+use crate::telemetry::events::{
+    DeadLetterReason, DeadLettered, PublishFailed, RejectReason, RouteMetrics,
+};
 use crate::upstream::{Connections, Outbound, PublishError, Publisher, ServerKey};
 
 /// Hub tuning.
@@ -268,18 +270,32 @@ impl Hub {
                     .await
             }
             Some((reason, detail)) => {
-                DeadLettered {
-                    channel: &route.route.id,
-                    reason,
-                    detail: &detail,
-                    address: &envelope.address,
-                }
-                .emit();
-                self.store
-                    .append(route.dead_letters.clone(), envelope, Some(detail), None)
+                self.dead_letter(route, envelope, DeadLetterReason::Rejected(reason), detail)
                     .await
             }
         }
+    }
+
+    /// Writes `envelope` to the route's dead-letter log with `detail` as its reason. The one
+    /// way into a dead-letter log (ingest, bridge lanes, call triggers), so every dead letter
+    /// is logged and counted alike.
+    pub async fn dead_letter(
+        &self,
+        route: &LiveRoute,
+        envelope: Envelope,
+        reason: DeadLetterReason,
+        detail: String,
+    ) -> Result<PendingAppend, store::Error> {
+        DeadLettered {
+            channel: &route.route.id,
+            reason,
+            detail: &detail,
+            address: &envelope.address,
+        }
+        .emit();
+        self.store
+            .append(route.dead_letters.clone(), envelope, Some(detail), None)
+            .await
     }
 
     /// A client's message for a writable channel: validated, published on every upstream of the

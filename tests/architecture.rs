@@ -30,7 +30,12 @@ fn only_the_daemon_reaches_into_connectors() {
         let text = std::fs::read_to_string(&file).unwrap();
         for (n, line) in text.lines().enumerate() {
             if line.contains("crate::connectors") || line.contains("stepflow::connectors") {
-                offenders.push(format!("src/{}:{}: {}", relative.display(), n + 1, line.trim()));
+                offenders.push(format!(
+                    "src/{}:{}: {}",
+                    relative.display(),
+                    n + 1,
+                    line.trim()
+                ));
             }
         }
     }
@@ -48,7 +53,14 @@ fn the_upstream_layer_knows_no_protocol_client() {
     sources(&dir, &mut files);
     for file in files {
         let text = std::fs::read_to_string(&file).unwrap();
-        for forbidden in ["rumqttc", "rdkafka", "lapin", "tokio_tungstenite", "axum", "crate::hub"] {
+        for forbidden in [
+            "rumqttc",
+            "rdkafka",
+            "lapin",
+            "tokio_tungstenite",
+            "axum",
+            "crate::hub",
+        ] {
             assert!(
                 !text.contains(forbidden),
                 "{} uses {forbidden}: the upstream layer sits below the hub and the connectors",

@@ -709,6 +709,17 @@ operations:
     };
     assert_eq!(dead[0]["payload"]["correlationId"], "q-9");
     assert_eq!(dead[0]["params"]["deviceId"], "42");
+    // Counted like every other dead letter (the trigger's path used to bypass the metrics).
+    assert_eq!(
+        daemon
+            .metric(
+                "stepflow_dead_letters_total",
+                &[("channel", &replies), ("reason", "reply_undeliverable")]
+            )
+            .await
+            .unwrap(),
+        1.0
+    );
 
     // The broker is back: a replay publishes the reply where it was going.
     replies_broker.restart();

@@ -25,9 +25,10 @@ use crate::calls::{CallError, CallRequest, Operations};
 use crate::hub::{Hub, LiveRoute, PublishFailure, PublishRequest, SubscriptionEvent};
 use crate::routing::envelope::{Delivered, Origin, Transport};
 use crate::store::{self, PendingAppend, Store};
+use crate::telemetry::events::DeadLetterReason;
 use crate::telemetry::{
     BRIDGE_CONVERSIONS, BRIDGE_FAILURES, BRIDGE_IN_FLIGHT, BRIDGE_LAG, BRIDGE_LATENCY,
-    BRIDGE_MESSAGES, BRIDGE_RETRIES, DEAD_LETTERS,
+    BRIDGE_MESSAGES, BRIDGE_RETRIES,
 };
 use crate::upstream::Backoff;
 
@@ -197,7 +198,7 @@ fn is_delivery_metadata(name: &str) -> bool {
 /// Writes a message a lane gave up on to the source channel's dead-letter log, marked with the
 /// bridge and target so a replay sends it there again.
 pub async fn dead_letter(
-    store: &Store,
+    hub: &Hub,
     route: &LiveRoute,
     lane: &Lane,
     message: &Delivered,
@@ -213,21 +214,14 @@ pub async fn dead_letter(
     envelope
         .headers
         .push((TARGET_HEADER.into(), lane.target.label().to_owned()));
-    counter!(DEAD_LETTERS, "channel" => route.route.id.to_string(), "reason" => "bridge_undeliverable")
-        .increment(1);
-    tracing::debug!(bridge = %lane.bridge, target = lane.target.label(), offset = message.offset, reason, "bridged message dead-lettered");
-    store
-        .append(
-            route.dead_letters.clone(),
-            envelope,
-            Some(format!(
-                "bridge {} → {}: {reason}",
-                lane.bridge,
-                lane.target.label()
-            )),
-            None,
-        )
-        .await
+    let detail = format!("bridge {} → {}: {reason}", lane.bridge, lane.target.label());
+    hub.dead_letter(
+        route,
+        envelope,
+        DeadLetterReason::BridgeUndeliverable,
+        detail,
+    )
+    .await
 }
 
 /// Gives every lane without a cursor one (at the end of its source log, or at its oldest message
@@ -537,7 +531,7 @@ impl Runner {
                         self.circuit_open_until = Some(Instant::now() + self.backoff.next_cap());
                     }
                     match dead_letter(
-                        self.store(),
+                        &self.hub,
                         &self.route,
                         &self.lane,
                         &done.message,

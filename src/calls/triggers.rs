@@ -9,6 +9,7 @@
 //! log from a durable cursor, like a bridge lane: a message that arrived while the daemon was
 //! down is answered after the restart.
 
+use crate::telemetry::events::DeadLetterReason;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -260,12 +261,11 @@ async fn dead_letter_reply(
         Origin::client(Transport::Bridge, 0),
     );
     let written = match hub
-        .store()
-        .append(
-            route.dead_letters.clone(),
+        .dead_letter(
+            route,
             envelope,
-            Some(error.to_string()),
-            None,
+            DeadLetterReason::ReplyUndeliverable,
+            error.to_string(),
         )
         .await
     {

@@ -115,20 +115,54 @@ impl MessageRejected<'_> {
 /// A message that failed validation was written to the channel's dead-letter log.
 pub struct DeadLettered<'a> {
     pub channel: &'a str,
-    pub reason: RejectReason,
+    pub reason: DeadLetterReason,
     pub detail: &'a str,
     pub address: &'a str,
 }
 
+/// Why a message went to a dead-letter log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterReason {
+    /// It failed the route's checks on the way in (schema, size, address parameters).
+    Rejected(RejectReason),
+    /// A bridge lane gave up on delivering it to its target.
+    BridgeUndeliverable,
+    /// A call trigger's reply could not be published.
+    ReplyUndeliverable,
+}
+
+impl DeadLetterReason {
+    /// Metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterReason::Rejected(r) => r.as_str(),
+            DeadLetterReason::BridgeUndeliverable => "bridge_undeliverable",
+            DeadLetterReason::ReplyUndeliverable => "reply_undeliverable",
+        }
+    }
+}
+
 impl DeadLettered<'_> {
     pub fn emit(&self) {
-        tracing::warn!(
-            channel = self.channel,
-            reason = self.reason.as_str(),
-            detail = self.detail,
-            address = self.address,
-            "message dead-lettered"
-        );
+        match self.reason {
+            // A bad message is news for whoever sent it: one line each.
+            DeadLetterReason::Rejected(_) => tracing::warn!(
+                channel = self.channel,
+                reason = self.reason.as_str(),
+                detail = self.detail,
+                address = self.address,
+                "message dead-lettered"
+            ),
+            // An undeliverable target is one state change, which the lane or trigger logs;
+            // the messages it holds back are counted, not logged one by one.
+            _ => tracing::debug!(
+                channel = self.channel,
+                reason = self.reason.as_str(),
+                detail = self.detail,
+                address = self.address,
+                "message dead-lettered"
+            ),
+        }
         counter!(DEAD_LETTERS, "channel" => self.channel.to_owned(), "reason" => self.reason.as_str()).increment(1);
         counter!(LOG_APPENDS, "channel" => self.channel.to_owned(), "log" => "dead_letters")
             .increment(1);
