@@ -16,7 +16,7 @@ use crate::routing::{ChannelId, Route, RoutingTable, UpstreamBinding};
 use crate::schema::{Encoding, ValidationError};
 use crate::store::{self, LogId, PendingAppend, Store};
 use crate::telemetry::events::{
-    DeadLetterReason, DeadLettered, PublishFailed, RejectReason, RouteMetrics,
+    DeadLetterReason, DeadLettered, MessageRejected, PublishFailed, RejectReason, RouteMetrics,
 };
 use crate::upstream::{Connections, Outbound, PublishError, Publisher, ServerKey};
 
@@ -305,10 +305,30 @@ impl Hub {
         channel: &str,
         request: PublishRequest,
     ) -> Result<Published, PublishFailure> {
-        let route = self
-            .routes
-            .get(channel)
-            .ok_or_else(|| PublishFailure::UnknownChannel(channel.to_owned()))?;
+        let Some(route) = self.routes.get(channel) else {
+            // Not counted: the channel label would be whatever a client typed.
+            return Err(PublishFailure::UnknownChannel(channel.to_owned()));
+        };
+        let transport = request.origin.transport;
+        let result = self.publish_to(route, channel, request).await;
+        if let Err(failure) = &result {
+            MessageRejected {
+                channel: &route.route.id,
+                transport,
+                reason: failure.reason(),
+                detail: &failure.to_string(),
+            }
+            .emit();
+        }
+        result
+    }
+
+    async fn publish_to(
+        &self,
+        route: &Arc<LiveRoute>,
+        channel: &str,
+        request: PublishRequest,
+    ) -> Result<Published, PublishFailure> {
         let spec = &route.route;
         if !spec.direction.writable {
             return Err(PublishFailure::NotWritable(channel.to_owned()));

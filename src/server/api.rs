@@ -124,7 +124,21 @@ pub async fn publish(
         ));
     }
     let limit = state.hub.config().max_payload_bytes;
-    let payload = read_body(body, limit).await?;
+    let payload = match read_body(body, limit).await {
+        Ok(payload) => payload,
+        Err(e) if e.status == StatusCode::PAYLOAD_TOO_LARGE => {
+            // Refused before the hub sees it; counted like the hub's own refusals.
+            crate::telemetry::events::MessageRejected {
+                channel: route.id(),
+                transport: Transport::Http,
+                reason: crate::telemetry::events::RejectReason::TooLarge,
+                detail: "body over the payload limit",
+            }
+            .emit();
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
     // `X-Header-<name>: value` request headers become message headers `<name>: value`.
     let message_headers: Vec<(String, String)> = headers
         .iter()
