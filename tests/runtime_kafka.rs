@@ -504,15 +504,12 @@ async fn sasl_scram_consumes_and_produces(scheme: &str, mechanism: &str) {
     assert_eq!(log[0]["headers"]["kafka_key"], "d1");
     // Produces what a client posts.
     let reader = kafka.consumer(&format!("{}.commands", kafka.prefix));
-    let response = reqwest::Client::new()
-        .post(daemon.url(&format!(
-            "/api/v1/channels/{api}.commands/messages?deviceId=5"
-        )))
-        .header("content-type", "application/json")
-        .body(json!({"action": "reboot"}).to_string())
-        .send()
-        .await
-        .unwrap();
+    let response = daemon
+        .post_json(
+            &format!("/api/v1/channels/{api}.commands/messages?deviceId=5"),
+            &json!({"action": "reboot"}),
+        )
+        .await;
     assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
     let record = tokio::time::timeout(WAIT, reader.recv())
         .await
@@ -588,15 +585,12 @@ async fn a_wrong_sasl_password_is_reported_as_an_authentication_failure_and_noth
             .contains("authentication failed"),
         "{body}"
     );
-    let response = reqwest::Client::new()
-        .post(daemon.url(&format!(
-            "/api/v1/channels/{api}.commands/messages?deviceId=5"
-        )))
-        .header("content-type", "application/json")
-        .body(json!({"action": "reboot"}).to_string())
-        .send()
-        .await
-        .unwrap();
+    let response = daemon
+        .post_json(
+            &format!("/api/v1/channels/{api}.commands/messages?deviceId=5"),
+            &json!({"action": "reboot"}),
+        )
+        .await;
     assert_eq!(response.status(), 503);
     // One line for the state change, however many probes failed; never the secret.
     tokio::time::sleep(Duration::from_secs(5)).await;

@@ -452,6 +452,17 @@ impl Daemon {
         }
     }
 
+    /// POSTs `body` as JSON to `path`.
+    pub async fn post_json(&self, path: &str, body: &serde_json::Value) -> reqwest::Response {
+        reqwest::Client::new()
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("the daemon answers")
+    }
+
     /// How many messages the channel's log holds, from `/api/v1/stats`.
     pub async fn log_count(&self, channel: &str) -> Result<u64> {
         let stats = self.get_json("/api/v1/stats").await?;
