@@ -188,6 +188,11 @@ impl TestKafka {
         TestKafka::Tansu(Tansu::start())
     }
 
+    /// tansu with a SASL listener beside the plaintext one.
+    pub fn tansu_with_sasl() -> TestKafka {
+        TestKafka::Tansu(Tansu::start_with_sasl())
+    }
+
     pub fn mock() -> TestKafka {
         TestKafka::Mock(rdkafka::mocking::MockCluster::new(1).expect("librdkafka mock cluster"))
     }
@@ -196,6 +201,14 @@ impl TestKafka {
         match self {
             TestKafka::Tansu(t) => t.bootstrap(),
             TestKafka::Mock(m) => m.bootstrap_servers(),
+        }
+    }
+
+    /// The tansu broker; a test that needs one (SASL, a restart) fails on the mock.
+    pub fn as_tansu(&mut self) -> &mut Tansu {
+        match self {
+            TestKafka::Tansu(t) => t,
+            TestKafka::Mock(_) => panic!("a tansu broker was expected"),
         }
     }
 
