@@ -99,7 +99,7 @@ fn fan_out_subscription(c: &mut Criterion) {
     let rt = runtime();
     let payload = Bytes::from_static(PAYLOAD);
     let loaded = stepflow::spec::load_text(std::path::Path::new("bench.yaml"), DOC).unwrap();
-    let table = Arc::new(stepflow::routing::compile(&loaded.apis).unwrap().table);
+    let table = Arc::new(stepflow::connectors::compile(&loaded.apis).unwrap().table);
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
     let hub = Arc::new(Hub::new(

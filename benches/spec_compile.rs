@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
-use stepflow::routing::{self, address::AddressTemplate};
+use stepflow::routing::address::AddressTemplate;
 use stepflow::spec;
 
 fn corpus_documents() -> Vec<PathBuf> {
@@ -39,7 +39,7 @@ fn corpus(c: &mut Criterion) {
             let mut routes = 0;
             for doc in &docs {
                 let loaded = spec::load_file(doc).expect("corpus document loads");
-                routes += routing::compile(&loaded.apis)
+                routes += stepflow::connectors::compile(&loaded.apis)
                     .expect("compiles")
                     .table
                     .len();
@@ -91,7 +91,7 @@ fn hot_path(c: &mut Criterion) {
 
     let specs = Path::new(env!("CARGO_MANIFEST_DIR")).join("asyncapi-specs");
     let loaded = spec::load_paths(&[specs]).unwrap();
-    let compiled = routing::compile(&loaded.apis).unwrap();
+    let compiled = stepflow::connectors::compile(&loaded.apis).unwrap();
     let route = compiled.table.get("iot.telemetry").unwrap().clone();
     let payload =
         br#"{"temperature": 21.5, "humidity": 40, "battery": 88, "ts": "2026-11-22T10:00:00Z"}"#;

@@ -14,16 +14,10 @@ use crate::bridge::{self, Bridge};
 use crate::calls::Operations;
 use crate::calls::replies::BrokerCalls;
 use crate::config::Config;
-use crate::connectors::amqp::{AmqpConnector, AmqpServerConfig};
-use crate::connectors::kafka::{KafkaConnector, KafkaServerConfig};
-use crate::connectors::mqtt::{MqttConnector, MqttServerConfig};
-use crate::connectors::server_access::ClientSide;
-use crate::connectors::sse::SseConnector;
-use crate::connectors::ws::WsConnector;
 use crate::hub::{Hub, HubConfig};
-use crate::routing::{self, UpstreamBinding};
+use crate::routing::UpstreamBinding;
 use crate::server::{self, AppState};
-use crate::spec::{self, DocumentKind, ProtocolFamily, SpecError};
+use crate::spec::{self, SpecError};
 use crate::store::{Store, StoreConfig};
 use crate::subscriptions::Subscriptions;
 use crate::telemetry;
@@ -62,7 +56,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let compiled = tokio::task::spawn_blocking(move || {
         let report = spec::load_all(&specs);
         let mut errors = report.errors;
-        let compiled = match routing::compile(&report.apis) {
+        let compiled = match crate::connectors::compile(&report.apis) {
             Ok(c) => Some(c),
             Err(e) => {
                 errors.extend(e);
@@ -234,78 +228,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                 }
                 _ => server,
             };
-            match server.protocol.family() {
-                ProtocolFamily::Mqtt => {
-                    let mqtt = MqttServerConfig::build(
-                        &api.id,
-                        server,
-                        &overrides,
-                        config.max_payload_bytes,
-                    )
-                    .map_err(|e| connector_error(e.to_string()))?;
-                    let url = format!(
-                        "{}://{}:{}",
-                        if mqtt.tls { "mqtts" } else { "mqtt" },
-                        mqtt.host,
-                        mqtt.port
-                    );
-                    tracing::info!(server = %key, url = %url, client_id = %mqtt.client_id, "starting MQTT connector");
-                    MqttConnector::build(&hub, key, url, mqtt, server.optional).start(
-                        hub.clone(),
-                        connector_shutdown.clone(),
-                        &connectors,
-                    );
-                }
-                ProtocolFamily::Kafka => {
-                    let kafka = KafkaServerConfig::build(
-                        &api.id,
-                        server,
-                        &overrides,
-                        config.max_payload_bytes,
-                    )
-                    .map_err(|e| connector_error(e.to_string()))?;
-                    tracing::info!(server = %key, bootstrap = %kafka.bootstrap_servers, "starting Kafka connector");
-                    KafkaConnector::build(&hub, key.clone(), kafka, server.optional)
-                        .start(hub.clone(), connector_shutdown.clone(), &connectors)
-                        .map_err(|e| connector_error(e.to_string()))?;
-                }
-                ProtocolFamily::Amqp => {
-                    // Deliveries are acked after the log flush: the window must cover a flush's worth of
-                    // messages (1000 measured p50 5 ms at 5k msg/s; 100 gave 24 ms).
-                    let prefetch = overrides.prefetch.unwrap_or(1000);
-                    let amqp = AmqpServerConfig::build(server, &overrides, prefetch);
-                    tracing::info!(server = %key, url = %amqp.display_url, "starting AMQP connector");
-                    AmqpConnector::build(&hub, key.clone(), amqp, server.optional).start(
-                        hub.clone(),
-                        connector_shutdown.clone(),
-                        &connectors,
-                    );
-                }
-                ProtocolFamily::WebSocket => {
-                    let side = ClientSide::new(key.clone(), server, &overrides);
-                    tracing::info!(server = %key, url = %side.base_url, "starting WebSocket connector");
-                    WsConnector::build(&hub, side, &config.routes).start(
-                        hub.clone(),
-                        connector_shutdown.clone(),
-                        &connectors,
-                    );
-                }
-                ProtocolFamily::Http if serves_event_streams(&hub, &key) => {
-                    let side = ClientSide::new(key.clone(), server, &overrides);
-                    tracing::info!(server = %key, url = %side.base_url, "starting SSE connector");
-                    SseConnector::build(&hub, side, &config.routes).start(
-                        hub.clone(),
-                        connector_shutdown.clone(),
-                        &connectors,
-                    );
-                }
-                // OpenAPI servers are called per request (`calls`), not connected to.
-                ProtocolFamily::Http if matches!(api.kind, DocumentKind::OpenApi(_)) => {}
-                family => tracing::warn!(
-                    server = %key,
-                    protocol = %server.protocol,
-                    "no {family:?} connector in this build yet; its routes serve web clients and the log only"
-                ),
+            let Some(connector) = crate::connectors::REGISTRY.connector(server.protocol) else {
+                continue;
+            };
+            let started = connector
+                .start(crate::connectors::StartContext {
+                    hub: &hub,
+                    key: key.clone(),
+                    api,
+                    server,
+                    overrides: &overrides,
+                    config: &config,
+                    shutdown: &connector_shutdown,
+                    tracker: &connectors,
+                })
+                .map_err(connector_error)?;
+            if !started {
+                tracing::debug!(server = %key, connector = connector.name(), "nothing to connect to");
             }
         }
     }
@@ -407,15 +346,4 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     store.shutdown().await;
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Whether a route of `key`'s document reads an event stream from that server.
-fn serves_event_streams(hub: &Hub, key: &ServerKey) -> bool {
-    hub.routes().any(|r| {
-        r.route.api == key.api
-            && r.route
-                .upstreams
-                .iter()
-                .any(|u| u.server == key.server && matches!(u.binding, UpstreamBinding::Sse(_)))
-    })
 }

@@ -11,8 +11,8 @@ use bytes::Bytes;
 use tokio::sync::broadcast;
 
 use crate::routing::address::{FillError, Params};
-use crate::routing::envelope::{Delivered, Envelope, Headers, Origin, Transport};
-use crate::routing::{ChannelId, Route, RoutingTable, UpstreamBinding};
+use crate::routing::envelope::{Delivered, Envelope, Headers, Origin};
+use crate::routing::{ChannelId, Route, RoutingTable};
 use crate::schema::{Encoding, ValidationError};
 use crate::store::{self, LogId, PendingAppend, Store};
 use crate::telemetry::events::{
@@ -357,22 +357,12 @@ impl Hub {
         // is sent anywhere.
         let mut sends = Vec::new();
         for upstream in &spec.upstreams {
-            let concrete = match &upstream.binding {
-                UpstreamBinding::Mqtt(m) => m.topic.fill(value_of),
-                UpstreamBinding::Kafka(k) => match &k.topic {
-                    Some(t) => t.fill(value_of),
-                    None => Ok(k.subscription.pattern.clone()),
-                },
-                UpstreamBinding::Amqp(a) => match &a.routing_key {
-                    Some(k) => k.fill(value_of),
-                    None => Ok(String::new()),
-                },
-                UpstreamBinding::WebSocket(_)
-                | UpstreamBinding::Sse(_)
-                | UpstreamBinding::Http(_) => Ok(address.clone()),
-                UpstreamBinding::DynamicAddress | UpstreamBinding::NoConnector => continue,
-            }
-            .map_err(PublishFailure::InvalidAddress)?;
+            let Some(binding) = upstream.binding.protocol() else {
+                continue;
+            };
+            let concrete = binding
+                .address(&value_of, &address)
+                .map_err(PublishFailure::InvalidAddress)?;
             let key = ServerKey {
                 api: spec.api.clone(),
                 server: upstream.server.clone(),
@@ -429,7 +419,7 @@ impl Hub {
             }
             route
                 .metrics
-                .message_delivered(transport_of(&upstream.binding), Some(started.elapsed()));
+                .message_delivered(upstream.binding.transport(), Some(started.elapsed()));
         }
 
         let mut envelope = Envelope::new(
@@ -496,18 +486,6 @@ impl Hub {
             backlog: VecDeque::new(),
             batch: self.config.replay_batch,
         })
-    }
-}
-
-fn transport_of(binding: &UpstreamBinding) -> Transport {
-    match binding {
-        UpstreamBinding::Mqtt(_) => Transport::Mqtt,
-        UpstreamBinding::Kafka(_) => Transport::Kafka,
-        UpstreamBinding::Amqp(_) => Transport::Amqp,
-        UpstreamBinding::WebSocket(_) => Transport::Ws,
-        UpstreamBinding::Sse(_) => Transport::Sse,
-        UpstreamBinding::Http(_) => Transport::Http,
-        _ => Transport::Unknown,
     }
 }
 
@@ -690,6 +668,7 @@ mod tests {
     //! lagging reader resumed from the log — each offset exactly once, in order.
 
     use super::*;
+    use crate::routing::envelope::Transport;
     use crate::store::StoreConfig;
 
     const DOC: &str = "asyncapi: 3.0.0\ninfo: {title: T, version: '1'}\nchannels:\n  readings:\n    address: readings\noperations:\n  receive: {action: receive, channel: {$ref: '#/channels/readings'}}\n";
@@ -702,7 +681,11 @@ mod tests {
 
     fn fixture(live_capacity: usize) -> Fixture {
         let loaded = crate::spec::load_text(std::path::Path::new("t.yaml"), DOC).unwrap();
-        let table = Arc::new(crate::routing::compile(&loaded.apis).unwrap().table);
+        let table = Arc::new(
+            crate::routing::compile(&loaded.apis, &crate::routing::binding::NoConnectors)
+                .unwrap()
+                .table,
+        );
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
         let config = HubConfig {

@@ -26,5 +26,6 @@ pub mod spec;
 pub mod store;
 pub mod subscriptions;
 pub mod telemetry;
+pub mod template;
 pub mod upstream;
 pub mod yaml;

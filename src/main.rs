@@ -18,7 +18,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use stepflow::config::{Config, RunArgs};
-use stepflow::routing::{self, Route, UpstreamBinding};
+use stepflow::connectors;
+use stepflow::routing::{self, Route};
 use stepflow::spec::{self, SpecError, SpecWarning};
 
 #[derive(Parser)]
@@ -137,7 +138,7 @@ fn load_and_compile(
     paths: &[PathBuf],
 ) -> Option<(Vec<spec::Api>, routing::Compiled, Vec<SpecWarning>)> {
     let mut report = spec::load_all(paths);
-    match routing::compile(&report.apis) {
+    match connectors::compile(&report.apis) {
         Ok(compiled) if report.errors.is_empty() => Some((report.apis, compiled, report.warnings)),
         Ok(_) => {
             print_errors(&report.errors);
@@ -173,7 +174,7 @@ fn validate(paths: &[PathBuf], show_warnings: bool, bridges: Option<&Path>) -> E
     let mut warnings = report.warnings;
     let mut valid = Vec::new();
     for api in report.apis {
-        match routing::compile(std::slice::from_ref(&api)) {
+        match connectors::compile(std::slice::from_ref(&api)) {
             Ok(compiled) => {
                 warnings.extend(compiled.warnings);
                 valid.push((api, compiled.table));
@@ -234,7 +235,7 @@ fn validate(paths: &[PathBuf], show_warnings: bool, bridges: Option<&Path>) -> E
     // Bridges link documents: they are checked against the valid ones together.
     if let Some(dir) = bridges {
         let apis: Vec<spec::Api> = valid.iter().map(|(api, _)| api.clone()).collect();
-        match routing::compile(&apis) {
+        match connectors::compile(&apis) {
             Ok(compiled) => {
                 let table = &compiled.table;
                 // Operations callable by id: OpenAPI operations and AsyncAPI sends with a reply.
@@ -378,36 +379,7 @@ fn upstream_lines(route: &Route) -> Vec<String> {
         .upstreams
         .iter()
         .map(|u| {
-            let detail = match &u.binding {
-                UpstreamBinding::Mqtt(m) => format!(
-                    "filter {} qos {}/{}{}",
-                    m.filter.pattern,
-                    m.subscribe_qos,
-                    m.publish_qos,
-                    if m.filter.exact { "" } else { " (+match)" }
-                ),
-                UpstreamBinding::Kafka(k) => {
-                    format!("topic {} group {}", k.subscription.pattern, k.group_id)
-                }
-                UpstreamBinding::Amqp(a) => match (&a.exchange, &a.queue) {
-                    (Some(x), _) => format!(
-                        "exchange {} ({}) key {}",
-                        x.name,
-                        x.kind,
-                        a.binding_key.as_ref().map_or("-", |k| k.pattern.as_str())
-                    ),
-                    (None, Some(q)) => format!("queue {}", q.name),
-                    (None, None) => "amqp".into(),
-                },
-                UpstreamBinding::WebSocket(w) if w.subscribe.is_empty() => "websocket".into(),
-                UpstreamBinding::WebSocket(w) => {
-                    format!("websocket, {} subscribe frame(s)", w.subscribe.len())
-                }
-                UpstreamBinding::Sse(_) => "sse".into(),
-                UpstreamBinding::Http(h) => format!("{} {}", h.method, h.path),
-                UpstreamBinding::DynamicAddress => "dynamic address".into(),
-                UpstreamBinding::NoConnector => "no connector".into(),
-            };
+            let detail = u.binding.describe();
             format!("{}:{} {}", u.server, u.protocol, detail)
         })
         .collect()

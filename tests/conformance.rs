@@ -3,8 +3,9 @@
 //! routing table; every invalid document is rejected for the reason its README gives.
 
 use std::path::{Path, PathBuf};
+use stepflow::connectors::ws::WebSocketRoute;
 
-use stepflow::routing::{self, RoutingTable};
+use stepflow::routing::RoutingTable;
 use stepflow::spec::{self, ReferenceRule, SpecError, SpecErrorKind};
 
 fn corpus() -> PathBuf {
@@ -42,7 +43,7 @@ fn documents(dir: &Path) -> Vec<PathBuf> {
 
 fn load_and_compile(path: &Path) -> Result<RoutingTable, Vec<SpecError>> {
     let loaded = spec::load_file(path).map_err(|f| f.errors)?;
-    routing::compile(&loaded.apis).map(|c| c.table)
+    stepflow::connectors::compile(&loaded.apis).map(|c| c.table)
 }
 
 fn assert_all_compile(dir: &str, expected: usize) {
@@ -360,7 +361,7 @@ fn no_file_in_the_corpus_panics_the_loader() {
     for path in all {
         let outcome = std::panic::catch_unwind(|| {
             if let Ok(loaded) = spec::load_file(&path) {
-                let _ = routing::compile(&loaded.apis);
+                let _ = stepflow::connectors::compile(&loaded.apis);
             }
         });
         assert!(outcome.is_ok(), "loading {} panicked", path.display());
@@ -407,7 +408,7 @@ fn the_websocket_examples_compile_into_client_side_websocket_routes() {
         assert!(route.direction.readable && !route.direction.writable);
         let upstream = &route.upstreams[0];
         assert_eq!(upstream.url, "wss://api.gemini.com");
-        let routing::UpstreamBinding::WebSocket(ws) = &upstream.binding else {
+        let Some(ws) = upstream.binding.get::<WebSocketRoute>() else {
             panic!("{file}: not a WebSocket upstream: {:?}", upstream.binding);
         };
         let path = ws.path.as_ref().expect("a path");

@@ -5,9 +5,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use stepflow::connectors::kafka::KafkaRoute;
+use stepflow::connectors::mqtt::MqttRoute;
+use stepflow::connectors::ws::WebSocketRoute;
 
 use serde_json::{Value, json};
-use stepflow::routing::{self, Compiled, UpstreamBinding};
+use stepflow::routing::{Compiled, UpstreamBinding};
 use stepflow::spec::{self, SpecError, SpecWarning};
 
 fn document(name: &str) -> PathBuf {
@@ -18,7 +21,7 @@ fn document(name: &str) -> PathBuf {
 
 fn compile_file(name: &str) -> Result<(Compiled, Vec<SpecWarning>), Vec<SpecError>> {
     let loaded = spec::load_file(&document(name)).map_err(|f| f.errors)?;
-    let compiled = routing::compile(&loaded.apis)?;
+    let compiled = stepflow::connectors::compile(&loaded.apis)?;
     Ok((compiled, loaded.warnings))
 }
 
@@ -37,7 +40,7 @@ fn a_kafka_platform_with_dotted_channel_ids_routes_each_channel() {
         .get("order-platform-kafka.order.created")
         .expect("a dotted channel id is a route id");
     assert!(created.direction.readable);
-    let UpstreamBinding::Kafka(kafka) = &created.upstreams[0].binding else {
+    let Some(kafka) = created.upstreams[0].binding.get::<KafkaRoute>() else {
         panic!("kafka upstream: {:?}", created.upstreams);
     };
     assert_eq!(kafka.subscription.pattern, "orders.created.v1");
@@ -84,9 +87,9 @@ fn an_mqtt_3_1_fleet_subscribes_with_the_wildcards_its_addresses_carry() {
     let table = &compiled.table;
     let mqtt = |id: &str| {
         let route = table.get(id).unwrap_or_else(|| panic!("route {id}"));
-        match &route.upstreams[0].binding {
-            UpstreamBinding::Mqtt(m) => m.clone(),
-            other => panic!("{id}: {other:?}"),
+        match route.upstreams[0].binding.get::<MqttRoute>() {
+            Some(m) => m.clone(),
+            None => panic!("{id}: {:?}", route.upstreams[0].binding),
         }
     };
     let data = mqtt("device-fleet-mqtt-3-1.data");
@@ -135,10 +138,7 @@ fn empty_bindings_are_empty_bindings_with_a_warning() {
         .get("ticker-websocket-empty-bindings.ticker")
         .unwrap();
     assert!(route.direction.readable);
-    assert!(matches!(
-        route.upstreams[0].binding,
-        UpstreamBinding::WebSocket(_)
-    ));
+    assert!(route.upstreams[0].binding.get::<WebSocketRoute>().is_some());
     let warnings = all_warnings(&compiled, &load_warnings);
     let empty: Vec<&String> = warnings
         .iter()
@@ -184,7 +184,7 @@ channels:
         api.servers[0].bindings["mqtt"]["x-mode"],
         Value::String("off".into())
     );
-    let compiled = routing::compile(&loaded.apis).unwrap();
+    let compiled = stepflow::connectors::compile(&loaded.apis).unwrap();
     assert!(
         compiled
             .warnings
@@ -202,9 +202,9 @@ channels:
     );
     assert_eq!(schema["properties"]["n"]["default"], json!("yes"));
     assert!(route.validate(br#"{"line": "l1", "n": "no"}"#).is_ok());
-    let params = match &route.upstreams[0].binding {
-        UpstreamBinding::Mqtt(m) => m.topic.extract("switches/on").unwrap(),
-        other => panic!("{other:?}"),
+    let params = match route.upstreams[0].binding.get::<MqttRoute>() {
+        Some(m) => m.topic.extract("switches/on").unwrap(),
+        None => panic!("{:?}", route.upstreams[0].binding),
     };
     assert_eq!(params.get("position"), Some("on"));
 }

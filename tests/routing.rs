@@ -2,19 +2,24 @@
 //! compile errors that say why an address or binding cannot work.
 
 use std::path::Path;
+use stepflow::connectors::amqp::AmqpRoute;
+use stepflow::connectors::kafka::KafkaRoute;
+use stepflow::connectors::mqtt::MqttRoute;
+use stepflow::connectors::sse::SseRoute;
+use stepflow::connectors::ws::WebSocketRoute;
 
-use stepflow::routing::{self, Compiled, Delivery, UpstreamBinding};
+use stepflow::routing::{Compiled, Delivery};
 use stepflow::spec::{self, SpecError};
 
 fn compile(text: &str) -> Result<Compiled, Vec<SpecError>> {
     let loaded = spec::load_text(Path::new("doc.yaml"), text).map_err(|f| f.errors)?;
-    routing::compile(&loaded.apis)
+    stepflow::connectors::compile(&loaded.apis)
 }
 
 fn shipped() -> Compiled {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("asyncapi-specs");
     let loaded = spec::load_paths(&[dir]).expect("shipped specs load");
-    routing::compile(&loaded.apis).expect("shipped specs compile")
+    stepflow::connectors::compile(&loaded.apis).expect("shipped specs compile")
 }
 
 #[test]
@@ -23,7 +28,7 @@ fn telemetry_route_extracts_device_id_and_validates_payloads() {
     let route = compiled.table.get("iot.telemetry").expect("route");
     assert!(route.direction.readable && !route.direction.writable);
     assert_eq!(route.delivery, Delivery::AtLeastOnce);
-    let UpstreamBinding::Mqtt(mqtt) = &route.upstreams[0].binding else {
+    let Some(mqtt) = route.upstreams[0].binding.get::<MqttRoute>() else {
         panic!("mqtt upstream expected");
     };
     assert_eq!(mqtt.filter.pattern, "devices/+/telemetry");
@@ -48,7 +53,7 @@ fn commands_route_fills_the_topic() {
     let compiled = shipped();
     let route = compiled.table.get("iot.commands").expect("route");
     assert!(route.direction.writable && !route.direction.readable);
-    let UpstreamBinding::Mqtt(mqtt) = &route.upstreams[0].binding else {
+    let Some(mqtt) = route.upstreams[0].binding.get::<MqttRoute>() else {
         panic!("mqtt upstream expected");
     };
     assert_eq!(
@@ -128,7 +133,9 @@ operations:
 "#,
     )
     .unwrap();
-    let UpstreamBinding::Kafka(kafka) = &compiled.table.get("doc.c").unwrap().upstreams[0].binding
+    let Some(kafka) = compiled.table.get("doc.c").unwrap().upstreams[0]
+        .binding
+        .get::<KafkaRoute>()
     else {
         panic!("kafka upstream expected");
     };
@@ -186,8 +193,9 @@ operations:
 "#,
     )
     .unwrap();
-    let UpstreamBinding::Amqp(amqp) =
-        &compiled.table.get("doc.alerts").unwrap().upstreams[0].binding
+    let Some(amqp) = compiled.table.get("doc.alerts").unwrap().upstreams[0]
+        .binding
+        .get::<AmqpRoute>()
     else {
         panic!("amqp upstream expected");
     };
@@ -267,7 +275,7 @@ fn relative_file_references_resolve_and_cycles_are_reported() {
     )
     .unwrap();
     let loaded = spec::load_file(&doc).unwrap();
-    let compiled = routing::compile(&loaded.apis).unwrap();
+    let compiled = stepflow::connectors::compile(&loaded.apis).unwrap();
     let route = compiled.table.get("svc.c").unwrap();
     assert!(route.validate(br#"{"t": "warm"}"#).is_err());
     assert!(route.validate(br#"{"t": 3}"#).is_ok());
@@ -297,7 +305,7 @@ fn recursive_schemas_compile_with_a_warning() {
             .iter()
             .any(|w| w.message.contains("recursive"))
     );
-    let compiled = routing::compile(&loaded.apis).unwrap();
+    let compiled = stepflow::connectors::compile(&loaded.apis).unwrap();
     assert!(
         compiled
             .table
@@ -373,7 +381,7 @@ fn event_streams_and_subscribe_frames_compile_from_the_shipped_documents() {
     let compiled = shipped();
     let alerts = compiled.table.get("alerts.alerts").expect("route");
     assert!(alerts.direction.readable);
-    let UpstreamBinding::Sse(sse) = &alerts.upstreams[0].binding else {
+    let Some(sse) = alerts.upstreams[0].binding.get::<SseRoute>() else {
         panic!("sse upstream expected");
     };
     assert_eq!(
@@ -384,7 +392,7 @@ fn event_streams_and_subscribe_frames_compile_from_the_shipped_documents() {
         ]
     );
     let ticker = compiled.table.get("market-feed.ticker").expect("route");
-    let UpstreamBinding::WebSocket(ws) = &ticker.upstreams[0].binding else {
+    let Some(ws) = ticker.upstreams[0].binding.get::<WebSocketRoute>() else {
         panic!("websocket upstream expected");
     };
     assert_eq!(

@@ -632,7 +632,11 @@ impl Compiler<'_> {
                     );
                 }
             }
-            if key.is_some() && route.upstream(crate::spec::ProtocolFamily::Kafka).is_none() {
+            if key.is_some()
+                && route
+                    .upstream(crate::routing::envelope::Transport::Kafka)
+                    .is_none()
+            {
                 self.error(
                     &at.join("key"),
                     format!(

@@ -227,6 +227,8 @@ mod tests {
 
     fn server(schemes: &[(&str, Value)]) -> Server {
         Server {
+            location: crate::spec::Location::new("", ""),
+            protocol_name: String::new(),
             id: "s".into(),
             protocol: crate::spec::Protocol::Wss,
             protocol_version: None,

@@ -23,6 +23,9 @@
 use std::fmt;
 use std::sync::Arc;
 
+use crate::spec::is_valid_parameter_name as is_parameter_name;
+use crate::template::{Piece, Template, TemplateError};
+
 /// Why an address cannot be used, or cannot be used with a protocol.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AddressError {
@@ -32,6 +35,8 @@ pub enum AddressError {
     UnclosedBrace { at: usize },
     #[error("'}}' at byte {at} has no matching '{{'")]
     UnmatchedBrace { at: usize },
+    #[error("'{{' at byte {at} is inside another placeholder")]
+    NestedBrace { at: usize },
     #[error("parameter name '{name}' is invalid: names match ^[A-Za-z0-9_\\-]+$")]
     BadParameterName { name: String },
     #[error(
@@ -147,53 +152,34 @@ impl AddressTemplate {
         if raw.is_empty() {
             return Err(AddressError::Empty);
         }
+        let template = Template::parse(raw).map_err(|e| match e {
+            TemplateError::Unclosed { at } => AddressError::UnclosedBrace { at },
+            TemplateError::Unmatched { at } => AddressError::UnmatchedBrace { at },
+            TemplateError::Nested { at } => AddressError::NestedBrace { at },
+        })?;
         let mut segments = Vec::new();
-        let mut literal = String::new();
-        let mut chars = raw.char_indices();
-        while let Some((at, c)) = chars.next() {
-            match c {
-                '{' => {
-                    let mut name = String::new();
-                    let mut closed = false;
-                    for (_, c) in chars.by_ref() {
-                        if c == '}' {
-                            closed = true;
-                            break;
-                        }
-                        name.push(c);
+        for piece in template.pieces() {
+            match piece {
+                Piece::Text(text) => segments.push(Segment::Literal(text.clone())),
+                Piece::Placeholder(name) => {
+                    if !is_parameter_name(name) {
+                        return Err(AddressError::BadParameterName { name: name.clone() });
                     }
-                    if !closed {
-                        return Err(AddressError::UnclosedBrace { at });
-                    }
-                    if name.is_empty()
-                        || !name
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-                    {
-                        return Err(AddressError::BadParameterName { name });
-                    }
-                    if !literal.is_empty() {
-                        segments.push(Segment::Literal(std::mem::take(&mut literal)));
-                    } else if let Some(Segment::Param(prev)) = segments.last() {
+                    if let Some(Segment::Param(prev)) = segments.last() {
                         return Err(AddressError::AdjacentParameters {
                             first: prev.to_string(),
-                            second: name,
+                            second: name.clone(),
                         });
                     }
                     if segments
                         .iter()
-                        .any(|s| matches!(s, Segment::Param(p) if **p == *name))
+                        .any(|s| matches!(s, Segment::Param(p) if **p == **name))
                     {
-                        return Err(AddressError::RepeatedParameter { name });
+                        return Err(AddressError::RepeatedParameter { name: name.clone() });
                     }
-                    segments.push(Segment::Param(name.into()));
+                    segments.push(Segment::Param(name.as_str().into()));
                 }
-                '}' => return Err(AddressError::UnmatchedBrace { at }),
-                c => literal.push(c),
             }
-        }
-        if !literal.is_empty() {
-            segments.push(Segment::Literal(literal));
         }
         Ok(AddressTemplate {
             raw: raw.to_owned(),

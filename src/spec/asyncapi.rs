@@ -12,7 +12,7 @@ use super::bindings::{BindingTarget, read_bindings};
 use super::error::{Location, ReferenceRule, SpecErrorKind};
 use super::model::{
     Action, Api, Channel, DocumentKind, Message, MessageExample, Operation, Parameter, Protocol,
-    ProtocolFamily, Reply, Role, SchemaDef, SchemaFormat, SecurityScheme, Server,
+    Reply, Role, SchemaDef, SchemaFormat, SecurityScheme, Server,
 };
 use super::reader::{
     Reader, is_valid_component_key, is_valid_parameter_name, merge_patch, placeholders, slug,
@@ -175,18 +175,10 @@ fn read_server(
     let protocol_name = reader.required_string(server, "protocol");
     // The specification lists protocols "including, but not limited to" its own: one it does not
     // list is not an error, and neither is one the gateway has no connector for.
-    let protocol = protocol_name.as_ref().map(|name| {
-        let p = Protocol::parse(name).unwrap_or(Protocol::Unlisted);
-        if p.family() == ProtocolFamily::Other {
-            reader.warn(
-                server.loc.join("protocol"),
-                format!(
-                    "protocol '{name}' has no connector in this gateway: the server is not connected to, and its channels serve the log and web clients only"
-                ),
-            );
-        }
-        p
-    });
+    // Whether the gateway has a connector for it is the routing compiler's question.
+    let protocol = protocol_name
+        .as_ref()
+        .map(|name| Protocol::parse(name).unwrap_or(Protocol::Unlisted));
     let variables = reader.object_field(server, "variables");
     let (host, pathname) = match major {
         Major::V2 => {
@@ -212,7 +204,9 @@ fn read_server(
         .unwrap_or(false);
     Some(Server {
         id,
+        location: server.loc.clone(),
         protocol: protocol?,
+        protocol_name: protocol_name.unwrap_or_default(),
         protocol_version: reader.string(server, "protocolVersion"),
         host,
         pathname,
@@ -242,7 +236,7 @@ pub(super) fn substitute_variables(
     let mut out = template.to_owned();
     for name in names {
         let variable = variables
-            .and_then(|v| v.get(name))
+            .and_then(|v| v.get(&name))
             .and_then(|v| reader.object(&v));
         let Some(variable) = variable else {
             reader.error(
@@ -392,7 +386,7 @@ fn read_parameters(
 ) -> Vec<Parameter> {
     let names: Vec<String> = match address.map(placeholders) {
         None => Vec::new(),
-        Some(Ok(names)) => names.into_iter().map(str::to_owned).collect(),
+        Some(Ok(names)) => names,
         Some(Err(problem)) => {
             reader.error(
                 address_at.clone(),
@@ -708,12 +702,7 @@ fn read_role(reader: &mut Reader<'_>, root: &Node, servers: &[Server]) -> Role {
         ),
         None => {}
     }
-    let server_side = |s: &Server| {
-        matches!(
-            s.protocol.family(),
-            ProtocolFamily::WebSocket | ProtocolFamily::Http
-        )
-    };
+    let server_side = |s: &Server| s.protocol.is_web();
     if !servers.is_empty() && servers.iter().all(server_side) {
         Role::Client
     } else {

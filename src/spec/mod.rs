@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 pub use error::{Diagnostics, Location, ReferenceRule, SpecError, SpecErrorKind, SpecWarning};
 pub use model::*;
+pub use reader::is_valid_parameter_name;
 
 use reader::{Reader, slug};
 use source::{Node, Sources};

@@ -168,16 +168,12 @@ impl Protocol {
         }
     }
 
-    /// The protocol family a connector serves, ignoring TLS.
-    pub fn family(self) -> ProtocolFamily {
-        match self {
-            Protocol::Mqtt | Protocol::SecureMqtt => ProtocolFamily::Mqtt,
-            Protocol::Kafka | Protocol::KafkaSecure => ProtocolFamily::Kafka,
-            Protocol::Amqp | Protocol::Amqps => ProtocolFamily::Amqp,
-            Protocol::Ws | Protocol::Wss => ProtocolFamily::WebSocket,
-            Protocol::Http | Protocol::Https => ProtocolFamily::Http,
-            _ => ProtocolFamily::Other,
-        }
+    /// WebSocket and HTTP: protocols whose servers are web APIs the gateway is a client of.
+    pub fn is_web(self) -> bool {
+        matches!(
+            self,
+            Protocol::Ws | Protocol::Wss | Protocol::Http | Protocol::Https
+        )
     }
 
     pub fn is_tls(self) -> bool {
@@ -199,23 +195,16 @@ impl fmt::Display for Protocol {
     }
 }
 
-/// Protocols grouped by the connector that serves them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ProtocolFamily {
-    Mqtt,
-    Kafka,
-    Amqp,
-    WebSocket,
-    Http,
-    Other,
-}
-
 /// A server (broker or upstream host) a document names.
 #[derive(Debug, Clone, Serialize)]
 pub struct Server {
     pub id: String,
+    #[serde(skip)]
+    pub location: Location,
     pub protocol: Protocol,
+    /// The protocol as the document writes it (an unlisted one keeps its own name).
+    #[serde(skip)]
+    pub protocol_name: String,
     pub protocol_version: Option<String>,
     /// `host[:port]` with server variables replaced by their defaults.
     pub host: String,

@@ -198,7 +198,9 @@ fn read_servers(reader: &mut Reader<'_>, owner: &Node, prefix: &str) -> Vec<Serv
             } else {
                 format!("{prefix}{i}")
             },
+            location: server.loc.clone(),
             protocol,
+            protocol_name: protocol.as_str().to_owned(),
             protocol_version: None,
             host,
             pathname: pathname.filter(|p| p != "/"),

@@ -212,30 +212,10 @@ pub fn slug(name: &str) -> String {
 }
 
 /// The `{name}` placeholders of an address, in order; `Err` says what is malformed.
-pub fn placeholders(address: &str) -> Result<Vec<&str>, String> {
-    let mut names = Vec::new();
-    let mut rest = address;
-    let mut offset = 0;
-    while let Some(open) = rest.find(['{', '}']) {
-        if rest.as_bytes()[open] == b'}' {
-            return Err(format!("has an unmatched '}}' at byte {}", offset + open));
-        }
-        let after = &rest[open + 1..];
-        let Some(close) = after.find('}') else {
-            return Err(format!("has an unclosed '{{' at byte {}", offset + open));
-        };
-        let name = &after[..close];
-        if name.contains('{') {
-            return Err(format!(
-                "has a nested '{{' at byte {}",
-                offset + open + 1 + close
-            ));
-        }
-        names.push(name);
-        offset += open + close + 2;
-        rest = &after[close + 1..];
-    }
-    Ok(names)
+pub fn placeholders(address: &str) -> Result<Vec<String>, String> {
+    crate::template::Template::parse(address)
+        .map(|t| t.names().map(str::to_owned).collect())
+        .map_err(|e| e.to_string())
 }
 
 /// Parameter names as AsyncAPI allows them.

@@ -288,14 +288,6 @@ impl Sources {
     }
 }
 
-/// The `{name}` placeholders of a template, in order (malformed braces are ignored here; the
-/// address parser reports them).
-pub fn placeholder_names(template: &str) -> Vec<String> {
-    super::reader::placeholders(template)
-        .map(|names| names.into_iter().map(str::to_owned).collect())
-        .unwrap_or_default()
-}
-
 /// Is this reference to another host (never fetched)?
 pub fn is_remote(reference: &str) -> bool {
     let lower = reference.get(..8).unwrap_or(reference).to_ascii_lowercase();

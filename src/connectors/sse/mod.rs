@@ -9,6 +9,10 @@
 //! not reopened. The source cannot redeliver what the gateway missed while down, beyond what the
 //! server keeps for `Last-Event-ID`: such routes are at-most-once.
 
+mod binding;
+
+pub use binding::{HttpBindings, SseRoute};
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,7 +27,6 @@ use tokio_util::task::TaskTracker;
 use super::server_access::ClientSide;
 use crate::config::RouteFileConfig;
 use crate::hub::{Hub, LiveRoute};
-use crate::routing::UpstreamBinding;
 use crate::routing::address::Params;
 use crate::routing::envelope::{Envelope, Origin, Transport};
 use crate::upstream::{Backoff, Connections, ServerKey, describe_http_error};
@@ -57,10 +60,15 @@ impl SseConnector {
         let mut streams = Vec::new();
         for live in hub.routes().filter(|r| r.route.api == key.api) {
             let route = &live.route;
-            let Some(sse) = route.upstreams.iter().find_map(|u| match &u.binding {
-                UpstreamBinding::Sse(s) if u.server == key.server => Some(s),
-                _ => None,
-            }) else {
+            let Some(sse) =
+                route
+                    .upstreams
+                    .iter()
+                    .find_map(|u| match u.binding.get::<SseRoute>() {
+                        Some(s) if u.server == key.server => Some(s),
+                        _ => None,
+                    })
+            else {
                 continue;
             };
             if !route.direction.readable {
@@ -341,6 +349,45 @@ fn retry_value(line: &[u8]) -> Option<Duration> {
         .parse()
         .ok()
         .map(Duration::from_millis)
+}
+
+/// HTTP servers: event streams are kept open (SSE); operations are called per request by
+/// `calls`, so a server with no stream needs no connection.
+pub struct Http;
+
+impl crate::connectors::Connector for Http {
+    fn name(&self) -> &'static str {
+        "http"
+    }
+
+    fn protocols(&self) -> &'static [crate::spec::Protocol] {
+        &[crate::spec::Protocol::Http, crate::spec::Protocol::Https]
+    }
+
+    fn bindings(&self) -> &dyn crate::routing::BindingReader {
+        &HttpBindings
+    }
+
+    fn start(&self, cx: crate::connectors::StartContext<'_>) -> Result<bool, String> {
+        let streams = cx.hub.routes().any(|r| {
+            r.route.api == cx.key.api
+                && r.route
+                    .upstreams
+                    .iter()
+                    .any(|u| u.server == cx.key.server && u.binding.get::<SseRoute>().is_some())
+        });
+        if !streams {
+            return Ok(false);
+        }
+        let side = ClientSide::new(cx.key.clone(), cx.server, cx.overrides);
+        tracing::info!(server = %cx.key, url = %side.base_url, "starting SSE connector");
+        SseConnector::build(cx.hub, side, &cx.config.routes).start(
+            cx.hub.clone(),
+            cx.shutdown.clone(),
+            cx.tracker,
+        );
+        Ok(true)
+    }
 }
 
 #[cfg(test)]

@@ -45,7 +45,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::hub::{Hub, LiveRoute};
-use crate::routing::UpstreamBinding;
+mod binding;
+
+pub use binding::{MqttBindings, MqttRoute};
+
 use crate::routing::envelope::{Envelope, Origin, Transport};
 use crate::spec::{Protocol, Server};
 use crate::store::PendingAppend;
@@ -246,16 +249,16 @@ impl MqttConnector {
         config: MqttServerConfig,
         optional: bool,
     ) -> MqttConnector {
-        let routes = hub
-            .routes()
-            .filter(|r| {
-                r.route.api == key.api
-                    && r.route.upstreams.iter().any(|u| {
-                        u.server == key.server && matches!(u.binding, UpstreamBinding::Mqtt(_))
-                    })
-            })
-            .cloned()
-            .collect();
+        let routes =
+            hub.routes()
+                .filter(|r| {
+                    r.route.api == key.api
+                        && r.route.upstreams.iter().any(|u| {
+                            u.server == key.server && u.binding.get::<MqttRoute>().is_some()
+                        })
+                })
+                .cloned()
+                .collect();
         MqttConnector {
             key,
             url,
@@ -292,17 +295,20 @@ impl MqttConnector {
             .iter()
             .filter(|r| r.route.direction.readable)
             .filter_map(|r| {
-                r.route.upstreams.iter().find_map(|u| match &u.binding {
-                    UpstreamBinding::Mqtt(m) if u.server == self.key.server => Some((
-                        r.clone(),
-                        Subscription {
-                            filter: m.filter.pattern.clone(),
-                            qos: qos(m.subscribe_qos),
-                            topic: m.topic.clone(),
-                        },
-                    )),
-                    _ => None,
-                })
+                r.route
+                    .upstreams
+                    .iter()
+                    .find_map(|u| match u.binding.get::<MqttRoute>() {
+                        Some(m) if u.server == self.key.server => Some((
+                            r.clone(),
+                            Subscription {
+                                filter: m.filter.pattern.clone(),
+                                qos: qos(m.subscribe_qos),
+                                topic: m.topic.clone(),
+                            },
+                        )),
+                        _ => None,
+                    })
             })
             .collect();
         let (ingress_tx, ingress_rx) = mpsc::channel(INGRESS_CAPACITY);
@@ -442,8 +448,8 @@ impl Publisher for MqttPublisher {
         upstream: &crate::routing::Upstream,
         message: Outbound,
     ) -> BoxFuture<'static, Result<(), PublishError>> {
-        let (qos_level, retain) = match &upstream.binding {
-            UpstreamBinding::Mqtt(m) => (qos(m.publish_qos), m.retain),
+        let (qos_level, retain) = match upstream.binding.get::<MqttRoute>() {
+            Some(m) => (qos(m.publish_qos), m.retain),
             _ => (QoS::AtLeastOnce, false),
         };
         let (tx, rx) = oneshot::channel();
@@ -948,6 +954,46 @@ async fn await_flushes(
     // Dropping `acks` tells the event loop that every logged message's PUBACK is with it.
 }
 
+/// The MQTT protocol (3.1.1): `mqtt`, `secure-mqtt`/`mqtts` servers.
+pub struct Mqtt;
+
+impl crate::connectors::Connector for Mqtt {
+    fn name(&self) -> &'static str {
+        "mqtt"
+    }
+
+    fn protocols(&self) -> &'static [Protocol] {
+        &[Protocol::Mqtt, Protocol::SecureMqtt]
+    }
+
+    fn bindings(&self) -> &dyn crate::routing::BindingReader {
+        &MqttBindings
+    }
+
+    fn start(&self, cx: crate::connectors::StartContext<'_>) -> Result<bool, String> {
+        let mqtt = MqttServerConfig::build(
+            &cx.api.id,
+            cx.server,
+            cx.overrides,
+            cx.config.max_payload_bytes,
+        )
+        .map_err(|e| e.to_string())?;
+        let url = format!(
+            "{}://{}:{}",
+            if mqtt.tls { "mqtts" } else { "mqtt" },
+            mqtt.host,
+            mqtt.port
+        );
+        tracing::info!(server = %cx.key, url = %url, client_id = %mqtt.client_id, "starting MQTT connector");
+        MqttConnector::build(cx.hub, cx.key, url, mqtt, cx.server.optional).start(
+            cx.hub.clone(),
+            cx.shutdown.clone(),
+            cx.tracker,
+        );
+        Ok(true)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -958,6 +1004,8 @@ mod tests {
             bindings.insert("mqtt".into(), binding);
         }
         Server {
+            location: crate::spec::Location::new("", ""),
+            protocol_name: String::new(),
             id: "broker".into(),
             protocol: Protocol::Mqtt,
             protocol_version: None,

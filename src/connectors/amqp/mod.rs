@@ -11,6 +11,10 @@
 //! task reconnects with backoff, redeclares the topology and restarts the consumers; RabbitMQ
 //! requeues what was delivered and not acknowledged on the lost connection.
 
+mod binding;
+
+pub use binding::{AmqpBindings, AmqpExchange, AmqpPublish, AmqpQueue, AmqpRoute};
+
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -32,8 +36,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::hub::{Hub, LiveRoute};
+use crate::routing::Upstream;
 use crate::routing::envelope::{Envelope, Origin, Transport};
-use crate::routing::{AmqpRoute, Upstream, UpstreamBinding};
 use crate::spec::{Protocol, Server};
 use crate::store::{PendingAppend, Store};
 use crate::upstream::ServerOverride;
@@ -147,12 +151,13 @@ impl AmqpConnector {
             .routes()
             .filter(|r| r.route.api == key.api)
             .filter_map(|r| {
-                r.route.upstreams.iter().find_map(|u| match &u.binding {
-                    UpstreamBinding::Amqp(a) if u.server == key.server => {
-                        Some((r.clone(), a.clone()))
-                    }
-                    _ => None,
-                })
+                r.route
+                    .upstreams
+                    .iter()
+                    .find_map(|u| match u.binding.get::<AmqpRoute>() {
+                        Some(a) if u.server == key.server => Some((r.clone(), a.clone())),
+                        _ => None,
+                    })
             })
             .collect();
         AmqpConnector {
@@ -609,10 +614,7 @@ impl Publisher for AmqpPublisher {
     ) -> BoxFuture<'static, Result<(), PublishError>> {
         let server = self.key.server.clone();
         let channel = self.channel.read().ok().and_then(|c| c.clone());
-        let amqp = match &upstream.binding {
-            UpstreamBinding::Amqp(a) => Some(a.clone()),
-            _ => None,
-        };
+        let amqp = upstream.binding.get::<AmqpRoute>().cloned();
         async move {
             let (Some(channel), Some(amqp)) = (channel, amqp) else {
                 return Err(PublishError::NotConnected { server });
@@ -698,12 +700,45 @@ impl Publisher for AmqpPublisher {
     }
 }
 
+/// AMQP 0-9-1: `amqp` and `amqps` servers.
+pub struct Amqp;
+
+impl crate::connectors::Connector for Amqp {
+    fn name(&self) -> &'static str {
+        "amqp"
+    }
+
+    fn protocols(&self) -> &'static [Protocol] {
+        &[Protocol::Amqp, Protocol::Amqps]
+    }
+
+    fn bindings(&self) -> &dyn crate::routing::BindingReader {
+        &AmqpBindings
+    }
+
+    fn start(&self, cx: crate::connectors::StartContext<'_>) -> Result<bool, String> {
+        // Deliveries are acked after the log flush: the window must cover a flush's worth of
+        // messages (1000 measured p50 5 ms at 5k msg/s; 100 gave 24 ms).
+        let prefetch = cx.overrides.prefetch.unwrap_or(1000);
+        let amqp = AmqpServerConfig::build(cx.server, cx.overrides, prefetch);
+        tracing::info!(server = %cx.key, url = %amqp.display_url, "starting AMQP connector");
+        AmqpConnector::build(cx.hub, cx.key.clone(), amqp, cx.server.optional).start(
+            cx.hub.clone(),
+            cx.shutdown.clone(),
+            cx.tracker,
+        );
+        Ok(true)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn server(host: &str, pathname: Option<&str>) -> Server {
         Server {
+            location: crate::spec::Location::new("", ""),
+            protocol_name: String::new(),
             id: "rabbit".into(),
             protocol: Protocol::Amqp,
             protocol_version: None,

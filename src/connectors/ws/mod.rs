@@ -11,6 +11,10 @@
 //! silent for 45 s is considered dead. Reconnects with backoff. These sources cannot redeliver:
 //! such routes are at-most-once (the compiler says so at load).
 
+mod binding;
+
+pub use binding::{WebSocketRoute, WsBindings, frame_text};
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,7 +35,6 @@ use crate::config::RouteFileConfig;
 use crate::hub::{Hub, LiveRoute};
 use crate::routing::address::Params;
 use crate::routing::envelope::{Envelope, Origin, Transport};
-use crate::routing::{UpstreamBinding, frame_text};
 use crate::telemetry::events::MessageUnmatched;
 use crate::upstream::{Backoff, Connections, Outbound, PublishError, Publisher, ServerKey};
 
@@ -75,10 +78,15 @@ impl WsConnector {
         let mut sockets: Vec<Socket> = Vec::new();
         for live in hub.routes().filter(|r| r.route.api == key.api) {
             let route = &live.route;
-            let Some(ws) = route.upstreams.iter().find_map(|u| match &u.binding {
-                UpstreamBinding::WebSocket(w) if u.server == key.server => Some(w),
-                _ => None,
-            }) else {
+            let Some(ws) =
+                route
+                    .upstreams
+                    .iter()
+                    .find_map(|u| match u.binding.get::<WebSocketRoute>() {
+                        Some(w) if u.server == key.server => Some(w),
+                        _ => None,
+                    })
+            else {
                 continue;
             };
             if !(route.direction.readable || route.direction.writable) {
@@ -429,5 +437,33 @@ impl Publisher for WsPublisher {
                 .unwrap_or(Err(PublishError::NotConnected { server }))
         }
         .boxed()
+    }
+}
+
+/// Upstream WebSocket APIs: `ws` and `wss` servers, connected to as a client.
+pub struct WebSocket;
+
+impl crate::connectors::Connector for WebSocket {
+    fn name(&self) -> &'static str {
+        "websocket"
+    }
+
+    fn protocols(&self) -> &'static [crate::spec::Protocol] {
+        &[crate::spec::Protocol::Ws, crate::spec::Protocol::Wss]
+    }
+
+    fn bindings(&self) -> &dyn crate::routing::BindingReader {
+        &WsBindings
+    }
+
+    fn start(&self, cx: crate::connectors::StartContext<'_>) -> Result<bool, String> {
+        let side = ClientSide::new(cx.key.clone(), cx.server, cx.overrides);
+        tracing::info!(server = %cx.key, url = %side.base_url, "starting WebSocket connector");
+        WsConnector::build(cx.hub, side, &cx.config.routes).start(
+            cx.hub.clone(),
+            cx.shutdown.clone(),
+            cx.tracker,
+        );
+        Ok(true)
     }
 }

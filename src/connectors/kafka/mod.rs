@@ -14,6 +14,10 @@
 //! Kafka has no connection event: a metadata probe every two seconds (on a blocking thread)
 //! drives the connection state behind `/readyz`.
 
+mod binding;
+
+pub use binding::{KafkaBindings, KafkaRoute};
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,9 +35,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::hub::{Hub, LiveRoute};
+use crate::routing::Upstream;
 use crate::routing::address::ProtocolAddress;
 use crate::routing::envelope::{Envelope, Origin, Transport};
-use crate::routing::{Upstream, UpstreamBinding};
 use crate::spec::{Protocol, Server};
 use crate::store::PendingAppend;
 use crate::telemetry::events::MessageUnmatched;
@@ -281,16 +285,16 @@ impl KafkaConnector {
         config: KafkaServerConfig,
         optional: bool,
     ) -> KafkaConnector {
-        let routes = hub
-            .routes()
-            .filter(|r| {
-                r.route.api == key.api
-                    && r.route.upstreams.iter().any(|u| {
-                        u.server == key.server && matches!(u.binding, UpstreamBinding::Kafka(_))
-                    })
-            })
-            .cloned()
-            .collect();
+        let routes =
+            hub.routes()
+                .filter(|r| {
+                    r.route.api == key.api
+                        && r.route.upstreams.iter().any(|u| {
+                            u.server == key.server && u.binding.get::<KafkaRoute>().is_some()
+                        })
+                })
+                .cloned()
+                .collect();
         KafkaConnector {
             key,
             config,
@@ -349,7 +353,7 @@ impl KafkaConnector {
         let mut groups: BTreeMap<String, Vec<Subscribed>> = BTreeMap::new();
         for route in self.routes.iter().filter(|r| r.route.direction.readable) {
             for upstream in &route.route.upstreams {
-                if let UpstreamBinding::Kafka(k) = &upstream.binding
+                if let Some(k) = upstream.binding.get::<KafkaRoute>()
                     && upstream.server == self.key.server
                 {
                     groups
@@ -732,20 +736,6 @@ struct KafkaPublisher {
     connections: Connections,
 }
 
-/// `{param}` placeholders of a key template filled from the concrete address's parameters.
-fn render_key(template: &str, params: &crate::routing::address::Params) -> Option<String> {
-    let mut out = String::new();
-    let mut rest = template;
-    while let Some(open) = rest.find('{') {
-        out.push_str(&rest[..open]);
-        let close = rest[open..].find('}')? + open;
-        out.push_str(params.get(&rest[open + 1..close])?);
-        rest = &rest[close + 1..];
-    }
-    out.push_str(rest);
-    Some(out)
-}
-
 impl Publisher for KafkaPublisher {
     fn is_connected(&self) -> bool {
         self.connections.is_connected(&self.key)
@@ -758,17 +748,20 @@ impl Publisher for KafkaPublisher {
     ) -> BoxFuture<'static, Result<(), PublishError>> {
         let producer = self.producer.clone();
         let server = self.key.server.clone();
-        let key = message
-            .key
-            .clone()
-            .unwrap_or_else(|| match &upstream.binding {
-                UpstreamBinding::Kafka(k) => k
-                    .key_template
-                    .as_deref()
-                    .and_then(|t| render_key(t, &message.params))
-                    .unwrap_or_else(|| message.address.clone()),
-                _ => message.address.clone(),
-            });
+        let key =
+            message
+                .key
+                .clone()
+                .unwrap_or_else(|| match upstream.binding.get::<KafkaRoute>() {
+                    // Compiled and checked against the address's parameters when the route was;
+                    // a message filled from that address has them all.
+                    Some(k) => k
+                        .key_template
+                        .as_ref()
+                        .and_then(|t| t.render(|name| message.params.get(name)).ok())
+                        .unwrap_or_else(|| message.address.clone()),
+                    _ => message.address.clone(),
+                });
         async move {
             let mut headers = OwnedHeaders::new();
             for (name, value) in &message.headers {
@@ -793,13 +786,46 @@ impl Publisher for KafkaPublisher {
     }
 }
 
+/// The Kafka protocol: `kafka` and `kafka-secure` servers.
+pub struct Kafka;
+
+impl crate::connectors::Connector for Kafka {
+    fn name(&self) -> &'static str {
+        "kafka"
+    }
+
+    fn protocols(&self) -> &'static [Protocol] {
+        &[Protocol::Kafka, Protocol::KafkaSecure]
+    }
+
+    fn bindings(&self) -> &dyn crate::routing::BindingReader {
+        &KafkaBindings
+    }
+
+    fn start(&self, cx: crate::connectors::StartContext<'_>) -> Result<bool, String> {
+        let kafka = KafkaServerConfig::build(
+            &cx.api.id,
+            cx.server,
+            cx.overrides,
+            cx.config.max_payload_bytes,
+        )
+        .map_err(|e| e.to_string())?;
+        tracing::info!(server = %cx.key, bootstrap = %kafka.bootstrap_servers, "starting Kafka connector");
+        KafkaConnector::build(cx.hub, cx.key.clone(), kafka, cx.server.optional)
+            .start(cx.hub.clone(), cx.shutdown.clone(), cx.tracker)
+            .map_err(|e| e.to_string())?;
+        Ok(true)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routing::address::Params;
 
     fn server(protocol: Protocol, scheme: Option<&str>) -> Server {
         Server {
+            location: crate::spec::Location::new("", ""),
+            protocol_name: String::new(),
             id: "kafka".into(),
             protocol,
             protocol_version: None,
@@ -853,15 +879,6 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ssl.security_protocol, "SSL");
-    }
-
-    #[test]
-    fn keys_render_from_parameters() {
-        let mut p = Params::default();
-        p.insert("deviceId".into(), "42".into());
-        assert_eq!(render_key("{deviceId}", &p).as_deref(), Some("42"));
-        assert_eq!(render_key("dev-{deviceId}", &p).as_deref(), Some("dev-42"));
-        assert_eq!(render_key("{missing}", &p), None);
     }
 
     #[test]
