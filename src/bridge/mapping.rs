@@ -8,9 +8,11 @@ use serde_json::Value;
 
 use crate::routing::envelope::Delivered;
 use crate::schema::PayloadSchema;
+use crate::template::Piece;
 
 /// A template over the source message: literal text with `{param}`, `{header.NAME}`,
-/// `{payload.FIELD.SUBFIELD}`, `{address}` and `{channel}` placeholders.
+/// `{payload.FIELD.SUBFIELD}`, `{address}` and `{channel}` placeholders — the one `{name}`
+/// syntax ([`crate::template`]), each placeholder resolved to its source once, at load.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Template {
     parts: Vec<Part>,
@@ -30,17 +32,16 @@ impl Template {
     /// Parses a template; `params` are the source's address parameters, the only ones a bare
     /// `{name}` may name.
     pub fn parse(raw: &str, params: &[String]) -> Result<Template, String> {
+        let parsed = crate::template::Template::parse(raw).map_err(|e| format!("'{raw}' {e}"))?;
         let mut parts = Vec::new();
-        let mut rest = raw;
-        while let Some(open) = rest.find('{') {
-            if open > 0 {
-                parts.push(Part::Text(rest[..open].to_owned()));
-            }
-            let after = &rest[open + 1..];
-            let close = after
-                .find('}')
-                .ok_or_else(|| format!("'{raw}': a '{{' is not closed"))?;
-            let name = after[..close].trim();
+        for piece in parsed.pieces() {
+            let name = match piece {
+                Piece::Text(text) => {
+                    parts.push(Part::Text(text.clone()));
+                    continue;
+                }
+                Piece::Placeholder(name) => name.trim(),
+            };
             parts.push(match name.split_once('.') {
                 None if name == "address" => Part::Address,
                 None if name == "channel" => Part::Channel,
@@ -66,10 +67,6 @@ impl Template {
                     ));
                 }
             });
-            rest = &after[close + 1..];
-        }
-        if !rest.is_empty() {
-            parts.push(Part::Text(rest.to_owned()));
         }
         Ok(Template { parts })
     }

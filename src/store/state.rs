@@ -1,0 +1,101 @@
+//! Small durable state beside the logs (bridge and subscription cursors, subscription
+//! definitions): one sled tree per namespace, opaque values, each write flushed before it
+//! returns.
+
+use super::{Error, LogId, Store, blocking};
+
+/// Small durable state beside the logs: bridge and subscription cursors, subscription
+/// definitions. One sled tree per namespace; values are opaque bytes.
+impl Store {
+    /// The value under `key` in `namespace`.
+    pub async fn state_get(&self, namespace: &str, key: &str) -> Result<Option<Vec<u8>>, Error> {
+        let db = self.db()?;
+        let (tree, key) = (state_tree(namespace), key.to_owned());
+        blocking(&tree.clone(), move || {
+            let t = db.open_tree(&tree)?;
+            Ok(t.get(key.as_bytes())?.map(|v| v.to_vec()))
+        })
+        .await
+    }
+
+    /// Stores `value` under `key` and flushes it to disk before returning.
+    pub async fn state_put(&self, namespace: &str, key: &str, value: Vec<u8>) -> Result<(), Error> {
+        let db = self.db()?;
+        let (tree, key) = (state_tree(namespace), key.to_owned());
+        blocking(&tree.clone(), move || {
+            db.open_tree(&tree)?.insert(key.as_bytes(), value)?;
+            db.flush()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Removes `key`; whether it was there.
+    pub async fn state_remove(&self, namespace: &str, key: &str) -> Result<bool, Error> {
+        let db = self.db()?;
+        let (tree, key) = (state_tree(namespace), key.to_owned());
+        blocking(&tree.clone(), move || {
+            let removed = db.open_tree(&tree)?.remove(key.as_bytes())?.is_some();
+            db.flush()?;
+            Ok(removed)
+        })
+        .await
+    }
+
+    /// Every key and value of `namespace`, in key order.
+    pub async fn state_list(&self, namespace: &str) -> Result<Vec<(String, Vec<u8>)>, Error> {
+        let db = self.db()?;
+        let tree = state_tree(namespace);
+        blocking(&tree.clone(), move || {
+            let mut out = Vec::new();
+            for item in db.open_tree(&tree)?.iter() {
+                let (k, v) = item?;
+                out.push((String::from_utf8_lossy(&k).into_owned(), v.to_vec()));
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+/// A durable reader's position in a log (a bridge lane, a call trigger): the next offset it will
+/// take, kept under `key` in `namespace`.
+impl Store {
+    pub async fn cursor(&self, namespace: &str, key: &str) -> Result<Option<u64>, Error> {
+        Ok(self
+            .state_get(namespace, key)
+            .await?
+            .and_then(|v| v.try_into().ok().map(u64::from_be_bytes)))
+    }
+
+    pub async fn set_cursor(&self, namespace: &str, key: &str, next: u64) -> Result<(), Error> {
+        self.state_put(namespace, key, next.to_be_bytes().to_vec())
+            .await
+    }
+
+    /// The cursor, created first when there is none: at `log`'s oldest message when
+    /// `earliest`, else after its newest.
+    pub async fn cursor_or_create(
+        &self,
+        namespace: &str,
+        key: &str,
+        log: &LogId,
+        earliest: bool,
+    ) -> Result<u64, Error> {
+        if let Some(next) = self.cursor(namespace, key).await? {
+            return Ok(next);
+        }
+        let stats = self.stats(log).await?;
+        let next = if earliest {
+            stats.first_offset.unwrap_or(1)
+        } else {
+            stats.last_offset.map_or(1, |o| o + 1)
+        };
+        self.set_cursor(namespace, key, next).await?;
+        Ok(next)
+    }
+}
+
+fn state_tree(namespace: &str) -> String {
+    format!("s:{namespace}")
+}

@@ -1,0 +1,169 @@
+//! The brokers the tests talk to: the machine's Mosquitto and RabbitMQ (a test fails naming
+//! the command to start one that is down), a Mosquitto of the test's own, Kafka readers.
+
+#[allow(unused_imports)]
+use super::*;
+/// Fails (never skips) when the machine's Mosquitto is down, naming the command that starts it.
+pub fn require_mosquitto() {
+    if TcpStream::connect_timeout(&"127.0.0.1:1883".parse().unwrap(), Duration::from_secs(2))
+        .is_err()
+    {
+        panic!(
+            "Mosquitto is not reachable on 127.0.0.1:1883; start it with: mosquitto -d -c /etc/mosquitto/mosquitto.conf"
+        );
+    }
+}
+
+/// A Mosquitto of the test's own on a free port, for tests that stop the broker or need its
+/// limits raised. Killed on drop.
+pub struct OwnMosquitto {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    /// Lines after the `listener` line (per-listener TLS and auth settings).
+    listener_options: String,
+}
+
+impl OwnMosquitto {
+    pub fn start() -> OwnMosquitto {
+        Self::start_with("allow_anonymous true")
+    }
+
+    /// Starts with `listener_options` (e.g. TLS files, `password_file`) under the listener.
+    pub fn start_with(listener_options: &str) -> OwnMosquitto {
+        let dir = tempfile::tempdir().unwrap();
+        let mut broker = OwnMosquitto {
+            port: free_port(),
+            dir,
+            child: None,
+            listener_options: listener_options.to_owned(),
+        };
+        broker.restart();
+        broker
+    }
+
+    fn binary() -> &'static str {
+        for candidate in ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"] {
+            if Path::new(candidate).exists() {
+                return candidate;
+            }
+        }
+        panic!("the mosquitto binary is missing; install it with: apt-get install -y mosquitto");
+    }
+
+    /// Starts (again) on the same port.
+    pub fn restart(&mut self) {
+        let config = self.dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "per_listener_settings true\nlistener {} 127.0.0.1\n{}\npersistence false\nmax_queued_messages 1000000\nmax_inflight_messages 1000\nmax_keepalive 65535\n",
+                self.port, self.listener_options
+            ),
+        )
+        .unwrap();
+        let log_path = self.dir.path().join("mosquitto.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = Command::new(Self::binary())
+            .arg("-c")
+            .arg(&config)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("mosquitto starts");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "own mosquitto did not start on {}:\n{}\n{}",
+                self.port,
+                std::fs::read_to_string(&log_path).unwrap_or_default(),
+                std::fs::read_to_string(&config).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for OwnMosquitto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Fails (never skips) when the machine's RabbitMQ is down, naming the command that starts it.
+pub fn require_rabbitmq() {
+    if TcpStream::connect_timeout(&"127.0.0.1:5672".parse().unwrap(), Duration::from_secs(2))
+        .is_err()
+    {
+        panic!(
+            "RabbitMQ is not reachable on 127.0.0.1:5672; start it with: rabbitmq-server -detached (it takes ~10 s to accept)"
+        );
+    }
+}
+
+/// A plain AMQP client for the test's side of the conversation.
+pub async fn amqp_channel() -> Result<(lapin::Connection, lapin::Channel)> {
+    let connection = lapin::Connection::connect(
+        "amqp://127.0.0.1:5672",
+        lapin::ConnectionProperties::default(),
+    )
+    .await?;
+    let channel = connection.create_channel().await?;
+    Ok((connection, channel))
+}
+
+/// A client channel with publisher confirms on.
+pub async fn amqp_confirm_channel() -> Result<(lapin::Connection, lapin::Channel)> {
+    let (connection, channel) = amqp_channel().await?;
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await?;
+    Ok((connection, channel))
+}
+
+/// Deletes a test's exchange and queues.
+pub async fn amqp_cleanup(prefix: &str, queues: &[&str]) {
+    if let Ok((connection, channel)) = amqp_channel().await {
+        for q in queues {
+            let _ = channel
+                .queue_delete(
+                    format!("{prefix}.{q}").into(),
+                    lapin::options::QueueDeleteOptions::default(),
+                )
+                .await;
+        }
+        let _ = channel
+            .exchange_delete(
+                format!("{prefix}.events").into(),
+                lapin::options::ExchangeDeleteOptions::default(),
+            )
+            .await;
+        let _ = connection.close(200, "done".into()).await;
+    }
+}
+
+/// A Kafka consumer of `topic` in a group of its own, from the earliest offset.
+pub fn kafka_reader(bootstrap: &str, topic: &str) -> rdkafka::consumer::StreamConsumer {
+    use rdkafka::consumer::Consumer;
+    let consumer: rdkafka::consumer::StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    consumer
+}
