@@ -21,8 +21,9 @@ use crate::spec::{
     Action, Api, Channel, Location, Protocol, SpecError, SpecErrorKind, SpecWarning,
 };
 
-/// One protocol's compiled binding of a route.
-pub trait ProtocolRoute: fmt::Debug + Send + Sync + 'static {
+/// One protocol's compiled binding of a route. Listings show it as JSON ([`Serialize`]), and
+/// its connector gets it back by type ([`UpstreamBinding::get`]).
+pub trait ProtocolRoute: fmt::Debug + Send + Sync + Any + AsJson {
     /// The binding's kind in listings (`/api/v1/channels`' `kind`).
     fn kind(&self) -> &'static str;
 
@@ -30,12 +31,16 @@ pub trait ProtocolRoute: fmt::Debug + Send + Sync + 'static {
     fn transport(&self) -> Transport;
 
     /// The concrete upstream address of a message whose parameters `value_of` gives; `generic`
-    /// is the route's own address, filled with the same values.
+    /// is the route's own address filled with the same values, which is what protocols whose
+    /// addresses are URL paths use.
     fn address<'v>(
         &self,
         value_of: &dyn Fn(&str) -> Option<&'v str>,
         generic: &str,
-    ) -> Result<String, FillError>;
+    ) -> Result<String, FillError> {
+        let _ = value_of;
+        Ok(generic.to_owned())
+    }
 
     /// Why this binding cannot redeliver what the gateway did not store, if it cannot (the
     /// route is then at-most-once). Said after "server 'id' (protocol)".
@@ -45,11 +50,23 @@ pub trait ProtocolRoute: fmt::Debug + Send + Sync + 'static {
 
     /// One line for `stepflow routes`.
     fn describe(&self) -> String;
+}
 
-    /// The binding's fields for the listings, without `kind`.
-    fn to_json(&self) -> Value;
+/// What web protocols (HTTP, SSE, WebSocket) say for [`ProtocolRoute::at_most_once`]: nothing
+/// upstream keeps a message for the gateway.
+pub fn not_kept_upstream() -> Option<String> {
+    Some("cannot redeliver what the gateway did not store".into())
+}
 
-    fn as_any(&self) -> &dyn Any;
+/// A binding's fields as JSON, for every serializable route type.
+pub trait AsJson {
+    fn as_json(&self) -> Value;
+}
+
+impl<T: Serialize> AsJson for T {
+    fn as_json(&self) -> Value {
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
 }
 
 /// How a route maps onto one upstream server.
@@ -71,7 +88,10 @@ impl UpstreamBinding {
     /// The binding as protocol `T`'s route type, when it is one.
     pub fn get<T: ProtocolRoute>(&self) -> Option<&T> {
         match self {
-            UpstreamBinding::Protocol(route) => route.as_any().downcast_ref(),
+            UpstreamBinding::Protocol(route) => {
+                let route: &dyn Any = route.as_ref();
+                route.downcast_ref()
+            }
             _ => None,
         }
     }
@@ -108,7 +128,7 @@ impl UpstreamBinding {
 
 impl Serialize for UpstreamBinding {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let fields = match self.protocol().map(ProtocolRoute::to_json) {
+        let fields = match self.protocol().map(AsJson::as_json) {
             Some(Value::Object(fields)) => fields,
             _ => serde_json::Map::new(),
         };
@@ -212,28 +232,12 @@ impl ProtocolRoute for HttpRoute {
         Transport::Http
     }
 
-    fn address<'v>(
-        &self,
-        _value_of: &dyn Fn(&str) -> Option<&'v str>,
-        generic: &str,
-    ) -> Result<String, FillError> {
-        Ok(generic.to_owned())
-    }
-
     fn at_most_once(&self) -> Option<String> {
-        Some("cannot redeliver what the gateway did not store".into())
+        not_kept_upstream()
     }
 
     fn describe(&self) -> String {
         format!("{} {}", self.method, self.path)
-    }
-
-    fn to_json(&self) -> Value {
-        serde_json::to_value(self).unwrap_or(Value::Null)
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }
 

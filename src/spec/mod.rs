@@ -9,6 +9,7 @@ mod asyncapi;
 pub mod bindings;
 pub mod error;
 pub mod model;
+mod objects;
 mod openapi;
 mod reader;
 pub mod source;

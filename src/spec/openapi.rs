@@ -6,12 +6,12 @@
 
 use serde_json::Value;
 
-use super::asyncapi::{read_schema_node, security_requirement, substitute_variables};
 use super::error::SpecErrorKind;
 use super::model::{
     Action, Api, Channel, DocumentKind, HttpBody, HttpOperation, HttpParameter, HttpResponse,
     Message, Operation, Parameter, Protocol, Reply, Role, SchemaFormat, SecurityScheme, Server,
 };
+use super::objects::{read_schema_node, security_requirement, substitute_variables};
 use super::reader::{Reader, slug};
 use super::source::Node;
 

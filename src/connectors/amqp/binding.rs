@@ -1,8 +1,6 @@
 //! AMQP 0-9-1 bindings: the exchange (or queue) a channel is, the queue the gateway consumes
 //! with its binding key, and the publish flags of `send` operations.
 
-use std::any::Any;
-
 use serde::Serialize;
 use serde_json::Value;
 
@@ -86,14 +84,6 @@ impl ProtocolRoute for AmqpRoute {
             (None, Some(q)) => format!("queue {}", q.name),
             (None, None) => "amqp".into(),
         }
-    }
-
-    fn to_json(&self) -> Value {
-        serde_json::to_value(self).unwrap_or(Value::Null)
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }
 

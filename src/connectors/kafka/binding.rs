@@ -1,8 +1,6 @@
 //! Kafka bindings: the topic (the address, or a literal `bindings.kafka.topic`), the consumer
 //! group, and how produced messages are keyed.
 
-use std::any::Any;
-
 use serde::Serialize;
 use serde_json::Value;
 
@@ -56,14 +54,6 @@ impl ProtocolRoute for KafkaRoute {
             "topic {} group {}",
             self.subscription.pattern, self.group_id
         )
-    }
-
-    fn to_json(&self) -> Value {
-        serde_json::to_value(self).unwrap_or(Value::Null)
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }
 

@@ -1,8 +1,6 @@
 //! MQTT bindings: a channel's topic (with `+`/`#` for receiving), and the operations' QoS and
 //! retain flags.
 
-use std::any::Any;
-
 use serde::Serialize;
 use serde_json::Value;
 
@@ -51,14 +49,6 @@ impl ProtocolRoute for MqttRoute {
             self.publish_qos,
             if self.filter.exact { "" } else { " (+match)" }
         )
-    }
-
-    fn to_json(&self) -> Value {
-        serde_json::to_value(self).unwrap_or(Value::Null)
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }
 

@@ -1,12 +1,11 @@
 //! HTTP bindings: a channel marked as a Server-Sent Events stream is one the SSE connector
 //! keeps open; any other HTTP channel is called per request (`calls`).
 
-use std::any::Any;
-
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::routing::address::{FillError, ProtocolAddress};
+use crate::routing::address::ProtocolAddress;
+use crate::routing::binding::not_kept_upstream;
 use crate::routing::envelope::Transport;
 use crate::routing::{BindingReader, ChannelContext, HttpRoute, ProtocolRoute, UpstreamBinding};
 
@@ -34,24 +33,8 @@ impl ProtocolRoute for SseRoute {
         "sse".into()
     }
 
-    fn address<'v>(
-        &self,
-        _value_of: &dyn Fn(&str) -> Option<&'v str>,
-        generic: &str,
-    ) -> Result<String, FillError> {
-        Ok(generic.to_owned())
-    }
-
     fn at_most_once(&self) -> Option<String> {
-        Some("cannot redeliver what the gateway did not store".into())
-    }
-
-    fn to_json(&self) -> Value {
-        serde_json::to_value(self).unwrap_or(Value::Null)
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
+        not_kept_upstream()
     }
 }
 

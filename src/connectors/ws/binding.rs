@@ -1,12 +1,11 @@
 //! WebSocket bindings of an upstream WebSocket API: the path, the `bindings.ws` query and
 //! headers, and the subscribe frames sent after each connect.
 
-use std::any::Any;
-
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::routing::address::{FillError, ProtocolAddress};
+use crate::routing::address::ProtocolAddress;
+use crate::routing::binding::not_kept_upstream;
 use crate::routing::envelope::Transport;
 use crate::routing::{BindingReader, ChannelContext, ProtocolRoute, UpstreamBinding};
 
@@ -39,24 +38,8 @@ impl ProtocolRoute for WebSocketRoute {
         }
     }
 
-    fn address<'v>(
-        &self,
-        _value_of: &dyn Fn(&str) -> Option<&'v str>,
-        generic: &str,
-    ) -> Result<String, FillError> {
-        Ok(generic.to_owned())
-    }
-
     fn at_most_once(&self) -> Option<String> {
-        Some("cannot redeliver what the gateway did not store".into())
-    }
-
-    fn to_json(&self) -> Value {
-        serde_json::to_value(self).unwrap_or(Value::Null)
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
+        not_kept_upstream()
     }
 }
 
