@@ -14,6 +14,10 @@ use super::ChannelId;
 use super::address::Params;
 
 /// How a message entered or leaves the gateway. A closed list: it is a metric label.
+///
+/// The log stores a message's origin transport as this byte (`repr(u8)`, read back with
+/// [`Transport::from_index`]): a new variant is appended with the next number, and no variant is
+/// ever renumbered or removed, or records already on disk change meaning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 #[repr(u8)]
@@ -239,6 +243,28 @@ fn base64_encode(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transport_bytes_on_disk_keep_their_meaning() {
+        // The numbers records were written with; appending a variant keeps every one of them.
+        let on_disk = [
+            (0, "unknown"),
+            (1, "mqtt"),
+            (2, "kafka"),
+            (3, "amqp"),
+            (4, "http"),
+            (5, "ws"),
+            (6, "sse"),
+            (7, "bridge"),
+            (8, "replay"),
+        ];
+        for (byte, name) in on_disk {
+            assert_eq!(Transport::from_index(byte).as_str(), name);
+        }
+        for (i, t) in Transport::ALL.iter().enumerate() {
+            assert_eq!(*t as u8 as usize, i, "{t:?} is out of place in ALL");
+        }
+    }
 
     fn envelope(payload: &'static [u8]) -> Envelope {
         let mut params = Params::default();
