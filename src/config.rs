@@ -138,6 +138,11 @@ pub struct FileConfig {
     pub log: LogFileConfig,
     pub shutdown_timeout_seconds: Option<u64>,
     pub live_buffer: Option<usize>,
+    /// Who may use the gateway (`none`, or api_keys / jwt / public / rate limits).
+    #[serde(default)]
+    pub auth: crate::auth::AuthSetting,
+    /// HTTPS for the listener; with a client CA, mutual TLS.
+    pub tls: Option<crate::auth::TlsFileConfig>,
 }
 
 /// The resolved configuration.
@@ -159,6 +164,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub live_buffer: usize,
     pub log_format: LogFormat,
+    pub auth: crate::auth::AuthSetting,
+    pub tls: Option<crate::auth::TlsFileConfig>,
 }
 
 impl Config {
@@ -245,6 +252,8 @@ impl Config {
             ),
             live_buffer: file.live_buffer.unwrap_or(1024).max(16),
             log_format: args.log_format.unwrap_or_default(),
+            auth: file.auth,
+            tls: file.tls,
         })
     }
 

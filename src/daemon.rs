@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::{Auth, AuthSetting};
 use crate::bridge::{self, Bridge};
 use crate::calls::Operations;
 use crate::calls::replies::BrokerCalls;
@@ -47,6 +48,17 @@ pub const ADDED_SPECS_DIR: &str = "specs";
 
 /// Runs until `shutdown` is cancelled (by a signal in the binary).
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let auth = Arc::new(authentication(&config)?);
+    let tls = match &config.tls {
+        Some(files) => Some(server::tls::acceptor(files).map_err(Error::Config)?),
+        None => None,
+    };
+    // Issuers' keys are fetched in the background: a slow identity provider does not delay
+    // the start, and tokens that arrive first fetch them themselves.
+    tokio::spawn({
+        let auth = auth.clone();
+        async move { auth.prefetch_keys().await }
+    });
     let mut specs = config.specs.clone();
     // Documents added at run time (`POST /api/v1/specs`) are kept here and load with the rest.
     let added = config.data_dir.join(ADDED_SPECS_DIR);
@@ -265,7 +277,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             reason: e.to_string(),
         })?;
     let bound = listener.local_addr().unwrap_or(config.listen);
-    tracing::info!(listen = %bound, "HTTP server listening");
+    tracing::info!(listen = %bound, tls = tls.is_some(), "HTTP server listening");
     let http_shutdown = CancellationToken::new();
     let state = AppState {
         hub: hub.clone(),
@@ -276,8 +288,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         metrics: metrics.clone(),
         shutdown: http_shutdown.clone(),
         connection_ids: Arc::new(AtomicU64::new(0)),
+        auth: auth.clone(),
     };
-    let http = tokio::spawn(server::run(listener, state));
+    let http = tokio::spawn(server::run(listener, tls, state));
     let cursor_flusher = tokio::spawn(
         subscriptions
             .clone()
@@ -299,6 +312,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                     _ = tick.tick() => {
                         metrics.run_upkeep();
                         store.trim();
+                        auth.upkeep();
                     }
                     _ = stall_check.tick() => connections.check_stalls(),
                 }
@@ -346,4 +360,31 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     store.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The gateway's authentication, and the safe default: without an `auth` section it serves
+/// only a loopback address; anything else needs `auth`, or `auth: none` said out loud.
+fn authentication(config: &Config) -> Result<Auth, Error> {
+    match &config.auth {
+        AuthSetting::Absent if config.listen.ip().is_loopback() => Ok(Auth::disabled()),
+        AuthSetting::Absent => Err(Error::Config(format!(
+            "refusing to listen on {} without an `auth` section: add one (api_keys, jwt, public), or write `auth: none` to serve every endpoint to anyone who reaches it",
+            config.listen
+        ))),
+        AuthSetting::Disabled => {
+            tracing::warn!(listen = %config.listen, "auth: none — every endpoint is open to anyone who reaches this address");
+            Ok(Auth::disabled())
+        }
+        AuthSetting::Enabled(section) => {
+            let auth = Auth::build(section).map_err(Error::Config)?;
+            tracing::info!(
+                api_keys = section.api_keys.len(),
+                jwt_issuers = section.jwt.len(),
+                public_channels = section.public.channels.len(),
+                redis = section.redis_url.is_some(),
+                "authentication on"
+            );
+            Ok(auth)
+        }
+    }
 }

@@ -12,6 +12,7 @@
 //! - [`yaml`]: the one YAML reader (YAML 1.2 core schema: only `true`/`false` are booleans).
 #![deny(unsafe_code)]
 
+pub mod auth;
 pub mod bridge;
 pub mod calls;
 pub mod config;

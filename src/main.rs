@@ -46,6 +46,11 @@ enum Command {
         #[arg(long)]
         bridges: Option<PathBuf>,
     },
+    /// API keys for the `auth.api_keys` section.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Print the routing table compiled from API documents.
     Routes {
         #[arg(required = true)]
@@ -53,6 +58,21 @@ enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Print a new random key and the `api_keys` entry (with its SHA-256) to paste into the
+    /// config file; the key itself is shown once and stored nowhere.
+    Generate {
+        /// The entry's id (in logs and metrics; a client certificate's CN for mutual TLS).
+        #[arg(long, default_value = "new-key")]
+        id: String,
+        /// Scopes: publish:<channels>, subscribe:<channels>, call:<operations>, admin:read,
+        /// admin:write, * (comma-separated or repeated).
+        #[arg(long, value_delimiter = ',')]
+        scopes: Vec<String>,
     },
 }
 
@@ -66,7 +86,36 @@ fn main() -> ExitCode {
             bridges,
         } => validate(&paths, warnings, bridges.as_deref()),
         Command::Routes { paths, json } => routes(&paths, json),
+        Command::Keys {
+            command: KeysCommand::Generate { id, scopes },
+        } => generate_key(&id, &scopes),
     }
+}
+
+fn generate_key(id: &str, scopes: &[String]) -> ExitCode {
+    if let Err(e) = stepflow::auth::Scopes::parse(scopes.iter().map(String::as_str)) {
+        eprintln!("stepflow: {e}");
+        return ExitCode::from(2);
+    }
+    let (key, hash) = match stepflow::auth::generate_key() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("stepflow: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let scopes = scopes
+        .iter()
+        .map(|s| format!("'{s}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    println!("# The key (give it to the client; it is not stored anywhere):");
+    println!("# {key}");
+    println!("# The entry for auth.api_keys in the config file:");
+    println!("- id: {id}");
+    println!("  key_sha256: {hash}");
+    println!("  scopes: [{scopes}]");
+    ExitCode::SUCCESS
 }
 
 fn run(args: &RunArgs) -> ExitCode {

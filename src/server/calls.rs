@@ -9,7 +9,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, StreamExt};
@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use super::AppState;
 use super::api::{ReplayQuery, read_body};
 use super::error::{ApiError, ErrorCode};
+use crate::auth::{Need, Principal};
 use crate::calls::{CallError, CallRequest, CallResponse};
 
 impl From<CallError> for ApiError {
@@ -254,13 +255,17 @@ struct CallFrame {
 /// Replies a socket may have waiting at most; a client that sends more calls waits.
 const PENDING_REPLIES: usize = 256;
 
-pub async fn websocket(State(state): State<AppState>, upgrade: WebSocketUpgrade) -> Response {
+pub async fn websocket(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
     upgrade
         .max_message_size(state.hub.config().max_payload_bytes + 4096)
-        .on_upgrade(move |socket| session(socket, state))
+        .on_upgrade(move |socket| session(socket, state, principal))
 }
 
-async fn session(socket: WebSocket, state: AppState) {
+async fn session(socket: WebSocket, state: AppState, principal: Principal) {
     let (mut sink, mut source) = socket.split();
     let (replies, mut outgoing) = mpsc::channel::<String>(PENDING_REPLIES);
     let writer = tokio::spawn(async move {
@@ -292,6 +297,21 @@ async fn session(socket: WebSocket, state: AppState) {
                 continue;
             }
         };
+        // The upgrade needed credentials only: each frame's operation needs its `call:`.
+        let need = Need::Call(frame.op.clone());
+        if !principal.allows(&need) {
+            super::auth::count_denial("forbidden");
+            let error = ApiError::new(
+                StatusCode::FORBIDDEN,
+                ErrorCode::Forbidden,
+                format!("missing scope '{need}'"),
+            );
+            let mut body = error.body();
+            body["type"] = "error".into();
+            body["correlationId"] = json!(frame.correlation_id);
+            let _ = replies.send(body.to_string()).await;
+            continue;
+        }
         let Ok(permit) = calls.clone().acquire_owned().await else {
             break;
         };

@@ -29,6 +29,10 @@ pub enum ErrorCode {
     /// The message log is reopening after an I/O failure: retry later.
     LogUnavailable,
     Internal,
+    Unauthorized,
+    Forbidden,
+    RateLimited,
+    TokenExpired,
 }
 
 /// `{"error": {"code", "message", "details"}}` with its status.

@@ -3,9 +3,11 @@
 
 pub mod admin;
 pub mod api;
+pub mod auth;
 pub mod calls;
 pub mod error;
 pub mod stream;
+pub mod tls;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -35,10 +37,12 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     pub shutdown: CancellationToken,
     pub connection_ids: Arc<AtomicU64>,
+    pub auth: Arc<crate::auth::Auth>,
 }
 
 /// The router.
 pub fn router(state: AppState) -> Router {
+    let guard = middleware::from_fn_with_state(state.clone(), auth::guard);
     Router::new()
         .route("/api/v1/channels", get(api::list_channels))
         .route("/api/v1/channels/{id}", get(api::get_channel))
@@ -77,6 +81,9 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(api::metrics))
         .fallback(api::fallback)
         .method_not_allowed_fallback(method_not_allowed)
+        // Every route, the fallback included, passes the authentication layer; the request
+        // counter sits outside it, so refusals are counted too.
+        .layer(guard)
         .layer(middleware::from_fn(count_requests))
         // The body limit is enforced by the handlers (with a 413 in our error format).
         .layer(axum::extract::DefaultBodyLimit::disable())
@@ -110,17 +117,34 @@ async fn count_requests(request: Request, next: Next) -> Response {
     response
 }
 
-/// Serves until `shutdown` is cancelled, then finishes in-flight requests.
-pub async fn run(listener: TcpListener, state: AppState) -> std::io::Result<()> {
+/// Serves until `shutdown` is cancelled, then finishes in-flight requests; over TLS when an
+/// acceptor is given.
+pub async fn run(
+    listener: TcpListener,
+    tls: Option<Arc<openssl::ssl::SslAcceptor>>,
+    state: AppState,
+) -> std::io::Result<()> {
     use axum::serve::ListenerExt;
     let shutdown = state.shutdown.clone();
+    if let Some(acceptor) = tls {
+        let listener = tls::TlsListener::new(listener, acceptor)?;
+        return axum::serve(
+            listener,
+            router(state).into_make_service_with_connect_info::<auth::PeerInfo>(),
+        )
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await;
+    }
     // Live frames are small and latency-sensitive: do not let Nagle hold them back.
     let listener = listener.tap_io(|tcp| {
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
     });
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await
 }

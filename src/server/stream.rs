@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -21,7 +21,9 @@ use serde_json::json;
 
 use super::AppState;
 use super::api::route_or_404;
+use super::auth::count_denial;
 use super::error::{ApiError, ErrorCode};
+use crate::auth::{Need, Principal};
 use crate::hub::{LiveRoute, PublishRequest, Subscription, SubscriptionEvent};
 use crate::routing::envelope::{Delivered, Origin, Transport};
 use crate::routing::filter::Filter;
@@ -54,6 +56,7 @@ fn delivered(route: &LiveRoute, message: &Delivered, live: bool, transport: Tran
 
 pub async fn websocket(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
     query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
     upgrade: WebSocketUpgrade,
@@ -77,6 +80,7 @@ pub async fn websocket(
             ws_session(
                 socket,
                 state,
+                principal,
                 route,
                 subscription,
                 durable,
@@ -136,9 +140,20 @@ fn parse_ack(payload: &[u8]) -> Option<u64> {
     serde_json::from_slice::<Ack>(payload).ok().map(|a| a.ack)
 }
 
+/// Sleeps until `principal`'s credential expires (forever when it does not). The leeway
+/// tokens get when checked does not extend a stream: it ends at `exp` itself.
+async fn credential_expiry(principal: &Principal) {
+    match principal.expires_in() {
+        Some(left) => tokio::time::sleep(left).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn ws_session(
     socket: WebSocket,
     state: AppState,
+    principal: Principal,
     route: Arc<LiveRoute>,
     mut subscription: Option<Subscription>,
     durable: Option<Durable>,
@@ -156,6 +171,12 @@ async fn ws_session(
             // Shutdown: close with "going away" so clients reconnect elsewhere or later.
             _ = state.shutdown.cancelled() => {
                 break Some(CloseFrame { code: close_code::AWAY, reason: "server shutting down".into() });
+            }
+            // A stream outlives no token: the client reconnects with a fresh one and resumes.
+            _ = credential_expiry(&principal) => {
+                count_denial("token_expired");
+                tracing::info!(principal = %principal.id, channel = %route.id(), "stream closed: token expired");
+                break Some(CloseFrame { code: close_code::POLICY, reason: "token expired".into() });
             }
             // The next message for this client (cancel-safe: consumed only when returned).
             event = async {
@@ -215,7 +236,17 @@ async fn ws_session(
                     }
                     continue;
                 }
-                let reply = publish_frame(&state, &route, &params, payload, connection).await;
+                let need = Need::Publish(route.id().to_string());
+                let reply = if principal.allows(&need) {
+                    publish_frame(&state, &route, &params, payload, connection).await
+                } else {
+                    count_denial("forbidden");
+                    error_frame(&ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        ErrorCode::Forbidden,
+                        format!("missing scope '{need}'"),
+                    ))
+                };
                 if sink.send(Message::Text(reply.into())).await.is_err() {
                     break None;
                 }
@@ -282,6 +313,7 @@ async fn publish_frame(
 
 pub async fn sse(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
     query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
@@ -316,7 +348,7 @@ pub async fn sse(
         (None, None) => parse_from(&params)?,
     };
     let subscription = state.hub.subscribe(&route, from).await?;
-    let stream = sse_stream(state, route, subscription, durable);
+    let stream = sse_stream(state, principal, route, subscription, durable);
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(SSE_KEEP_ALIVE))
         .into_response())
@@ -324,6 +356,7 @@ pub async fn sse(
 
 fn sse_stream(
     state: AppState,
+    principal: Principal,
     route: Arc<LiveRoute>,
     mut subscription: Subscription,
     durable: Option<Durable>,
@@ -333,6 +366,12 @@ fn sse_stream(
         loop {
             let event = tokio::select! {
                 _ = state.shutdown.cancelled() => break,
+                _ = credential_expiry(&principal) => {
+                    count_denial("token_expired");
+                    tracing::info!(principal = %principal.id, channel = %route.id(), "stream closed: token expired");
+                    yield Ok(Event::default().event("error").data(json!({"error": {"code": "token_expired", "message": "the token expired; reconnect with a fresh one"}}).to_string()));
+                    break;
+                }
                 event = subscription.next() => event,
             };
             match event {

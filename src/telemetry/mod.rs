@@ -85,6 +85,13 @@ pub const BRIDGE_LATENCY: &str = "stepflow_bridge_latency_seconds";
 pub const SUBSCRIPTION_LAG: &str = "stepflow_subscription_lag_messages";
 /// HTTP requests, by matched route template and status class.
 pub const HTTP_REQUESTS: &str = "stepflow_http_requests_total";
+/// Requests refused by authentication, authorization or a rate limit, by reason
+/// (unauthorized, forbidden, rate_limited, token_expired).
+pub const AUTH_DENIED: &str = "stepflow_auth_denied_total";
+/// 1 while rate limits are counted in this process because Redis cannot be reached.
+pub const RATE_LIMIT_FALLBACK: &str = "stepflow_rate_limit_fallback";
+/// Redis rate-limit calls that failed (each then counted locally).
+pub const RATE_LIMIT_REDIS_ERRORS: &str = "stepflow_rate_limit_redis_errors_total";
 
 /// Latency buckets from 50 µs to 10 s: live delivery lives in the sub-millisecond range.
 const LATENCY_BUCKETS: [f64; 18] = [
