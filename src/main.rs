@@ -151,9 +151,9 @@ fn run(args: &RunArgs) -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // One line: the log's (stderr, in the configured format).
         Err(e) => {
             tracing::error!("{e:#}");
-            eprintln!("stepflow: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -333,10 +333,11 @@ impl Auth {
 
     /// Whether `principal` may do `need`; the refusal names the missing scope.
     pub fn authorize(&self, principal: &Principal, need: &Need) -> Result<(), Denied> {
-        if principal.allows(need) {
+        let public = principal.tier == Tier::Public;
+        if principal.allows(need) && !(public && *need == Need::Authenticated) {
             return Ok(());
         }
-        if principal.tier == Tier::Public {
+        if public {
             return Err(Denied::Unauthorized {
                 invalid_token: false,
                 reason: format!("'{need}' needs credentials"),

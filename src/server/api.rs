@@ -263,7 +263,14 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     let connections = state.hub.connections().snapshot();
     let log = state.hub.store().health();
     let ready = state.hub.connections().all_connected() && log.ok && !state.shutdown.is_cancelled();
-    let body = Json(json!({ "ready": ready, "log": log, "connections": connections }));
+    // Rate limits counted locally because Redis is unreachable do not make the gateway
+    // unready (it keeps serving), but say so here.
+    let body = Json(json!({
+        "ready": ready,
+        "log": log,
+        "connections": connections,
+        "rateLimits": state.auth.limiter_status(),
+    }));
     if ready {
         (StatusCode::OK, body).into_response()
     } else {

@@ -54,6 +54,14 @@ impl MqttClient {
         Ok(())
     }
 
+    /// Publishes at QoS 1 (the broker has it once the PUBACK returns to the event loop).
+    pub async fn publish(&self, topic: &str, payload: String) -> Result<()> {
+        self.client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+            .await?;
+        Ok(())
+    }
+
     pub async fn recv(&mut self, timeout: Duration) -> Result<rumqttc::Publish> {
         tokio::time::timeout(timeout, self.messages.recv())
             .await

@@ -80,6 +80,11 @@ impl Daemon {
         }
     }
 
+    /// Spawns without waiting for anything (a daemon the test reaches over HTTPS itself).
+    pub fn start_spawned(args: &[&str]) -> Result<Daemon> {
+        Self::spawned(args, &[])
+    }
+
     /// Like [`Daemon::start`], with extra environment variables.
     pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Result<Daemon> {
         let mut daemon = Self::spawned(args, env)?;
