@@ -278,6 +278,70 @@ pub fn unverified_issuer(token: &str) -> Option<String> {
     claims.get("iss")?.as_str().map(str::to_owned)
 }
 
+/// Tokens already verified, so that a client sending the same token with every request pays
+/// a SHA-256 and a lookup, not a signature check (78 µs for RS256, 186 µs for ES256 in the
+/// `auth` bench). Entries live until the token's `exp`, at most [`TokenCache::TTL`] — a key
+/// removed from the JWKS stops being honoured within that time — and the cache holds at most
+/// [`TokenCache::CAPACITY`] tokens, the oldest leaving first.
+pub struct TokenCache {
+    inner: std::sync::Mutex<CacheInner>,
+}
+
+#[derive(Default)]
+struct CacheInner {
+    entries: HashMap<[u8; 32], (Verified, Instant)>,
+    order: std::collections::VecDeque<[u8; 32]>,
+}
+
+impl TokenCache {
+    pub const CAPACITY: usize = 10_000;
+    pub const TTL: Duration = Duration::from_secs(300);
+
+    pub fn new() -> TokenCache {
+        TokenCache {
+            inner: std::sync::Mutex::new(CacheInner::default()),
+        }
+    }
+
+    pub fn get(&self, digest: &[u8; 32]) -> Option<Verified> {
+        let inner = self.inner.lock().ok()?;
+        let (verified, until) = inner.entries.get(digest)?;
+        // As when it was verified: valid until `exp`, give or take the leeway.
+        let still_valid = verified
+            .expires_at
+            .is_none_or(|exp| SystemTime::now() < exp + LEEWAY);
+        (Instant::now() < *until && still_valid).then(|| verified.clone())
+    }
+
+    pub fn insert(&self, digest: [u8; 32], verified: &Verified) {
+        let Ok(mut inner) = self.inner.lock() else {
+            return;
+        };
+        let ttl = verified
+            .expires_at
+            .and_then(|exp| exp.duration_since(SystemTime::now()).ok())
+            .map_or(Self::TTL, |left| left.min(Self::TTL));
+        if inner
+            .entries
+            .insert(digest, (verified.clone(), Instant::now() + ttl))
+            .is_none()
+        {
+            inner.order.push_back(digest);
+        }
+        while inner.order.len() > Self::CAPACITY {
+            if let Some(oldest) = inner.order.pop_front() {
+                inner.entries.remove(&oldest);
+            }
+        }
+    }
+}
+
+impl Default for TokenCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Whether a credential looks like a JWT (three base64url parts, a JSON header).
 pub fn looks_like_jwt(credential: &str) -> bool {
     credential.starts_with("eyJ") && credential.split('.').count() == 3

@@ -128,6 +128,7 @@ pub struct Auth {
     default_limit: RateLimit,
     limiter: limit::Limiter,
     metrics: MetricsAccess,
+    verified_tokens: jwt::TokenCache,
 }
 
 impl Auth {
@@ -143,6 +144,7 @@ impl Auth {
             default_limit: RateLimit::parse(DEFAULT_RATE_LIMIT).expect("valid"),
             limiter: limit::Limiter::new([], None).expect("no redis"),
             metrics: MetricsAccess::Public,
+            verified_tokens: jwt::TokenCache::new(),
         }
     }
 
@@ -215,6 +217,7 @@ impl Auth {
             default_limit,
             limiter,
             metrics: config.metrics,
+            verified_tokens: jwt::TokenCache::new(),
         })
     }
 
@@ -298,6 +301,10 @@ impl Auth {
                 "JWTs are not accepted here (no auth.jwt issuer)".into(),
             ));
         }
+        let digest = sha256(token);
+        if let Some(verified) = self.verified_tokens.get(&digest) {
+            return Ok(self.jwt_principal(verified));
+        }
         let claimed = jwt::unverified_issuer(token);
         let issuer = match claimed {
             Some(iss) => self
@@ -308,13 +315,18 @@ impl Auth {
             None => return Err(invalid("the token has no issuer".into())),
         };
         let verified = issuer.verify(token).await.map_err(|e| invalid(e.0))?;
-        Ok(Principal {
+        self.verified_tokens.insert(digest, &verified);
+        Ok(self.jwt_principal(verified))
+    }
+
+    fn jwt_principal(&self, verified: jwt::Verified) -> Principal {
+        Principal {
             id: format!("jwt:{}", verified.subject).into(),
             tier: Tier::Application,
             scopes: Arc::new(verified.scopes),
             expires_at: verified.expires_at,
             limit: Some(self.default_limit),
-        })
+        }
     }
 
     /// Counts the request against the principal's budget (per client address for the
