@@ -262,7 +262,8 @@ async fn scopes_split_publish_subscribe_admin_and_documents() {
     let other = Key::new("other-api");
     let ws_sub = Key::new("commands-watcher");
     // Scopes name channel ids, so the test names the document's api id itself.
-    let config = "auth:\n  api_keys:\nKEYS  public:\n    channels: ['TELEMETRY']\n";
+    let config =
+        "auth:\n  api_keys:\nKEYS  public:\n    channels: ['TELEMETRY']\n  metrics: protected\n";
     let dir_api = unique("scoped").replace('-', "");
     let keys = [
         sub.entry(&[&format!("subscribe:{dir_api}.telemetry")], None),
@@ -348,6 +349,14 @@ async fn scopes_split_publish_subscribe_admin_and_documents() {
         .await
         .unwrap();
     assert_eq!(purge.status(), 403);
+
+    // `metrics: protected`: /metrics needs admin:read.
+    assert_eq!(get(&gw.url("/metrics"), None).await.status(), 401);
+    assert_eq!(get(&gw.url("/metrics"), Some(&sub.secret)).await.status(), 403);
+    assert_eq!(
+        get(&gw.url("/metrics"), Some(&reader.secret)).await.status(),
+        200
+    );
 
     // Another API's key: 403 here.
     assert_eq!(
