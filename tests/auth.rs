@@ -352,9 +352,14 @@ async fn scopes_split_publish_subscribe_admin_and_documents() {
 
     // `metrics: protected`: /metrics needs admin:read.
     assert_eq!(get(&gw.url("/metrics"), None).await.status(), 401);
-    assert_eq!(get(&gw.url("/metrics"), Some(&sub.secret)).await.status(), 403);
     assert_eq!(
-        get(&gw.url("/metrics"), Some(&reader.secret)).await.status(),
+        get(&gw.url("/metrics"), Some(&sub.secret)).await.status(),
+        403
+    );
+    assert_eq!(
+        get(&gw.url("/metrics"), Some(&reader.secret))
+            .await
+            .status(),
         200
     );
 

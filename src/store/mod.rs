@@ -259,7 +259,7 @@ fn open_db(dir: &Path, config: &StoreConfig) -> Result<(sled::Db, writer::Resume
         offset_gap: if was_clean || is_new {
             0
         } else {
-            config.max_batch as u64
+            config.max_batch as u64 * writer::UNFLUSHED_GAP_BATCHES
         },
     };
     Ok((db, resume))

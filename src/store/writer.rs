@@ -5,7 +5,9 @@
 //! SECONDS once AFTER appends have been written. Release builds do not contain it.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -35,6 +37,17 @@ pub(super) struct Append {
 
 type Completion = oneshot::Sender<Result<u64, Error>>;
 
+/// Answers appends: their own result, or `failure` when their flush failed.
+fn complete(completions: Vec<(Completion, Result<u64, Error>)>, failure: Option<&Error>) {
+    for (done, result) in completions {
+        let outcome = match failure {
+            None => result,
+            Some(e) => Err(e.clone()),
+        };
+        let _ = done.send(outcome);
+    }
+}
+
 struct OpenLog {
     tree: sled::Tree,
     next_offset: u64,
@@ -56,93 +69,152 @@ pub(super) struct Writer {
 /// Longest wait between two attempts to reopen a failed database.
 const MAX_REOPEN_DELAY: Duration = Duration::from_secs(5);
 
+/// After an unclean stop, offsets continue this many batch sizes past the last one on disk.
+/// The writer keeps at most one batch size of appends written (and shown live) but not yet
+/// flushed — the flush in flight and what arrived during it, together — so a crash loses at
+/// most that many offsets a client may have seen.
+pub(super) const UNFLUSHED_GAP_BATCHES: u64 = 1;
+
+/// A flush running on sled's thread pool, and the appends it makes durable.
+struct Flushing {
+    future: Pin<Box<dyn Future<Output = sled::Result<usize>> + Send>>,
+    completions: Vec<(Completion, Result<u64, Error>)>,
+    started: Instant,
+}
+
+// Moved once per loop turn, like the commands themselves (see `Command`).
+#[allow(clippy::large_enum_variant)]
+enum Event {
+    Command(Option<Command>),
+    Flushed(sled::Result<usize>),
+}
+
 impl Writer {
-    pub(super) fn run(self, mut db: sled::Db, mut rx: mpsc::Receiver<Command>, mut resume: Resume) {
+    /// The writer loop. Appends are written and handed to live subscribers as soon as they
+    /// arrive; their durability (the flush, then the completions the upstream acks wait for)
+    /// runs beside it on sled's thread pool, so a live client never waits for an fsync. One
+    /// flush at a time: what arrives during it is written, shown live, and made durable by the
+    /// next one.
+    pub(super) fn run(self, db: sled::Db, rx: mpsc::Receiver<Command>, resume: Resume) {
+        // A dedicated OS thread with its own executor: sled calls block it, never a runtime
+        // worker.
+        futures::executor::block_on(self.run_loop(db, rx, resume));
+    }
+
+    async fn run_loop(self, mut db: sled::Db, mut rx: mpsc::Receiver<Command>, mut resume: Resume) {
         let config = &self.config;
         let mut logs: HashMap<LogId, OpenLog> = HashMap::new();
         let mut last_trim = Instant::now();
         let mut batch: Vec<Append> = Vec::with_capacity(config.max_batch);
-        let mut completions: Vec<(Completion, Result<u64, Error>)> =
+        let mut unflushed: Vec<(Completion, Result<u64, Error>)> =
             Vec::with_capacity(config.max_batch);
+        let mut flushing: Option<Flushing> = None;
         let flush_time = metrics::histogram!(telemetry::LOG_FLUSH_DURATION);
         let batch_size = metrics::histogram!(telemetry::LOG_BATCH_SIZE);
         #[cfg(debug_assertions)]
         let mut freeze = failpoint::Freeze::from_env();
         loop {
-            let Some(first) = rx.blocking_recv() else {
-                break;
-            };
-            #[cfg(debug_assertions)]
-            freeze.before_batch();
-            let started = Instant::now();
-            let mut trim_requested = false;
-            let mut push = |command: Command, batch: &mut Vec<Append>| match command {
-                Command::Append(a) => {
-                    batch.push(a);
-                    None
+            // Appends written but not yet durable: the flush in flight and those after it.
+            let not_durable =
+                flushing.as_ref().map_or(0, |f| f.completions.len()) + unflushed.len();
+            let event = match flushing.as_mut() {
+                None => Event::Command(rx.recv().await),
+                // A batch size written ahead of the disk: wait for it.
+                Some(f) if not_durable >= config.max_batch => {
+                    Event::Flushed(f.future.as_mut().await)
                 }
-                Command::Trim => {
-                    trim_requested = true;
-                    None
-                }
-                Command::Shutdown(done) => Some(done),
-            };
-            let mut shutdown = push(first, &mut batch);
-            // Group commit: take what is already queued, up to the batch size and delay bounds.
-            while shutdown.is_none()
-                && batch.len() < config.max_batch
-                && started.elapsed() < config.max_flush_delay
-            {
-                match rx.try_recv() {
-                    Ok(c) => shutdown = push(c, &mut batch),
-                    Err(_) => break,
-                }
-            }
-            let mut failure: Option<Error> = None;
-            #[cfg(debug_assertions)]
-            freeze.appended(batch.len());
-            for append in batch.drain(..) {
-                let result = if failure.is_some() {
-                    Err(Error::Unavailable {
-                        reason: "an earlier append of the batch failed".into(),
-                    })
-                } else {
-                    insert(&db, &mut logs, &append, resume)
-                };
-                match (&result, &append.live) {
-                    (Ok(offset), Some(live)) => {
-                        // No receiver is fine: nobody is watching this channel live.
-                        let _ = live.send(Arc::new(Delivered::new(
-                            *offset,
-                            append.envelope,
-                            append.dead_letter_reason,
-                        )));
+                Some(f) => {
+                    let recv = std::pin::pin!(rx.recv());
+                    match futures::future::select(recv, f.future.as_mut()).await {
+                        futures::future::Either::Left((command, _)) => Event::Command(command),
+                        futures::future::Either::Right((flushed, _)) => Event::Flushed(flushed),
                     }
-                    (Err(e @ Error::Io { .. }), _) => failure = Some(e.clone()),
-                    _ => {}
                 }
-                completions.push((append.done, result));
-            }
-            if !completions.is_empty() && failure.is_none() {
-                let flush_started = Instant::now();
-                let flushed = db.flush();
-                flush_time.record(flush_started.elapsed().as_secs_f64());
-                batch_size.record(completions.len() as f64);
-                if let Err(e) = flushed {
-                    failure = Some(Error::Io {
-                        log: "flush".into(),
-                        reason: e.to_string(),
-                    });
+            };
+            let mut failure: Option<Error> = None;
+            let mut shutdown = None;
+            let mut trim_requested = false;
+            match event {
+                Event::Flushed(result) => {
+                    let done = flushing.take().expect("a flush was in flight");
+                    flush_time.record(done.started.elapsed().as_secs_f64());
+                    batch_size.record(done.completions.len() as f64);
+                    match result {
+                        Ok(_) => complete(done.completions, None),
+                        Err(e) => {
+                            let error = Error::Io {
+                                log: "flush".into(),
+                                reason: e.to_string(),
+                            };
+                            complete(done.completions, Some(&error));
+                            failure = Some(error);
+                        }
+                    }
                 }
-            }
-            for (done, result) in completions.drain(..) {
-                let outcome = match &failure {
-                    None => result,
-                    Some(e) => Err(e.clone()),
-                };
-                let _ = done.send(outcome);
+                // Every sender is gone: finish what is pending and stop.
+                Event::Command(None) => break,
+                Event::Command(Some(first)) => {
+                    #[cfg(debug_assertions)]
+                    freeze.before_batch();
+                    let started = Instant::now();
+                    let mut push = |command: Command, batch: &mut Vec<Append>| match command {
+                        Command::Append(a) => {
+                            batch.push(a);
+                            None
+                        }
+                        Command::Trim => {
+                            trim_requested = true;
+                            None
+                        }
+                        Command::Shutdown(done) => Some(done),
+                    };
+                    shutdown = push(first, &mut batch);
+                    // Take what is already queued, up to the batch size (less what is not yet
+                    // durable) and the delay bound.
+                    let room = config.max_batch.saturating_sub(not_durable).max(1);
+                    while shutdown.is_none()
+                        && batch.len() < room
+                        && started.elapsed() < config.max_flush_delay
+                    {
+                        match rx.try_recv() {
+                            Ok(c) => shutdown = push(c, &mut batch),
+                            Err(_) => break,
+                        }
+                    }
+                    #[cfg(debug_assertions)]
+                    freeze.appended(batch.len());
+                    for append in batch.drain(..) {
+                        let result = if failure.is_some() {
+                            Err(Error::Unavailable {
+                                reason: "an earlier append of the batch failed".into(),
+                            })
+                        } else {
+                            insert(&db, &mut logs, &append, resume)
+                        };
+                        match (&result, &append.live) {
+                            (Ok(offset), Some(live)) => {
+                                // No receiver is fine: nobody is watching this channel live.
+                                let _ = live.send(Arc::new(Delivered::new(
+                                    *offset,
+                                    append.envelope,
+                                    append.dead_letter_reason,
+                                )));
+                            }
+                            (Err(e @ Error::Io { .. }), _) => failure = Some(e.clone()),
+                            _ => {}
+                        }
+                        unflushed.push((append.done, result));
+                    }
+                }
             }
             if let Some(error) = failure {
+                // sled is done after an I/O error: whatever is pending fails with it (upstreams
+                // redeliver), and the database is reopened.
+                if let Some(f) = flushing.take() {
+                    let _ = f.future.await;
+                    complete(f.completions, Some(&error));
+                }
+                complete(std::mem::take(&mut unflushed), Some(&error));
                 drop(db);
                 logs.clear();
                 match self.reopen(&error, &mut rx) {
@@ -157,18 +229,52 @@ impl Writer {
                         return;
                     }
                 }
+                continue;
+            }
+            if flushing.is_none() && !unflushed.is_empty() {
+                // The future owns a handle: it is awaited (and dropped) before any reopen.
+                let handle = db.clone();
+                flushing = Some(Flushing {
+                    future: Box::pin(async move { handle.flush_async().await }),
+                    completions: std::mem::take(&mut unflushed),
+                    started: Instant::now(),
+                });
             }
             if trim_requested || last_trim.elapsed() >= config.trim_interval {
                 trim(&logs, &config.retention);
                 last_trim = Instant::now();
             }
             if let Some(done) = shutdown {
-                mark_clean(&db);
+                self.finish(&db, flushing.take(), std::mem::take(&mut unflushed))
+                    .await;
                 let _ = done.send(());
                 return;
             }
         }
-        mark_clean(&db);
+        self.finish(&db, flushing.take(), unflushed).await;
+    }
+
+    /// Stopping: the flush in flight and a last one for what came after it, then the clean
+    /// stop mark.
+    async fn finish(
+        &self,
+        db: &sled::Db,
+        flushing: Option<Flushing>,
+        unflushed: Vec<(Completion, Result<u64, Error>)>,
+    ) {
+        if let Some(f) = flushing {
+            let result = f.future.await.map_err(|e| Error::Io {
+                log: "flush".into(),
+                reason: e.to_string(),
+            });
+            complete(f.completions, result.as_ref().err());
+        }
+        let result = db.flush().map_err(|e| Error::Io {
+            log: "flush".into(),
+            reason: e.to_string(),
+        });
+        complete(unflushed, result.as_ref().err());
+        mark_clean(db);
     }
 
     /// After an I/O failure: closes the database, fails appends meanwhile, and reopens it with a
@@ -216,9 +322,9 @@ impl Writer {
                         h.ok = true;
                         h.error = None;
                     });
-                    // What the failed batch showed live may have been lost: skip past it.
+                    // What the failed batches showed live may have been lost: skip past it.
                     let resume = Resume {
-                        offset_gap: self.config.max_batch as u64,
+                        offset_gap: self.config.max_batch as u64 * UNFLUSHED_GAP_BATCHES,
                     };
                     return Some((db, resume));
                 }
