@@ -247,7 +247,14 @@ async fn request_reply_over_mqtt_with_the_correlation_id_in_the_payload() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_reply_over_kafka_with_correlation_and_reply_topic_headers_on_tansu() {
-    request_reply_over_kafka_with_correlation_and_reply_topic_headers(TestKafka::tansu()).await;
+    // Seen once to hang under a loaded full run (no broker or daemon process left alive): a
+    // bound turns that into a failure with a reason instead of a stalled run.
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        request_reply_over_kafka_with_correlation_and_reply_topic_headers(TestKafka::tansu()),
+    )
+    .await
+    .expect("request-reply on tansu finished within 120 s");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
