@@ -1029,40 +1029,30 @@ async fn https_with_a_ca_and_mutual_tls_naming_the_key_by_its_cn() {
     // No client certificate: refused in the handshake.
     let (ok, out) = curl(&["--cacert", ca, &url]);
     assert!(!ok, "a client without a certificate was served: {out}");
+    // The status curl gets presenting the client certificate `cn`.
+    let status_with_certificate = |cn: &str| {
+        let cert = dir.path().join(format!("{cn}.pem"));
+        let cert_key = dir.path().join(format!("{cn}.key"));
+        let (ok, out) = curl(&[
+            "--cacert",
+            ca,
+            "--cert",
+            cert.to_str().unwrap(),
+            "--key",
+            cert_key.to_str().unwrap(),
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &url,
+        ]);
+        assert!(ok, "{out}");
+        out.trim().to_owned()
+    };
     // The certificate's CN names the `ops` key: its scopes apply, without the key itself.
-    let cert = dir.path().join("ops.pem");
-    let cert_key = dir.path().join("ops.key");
-    let (ok, out) = curl(&[
-        "--cacert",
-        ca,
-        "--cert",
-        cert.to_str().unwrap(),
-        "--key",
-        cert_key.to_str().unwrap(),
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        &url,
-    ]);
-    assert!(ok && out.trim() == "200", "{out}");
+    assert_eq!(status_with_certificate("ops"), "200");
     // A certificate from the CA whose CN is no key: 401.
-    let cert = dir.path().join("stranger.pem");
-    let cert_key = dir.path().join("stranger.key");
-    let (ok, out) = curl(&[
-        "--cacert",
-        ca,
-        "--cert",
-        cert.to_str().unwrap(),
-        "--key",
-        cert_key.to_str().unwrap(),
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        &url,
-    ]);
-    assert!(ok && out.trim() == "401", "{out}");
+    assert_eq!(status_with_certificate("stranger"), "401");
     gw.assert_log_keeps(&[&key.secret]);
 }
 
