@@ -306,9 +306,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             // Stall timeouts are seconds long (MQTT's keep-alive is at least 5 s): checking
             // every second reports a stall within a second of its timeout.
             let mut stall_check = tokio::time::interval(Duration::from_secs(1));
+            // Issuers' key sets are fetched again now and then, so a key removed from a JWKS
+            // stops verifying new tokens without waiting for an unknown kid.
+            let mut jwks_refresh = tokio::time::interval(crate::auth::jwt::JWKS_REFRESH_EVERY);
+            jwks_refresh.tick().await;
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
+                    _ = jwks_refresh.tick() => {
+                        let auth = auth.clone();
+                        tokio::spawn(async move { auth.prefetch_keys().await });
+                    }
                     _ = tick.tick() => {
                         metrics.run_upkeep();
                         store.trim();

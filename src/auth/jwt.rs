@@ -1,8 +1,9 @@
 //! JWTs from identity providers: RS256/384/512, ES256/384 and HS256, with `exp`, `nbf`, `iss`
 //! and `aud` checked (jsonwebtoken). Keys come from PEM files, a shared secret, or a JWKS URL
-//! that is fetched at start, cached, and fetched again at once when a token names a key id the
-//! cache does not have — at most once every [`JWKS_REFETCH_EVERY`], so a flood of tokens with
-//! made-up key ids cannot hammer the issuer. Keys rotate without a restart.
+//! that is fetched at start, cached, fetched again every [`JWKS_REFRESH_EVERY`], and at once when
+//! a token names a key id the cache does not have — at most once every [`JWKS_REFETCH_EVERY`],
+//! so a flood of tokens with made-up key ids cannot hammer the issuer. Keys rotate without a
+//! restart, and a removed key stops verifying new tokens within the refresh period.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,6 +22,8 @@ use super::scope::Scopes;
 /// `exp` itself.
 pub const LEEWAY: Duration = Duration::from_secs(5);
 pub const JWKS_REFETCH_EVERY: Duration = Duration::from_secs(10);
+/// Key sets are fetched again this often even when every token names a known key.
+pub const JWKS_REFRESH_EVERY: Duration = Duration::from_secs(300);
 const JWKS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A token that was not accepted; the reason is safe to show (it never holds the token).
