@@ -8,7 +8,7 @@ mod common;
 
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -73,28 +73,40 @@ struct Gateway {
 }
 
 impl Gateway {
-    async fn start(config: &str) -> Gateway {
+    /// Writes the IoT document for `api` and the config, and spawns the daemon on them.
+    fn spawn(config: &str, api: &str) -> Gateway {
         require_mosquitto();
         let dir = tempfile::tempdir().unwrap();
-        let api = unique("sec").replace('-', "");
         let prefix = unique("sec");
-        let spec = iot_spec(dir.path(), &api, &prefix, 1);
+        let spec = iot_spec(dir.path(), api, &prefix, 1);
         let file = dir.path().join("stepflow.yaml");
         std::fs::write(&file, config).unwrap();
-        let daemon = Daemon::start(&[
+        let daemon = Daemon::start_spawned(&[
             "--config",
             file.to_str().unwrap(),
             "--specs",
             spec.to_str().unwrap(),
         ])
-        .await
         .unwrap();
         Gateway {
             daemon,
-            api,
+            api: api.to_owned(),
             prefix,
             _dir: dir,
         }
+    }
+
+    /// A daemon on a document of its own, ready.
+    async fn start(config: &str) -> Gateway {
+        Self::start_as(config, &unique("sec").replace('-', "")).await
+    }
+
+    /// Like [`Gateway::start`], with the document's api id chosen by the caller (scopes in the
+    /// config name its channels).
+    async fn start_as(config: &str, api: &str) -> Gateway {
+        let mut gw = Self::spawn(config, api);
+        gw.daemon.wait_ready(Duration::from_secs(20)).await.unwrap();
+        gw
     }
 
     fn channel(&self, name: &str) -> String {
@@ -276,7 +288,7 @@ async fn scopes_split_publish_subscribe_admin_and_documents() {
     let config = config
         .replace("KEYS", &keys)
         .replace("TELEMETRY", &format!("{dir_api}.telemetry"));
-    let gw = start_with_api(&config, &dir_api).await;
+    let gw = Gateway::start_as(&config, &dir_api).await;
     let telemetry = gw.channel("telemetry");
     let commands = gw.channel("commands");
 
@@ -410,31 +422,6 @@ async fn scopes_split_publish_subscribe_admin_and_documents() {
         &other.secret,
         &ws_sub.secret,
     ]);
-}
-
-/// Like [`Gateway::start`], with the document's api id chosen by the caller (scopes in the
-/// config name its channels).
-async fn start_with_api(config: &str, api: &str) -> Gateway {
-    require_mosquitto();
-    let dir = tempfile::tempdir().unwrap();
-    let prefix = unique("sec");
-    let spec = iot_spec(dir.path(), api, &prefix, 1);
-    let file = dir.path().join("stepflow.yaml");
-    std::fs::write(&file, config).unwrap();
-    let daemon = Daemon::start(&[
-        "--config",
-        file.to_str().unwrap(),
-        "--specs",
-        spec.to_str().unwrap(),
-    ])
-    .await
-    .unwrap();
-    Gateway {
-        daemon,
-        api: api.to_owned(),
-        prefix,
-        _dir: dir,
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -796,48 +783,6 @@ async fn past_the_limit_the_answer_is_429_with_retry_after() {
     gw.assert_log_keeps(&[&key.secret]);
 }
 
-/// A `redis-server` of the test's own, on a free port, keeping nothing on disk.
-struct OwnRedis {
-    port: u16,
-    child: Child,
-}
-
-impl OwnRedis {
-    fn start() -> OwnRedis {
-        let port = free_port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server runs (apt-get install redis-server)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        OwnRedis { port, child }
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 #[tokio::test]
 async fn two_daemons_sharing_redis_share_one_budget_and_survive_its_loss() {
     let mut redis = OwnRedis::start();
@@ -936,21 +881,9 @@ async fn tls_gateway(dir: &Path, client_ca: bool, key: &Key) -> Gateway {
         "auth:\n  api_keys:\n{}{tls}",
         key.entry(&["admin:read"], None)
     );
-    // The harness waits for readiness over plain HTTP: start, then wait over HTTPS here.
-    require_mosquitto();
-    let spec_dir = tempfile::tempdir().unwrap();
-    let api = unique("tls").replace('-', "");
-    let prefix = unique("tls");
-    let spec = iot_spec(spec_dir.path(), &api, &prefix, 1);
-    let file = spec_dir.path().join("stepflow.yaml");
-    std::fs::write(&file, config).unwrap();
-    let daemon = Daemon::start_spawned(&[
-        "--config",
-        file.to_str().unwrap(),
-        "--specs",
-        spec.to_str().unwrap(),
-    ])
-    .unwrap();
+    // The harness waits for readiness over plain HTTP: spawn, then wait over HTTPS here.
+    let gw = Gateway::spawn(&config, &unique("tls").replace('-', ""));
+    let daemon = &gw.daemon;
     let url = format!("https://127.0.0.1:{}/healthz", daemon.port);
     let ca = dir.join("ca.pem");
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -976,12 +909,7 @@ async fn tls_gateway(dir: &Path, client_ca: bool, key: &Key) -> Gateway {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Gateway {
-        daemon,
-        api,
-        prefix,
-        _dir: spec_dir,
-    }
+    gw
 }
 
 #[tokio::test]

@@ -34,9 +34,10 @@ pub struct Rejected(pub String);
 /// A token that was accepted.
 #[derive(Debug, Clone)]
 pub struct Verified {
-    pub subject: String,
+    /// `jwt:<subject>`: the principal's id, formatted once per token.
+    pub principal_id: Arc<str>,
     pub issuer: String,
-    pub scopes: Scopes,
+    pub scopes: Arc<Scopes>,
     /// When the token stops being valid (`exp`); streams end there.
     pub expires_at: Option<SystemTime>,
 }
@@ -47,7 +48,7 @@ pub struct Issuer {
     audience: Option<String>,
     scopes_claim: String,
     /// PEM keys and the HS256 secret: tried in order when the token names no known key id.
-    fixed: Vec<DecodingKey>,
+    fixed: Vec<Arc<DecodingKey>>,
     jwks: Option<Jwks>,
 }
 
@@ -78,13 +79,13 @@ impl Issuer {
                         key.pem_file.display()
                     )
                 })?;
-            fixed.push(decoding);
+            fixed.push(Arc::new(decoding));
         }
         if let Some(secret) = &config.hs256_secret {
-            fixed.push(
+            fixed.push(Arc::new(
                 DecodingKey::from_secret(secret.as_bytes())
                     .map_err(|e| format!("hs256_secret: {e}"))?,
-            );
+            ));
         }
         let jwks = match &config.jwks_url {
             Some(url) => Some(Jwks {
@@ -135,9 +136,9 @@ impl Issuer {
                 None if self.fixed.is_empty() => {
                     return Err(Rejected(format!("unknown key id '{kid}'")));
                 }
-                None => self.fixed.iter().cloned().map(Arc::new).collect(),
+                None => self.fixed.clone(),
             },
-            _ => self.fixed.iter().cloned().map(Arc::new).collect(),
+            _ => self.fixed.clone(),
         };
         if keys.is_empty() {
             return Err(Rejected("the token names no key id".into()));
@@ -175,14 +176,14 @@ impl Issuer {
             }
             _ => Scopes::default(),
         };
+        let subject = claims
+            .get("sub")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown");
         Verified {
-            subject: claims
-                .get("sub")
-                .and_then(Value::as_str)
-                .unwrap_or("unknown")
-                .to_owned(),
+            principal_id: format!("jwt:{subject}").into(),
             issuer: self.issuer.clone(),
-            scopes,
+            scopes: Arc::new(scopes),
             expires_at: claims
                 .get("exp")
                 .and_then(Value::as_u64)

@@ -6,8 +6,8 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock};
@@ -54,7 +54,7 @@ pub struct LimiterStatus {
 }
 
 pub struct Limiter {
-    local: HashMap<RateLimit, DefaultKeyedRateLimiter<String>>,
+    local: HashMap<RateLimit, DefaultKeyedRateLimiter<Arc<str>>>,
     redis: Option<RedisLimiter>,
 }
 
@@ -106,7 +106,7 @@ impl Limiter {
     }
 
     /// Counts one request of `key` against `limit`.
-    pub async fn check(&self, key: &str, limit: RateLimit) -> Result<(), Limited> {
+    pub async fn check(&self, key: &Arc<str>, limit: RateLimit) -> Result<(), Limited> {
         if let Some(redis) = &self.redis {
             match redis.check(key, limit).await {
                 Ok(verdict) => return verdict,
@@ -116,7 +116,7 @@ impl Limiter {
         self.check_locally(key, limit)
     }
 
-    fn check_locally(&self, key: &str, limit: RateLimit) -> Result<(), Limited> {
+    fn check_locally(&self, key: &Arc<str>, limit: RateLimit) -> Result<(), Limited> {
         let Some(limiter) = self.local.get(&limit) else {
             // Every limit is registered at start; one that is not cannot be enforced.
             return Ok(());
@@ -280,17 +280,18 @@ mod tests {
     async fn the_local_limiter_admits_the_budget_then_says_when() {
         let limit = RateLimit::parse("5/min").unwrap();
         let limiter = Limiter::new([limit], None).unwrap();
+        let (k, other): (Arc<str>, Arc<str>) = ("k".into(), "other".into());
         for _ in 0..5 {
-            assert!(limiter.check("k", limit).await.is_ok());
+            assert!(limiter.check(&k, limit).await.is_ok());
         }
-        let limited = limiter.check("k", limit).await.unwrap_err();
+        let limited = limiter.check(&k, limit).await.unwrap_err();
         assert!(limited.retry_after > Duration::from_secs(5), "{limited:?}");
         assert!(
             limited.retry_after <= Duration::from_secs(12),
             "{limited:?}"
         );
         // Another principal has its own budget.
-        assert!(limiter.check("other", limit).await.is_ok());
+        assert!(limiter.check(&other, limit).await.is_ok());
     }
 
     #[test]

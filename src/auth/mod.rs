@@ -62,8 +62,13 @@ impl Principal {
         }
     }
 
+    /// Whether the principal may do `need`. Scopes decide what a principal may do; being
+    /// someone (`Need::Authenticated`) is a matter of tier.
     pub fn allows(&self, need: &Need) -> bool {
-        self.scopes.allows(need)
+        match need {
+            Need::Authenticated => self.tier != Tier::Public,
+            _ => self.scopes.allows(need),
+        }
     }
 
     /// How long until the credential expires; `None` when it does not.
@@ -129,6 +134,8 @@ pub struct Auth {
     limiter: limit::Limiter,
     metrics: MetricsAccess,
     verified_tokens: jwt::TokenCache,
+    /// The principal of every request when authentication is off, built once.
+    unrestricted: Principal,
 }
 
 impl Auth {
@@ -145,6 +152,7 @@ impl Auth {
             limiter: limit::Limiter::new([], None).expect("no redis"),
             metrics: MetricsAccess::Public,
             verified_tokens: jwt::TokenCache::new(),
+            unrestricted: Principal::unrestricted(),
         }
     }
 
@@ -218,11 +226,17 @@ impl Auth {
             limiter,
             metrics: config.metrics,
             verified_tokens: jwt::TokenCache::new(),
+            unrestricted: Principal::unrestricted(),
         })
     }
 
     pub fn is_enabled(&self) -> bool {
         self.enabled
+    }
+
+    /// The principal of a request when authentication is off (reference-counted copies).
+    pub fn unrestricted(&self) -> Principal {
+        self.unrestricted.clone()
     }
 
     /// Fetches every issuer's JWKS once; problems are logged (tokens retry the fetch).
@@ -244,7 +258,7 @@ impl Auth {
         client: IpAddr,
     ) -> Result<Principal, Denied> {
         if !self.enabled {
-            return Ok(Principal::unrestricted());
+            return Ok(self.unrestricted());
         }
         match credential {
             None => Ok(Principal {
@@ -321,9 +335,9 @@ impl Auth {
 
     fn jwt_principal(&self, verified: jwt::Verified) -> Principal {
         Principal {
-            id: format!("jwt:{}", verified.subject).into(),
+            id: verified.principal_id,
             tier: Tier::Application,
-            scopes: Arc::new(verified.scopes),
+            scopes: verified.scopes,
             expires_at: verified.expires_at,
             limit: Some(self.default_limit),
         }
@@ -345,11 +359,10 @@ impl Auth {
 
     /// Whether `principal` may do `need`; the refusal names the missing scope.
     pub fn authorize(&self, principal: &Principal, need: &Need) -> Result<(), Denied> {
-        let public = principal.tier == Tier::Public;
-        if principal.allows(need) && !(public && *need == Need::Authenticated) {
+        if principal.allows(need) {
             return Ok(());
         }
-        if public {
+        if principal.tier == Tier::Public {
             return Err(Denied::Unauthorized {
                 invalid_token: false,
                 reason: format!("'{need}' needs credentials"),

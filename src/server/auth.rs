@@ -117,10 +117,53 @@ fn credential<'a>(
 /// The middleware: authenticate, rate-limit, authorize; the principal goes on to the handler.
 pub async fn guard(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let auth = state.auth.clone();
-    let template = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned());
+    // `MatchedPath` holds an `Arc<str>`: cloning it costs no allocation per request.
+    let template = request.extensions().get::<MatchedPath>().cloned();
+    let route = template.as_ref().map_or("unmatched", |t| t.as_str());
+    let method = request.method().clone();
+    // Whether the route has a rule does not depend on its parameters: fail closed first.
+    if let Some(t) = &template
+        && route_need(&auth, &method, t.as_str(), |_| None).is_none()
+    {
+        tracing::error!(route = %route, "a route has no authorization rule: refused");
+        return deny(
+            &Denied::Forbidden {
+                need: "a rule for this endpoint".into(),
+            },
+            None,
+            route,
+        );
+    }
+    if !auth.is_enabled() {
+        request.extensions_mut().insert(auth.unrestricted());
+        return next.run(request).await;
+    }
+    let need = match &template {
+        // Only templates with parameters need them extracted.
+        Some(t) if t.as_str().contains('{') => {
+            let (mut parts, body) = request.into_parts();
+            let params = axum::RequestPartsExt::extract::<RawPathParams>(&mut parts)
+                .await
+                .ok();
+            request = Request::from_parts(parts, body);
+            let param = |name: &str| {
+                params.as_ref().and_then(|p| {
+                    p.iter()
+                        .find(|(k, _)| *k == name)
+                        .map(|(_, v)| v.to_owned())
+                })
+            };
+            route_need(&auth, &method, t.as_str(), param)
+        }
+        Some(t) => route_need(&auth, &method, t.as_str(), |_| None),
+        // No route: say 404 to those with credentials only.
+        None => Some(Need::Authenticated),
+    }
+    .expect("checked above: the route has a rule");
+    if need == Need::Nothing {
+        return next.run(request).await;
+    }
+
     // Plain TCP gives the socket address; the TLS listener gives its certificate too.
     let peer = request
         .extensions()
@@ -135,50 +178,7 @@ pub async fn guard(State(state): State<AppState>, mut request: Request, next: Ne
     let client = peer
         .as_ref()
         .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.addr.ip());
-    let route = template.as_deref().unwrap_or("unmatched").to_owned();
-
-    let need = match &template {
-        Some(t) => {
-            let params = {
-                let (mut parts, body) = request.into_parts();
-                let params = axum::RequestPartsExt::extract::<RawPathParams>(&mut parts)
-                    .await
-                    .ok();
-                request = Request::from_parts(parts, body);
-                params
-            };
-            let param = |name: &str| {
-                params.as_ref().and_then(|p| {
-                    p.iter()
-                        .find(|(k, _)| *k == name)
-                        .map(|(_, v)| v.to_owned())
-                })
-            };
-            route_need(&auth, request.method(), t, param)
-        }
-        // No route: say 404 to those with credentials only.
-        None => Some(Need::Authenticated),
-    };
-    let Some(need) = need else {
-        tracing::error!(route = %route, "a route has no authorization rule: refused");
-        return deny(
-            &Denied::Forbidden {
-                need: "a rule for this endpoint".into(),
-            },
-            None,
-            &route,
-        );
-    };
-    if need == Need::Nothing || !auth.is_enabled() {
-        if !auth.is_enabled() {
-            request.extensions_mut().insert(Principal::unrestricted());
-        }
-        return next.run(request).await;
-    }
-
-    let streaming = template
-        .as_deref()
-        .is_some_and(|t| t.starts_with("/ws/") || t.starts_with("/sse/"));
+    let streaming = route.starts_with("/ws/") || route.starts_with("/sse/");
     let principal = match peer.as_ref().and_then(|p| p.certificate_cn.as_deref()) {
         Some(cn) => auth.certificate(cn),
         None => match credential(request.headers(), request.uri().query(), streaming) {
@@ -188,13 +188,13 @@ pub async fn guard(State(state): State<AppState>, mut request: Request, next: Ne
     };
     let principal = match principal {
         Ok(p) => p,
-        Err(denied) => return deny(&denied, None, &route),
+        Err(denied) => return deny(&denied, None, route),
     };
     if let Err(denied) = auth.admit(&principal).await {
-        return deny(&denied, Some(&principal), &route);
+        return deny(&denied, Some(&principal), route);
     }
     if let Err(denied) = auth.authorize(&principal, &need) {
-        return deny(&denied, Some(&principal), &route);
+        return deny(&denied, Some(&principal), route);
     }
     request.extensions_mut().insert(principal);
     next.run(request).await
