@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::store::Retention;
+use crate::store::{Limit, RetentionPolicy, RetentionSetting};
 use crate::telemetry::LogFormat;
 use crate::upstream::ServerOverride;
 
@@ -25,6 +25,10 @@ pub enum Error {
     MissingVariable { path: PathBuf, name: String },
     #[error("--server {value}: expected SERVER_ID=URL")]
     BadServerFlag { value: String },
+    #[error(
+        "routes.{route}.retention.max_total_bytes: the budget of all logs together is set at the top level only"
+    )]
+    TotalBudgetPerRoute { route: String },
 }
 
 /// `stepflow run` flags; each also reads a `STEPFLOW_*` variable.
@@ -98,6 +102,8 @@ pub struct RouteFileConfig {
     /// For readable routes: each message that arrives calls an operation, and the reply is
     /// published on another route.
     pub call: Option<TriggerConfig>,
+    /// How much of this channel's logs to keep, over the top-level `retention`.
+    pub retention: Option<RetentionSetting>,
 }
 
 /// A call triggered by the messages of a route.
@@ -131,8 +137,9 @@ pub struct FileConfig {
     pub servers: BTreeMap<String, ServerFileConfig>,
     #[serde(default)]
     pub routes: BTreeMap<String, RouteFileConfig>,
+    /// How much of each log to keep (default: 7 days and 1 GiB per log, 10 GiB in all).
     #[serde(default)]
-    pub retention: Retention,
+    pub retention: RetentionSetting,
     pub max_payload_bytes: Option<usize>,
     #[serde(default)]
     pub log: LogFileConfig,
@@ -156,7 +163,7 @@ pub struct Config {
     pub servers: BTreeMap<String, ServerOverride>,
     /// Keyed by route id.
     pub routes: BTreeMap<String, RouteFileConfig>,
-    pub retention: Retention,
+    pub retention: RetentionPolicy,
     pub max_payload_bytes: usize,
     pub log_max_batch: usize,
     pub log_max_flush_delay: Duration,
@@ -236,8 +243,8 @@ impl Config {
             specs,
             bridges,
             servers,
+            retention: retention_policy(&file.retention, &file.routes)?,
             routes: file.routes,
-            retention: file.retention,
             max_payload_bytes: args
                 .max_payload_bytes
                 .or(file.max_payload_bytes)
@@ -267,6 +274,34 @@ impl Config {
             .cloned()
             .unwrap_or_default()
     }
+}
+
+/// The top-level retention over the defaults, and each route's over that.
+fn retention_policy(
+    top: &RetentionSetting,
+    routes: &BTreeMap<String, RouteFileConfig>,
+) -> Result<RetentionPolicy, Error> {
+    let defaults = RetentionPolicy::default();
+    let default = top.over(&defaults.default);
+    let mut channels = std::collections::HashMap::new();
+    for (id, route) in routes {
+        if let Some(setting) = &route.retention {
+            if setting.max_total_bytes.is_some() {
+                return Err(Error::TotalBudgetPerRoute { route: id.clone() });
+            }
+            channels.insert(id.clone(), setting.over(&default));
+        }
+    }
+    let max_total_bytes = match top.max_total_bytes {
+        None => defaults.max_total_bytes,
+        Some(Limit::Unlimited) => None,
+        Some(Limit::At(n)) => Some(n),
+    };
+    Ok(RetentionPolicy {
+        default,
+        channels,
+        max_total_bytes,
+    })
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, Error> {
@@ -361,7 +396,7 @@ mod tests {
         let c = Config::load(&args).unwrap();
         assert_eq!(c.listen.port(), 9100);
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/stepflow"));
-        assert_eq!(c.retention.max_messages, Some(10));
+        assert_eq!(c.retention.default.max_messages, Some(10));
         assert_eq!(
             c.server_override("iot", "mosquitto").url.as_deref(),
             Some("mqtt://other:1884")

@@ -318,6 +318,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                         tokio::spawn(async move { auth.prefetch_keys().await });
                     }
                     _ = tick.tick() => {
+                        crate::telemetry::resources::sample(&store).await;
                         metrics.run_upkeep();
                         store.trim();
                         auth.upkeep();

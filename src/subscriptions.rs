@@ -227,14 +227,14 @@ impl Subscriptions {
     }
 
     /// Messages of the channel at or after the cursor.
-    pub async fn lag(&self, hub: &Hub, def: &SubscriptionDef) -> Result<u64, store::Error> {
-        let Some(route) = hub.route(&def.channel) else {
-            return Ok(0);
-        };
-        let stats = hub.store().stats(&route.log).await?;
-        Ok(stats
-            .last_offset
-            .map_or(0, |last| (last + 1).saturating_sub(def.cursor)))
+    /// Where the subscription's cursor is against its channel's log.
+    pub fn position(&self, hub: &Hub, def: &SubscriptionDef) -> store::ReaderPosition {
+        match hub.route(&def.channel) {
+            Some(route) => {
+                store::ReaderPosition::of(def.cursor, &hub.store().log_stats(&route.log))
+            }
+            None => store::ReaderPosition::default(),
+        }
     }
 
     /// Writes the cursors changed since the last call.
@@ -276,10 +276,9 @@ impl Subscriptions {
             ticks += 1;
             if ticks.is_multiple_of(10) {
                 for def in self.list() {
-                    if let Ok(lag) = self.lag(&hub, &def).await {
-                        metrics::gauge!(crate::telemetry::SUBSCRIPTION_LAG, "subscription" => def.name)
-                            .set(lag as f64);
-                    }
+                    let lag = self.position(&hub, &def).lag;
+                    metrics::gauge!(crate::telemetry::SUBSCRIPTION_LAG, "subscription" => def.name)
+                        .set(lag as f64);
                 }
             }
         }

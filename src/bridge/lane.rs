@@ -287,6 +287,7 @@ struct LaneMetrics {
     filtered: Counter,
     dead_lettered: Counter,
     dropped: Counter,
+    expired: Counter,
     retries: Counter,
     in_flight: Gauge,
     lag: Gauge,
@@ -305,6 +306,7 @@ impl LaneMetrics {
             filtered: outcome("filtered"),
             dead_lettered: outcome("dead_lettered"),
             dropped: outcome("dropped"),
+            expired: outcome("expired"),
             retries: counter!(BRIDGE_RETRIES, "bridge" => b.clone(), "target" => t.clone()),
             in_flight: gauge!(BRIDGE_IN_FLIGHT, "bridge" => b.clone(), "target" => t.clone()),
             lag: gauge!(BRIDGE_LAG, "bridge" => b.clone(), "target" => t.clone()),
@@ -446,6 +448,10 @@ impl Runner {
                         window.push_back(self.dispatch(message));
                     }
                     Ok(Some(SubscriptionEvent::Lagged { .. })) => {}
+                    Ok(Some(SubscriptionEvent::Expired { missed, resume_from })) => {
+                        tracing::warn!(bridge = %self.lane.bridge, target = self.lane.target.label(), missed, resume_from, "retention removed messages this lane had not sent; it continues with the oldest kept");
+                        self.metrics.expired.increment(missed);
+                    }
                     Ok(None) => return Restart::Stop,
                     Err(e) => {
                         tracing::warn!(bridge = %self.lane.bridge, error = %e, "source log read failed; retrying");

@@ -179,7 +179,10 @@ impl BrokerCalls {
                     };
                     let message = match event {
                         Ok(Some(SubscriptionEvent::Message { message, .. })) => message,
-                        Ok(Some(SubscriptionEvent::Lagged { .. })) => continue,
+                        // Replies are read live; a reader that fell behind skips what it missed.
+                        Ok(Some(
+                            SubscriptionEvent::Lagged { .. } | SubscriptionEvent::Expired { .. },
+                        )) => continue,
                         Ok(None) => return,
                         Err(e) => {
                             tracing::warn!(channel = %route.id(), error = %e, "reply stream interrupted");

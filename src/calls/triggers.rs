@@ -138,6 +138,9 @@ pub async fn start(
                                 });
                             }
                             Ok(Some(SubscriptionEvent::Lagged { .. })) => {}
+                            Ok(Some(SubscriptionEvent::Expired { missed, resume_from })) => {
+                                tracing::warn!(channel = %route.id(), missed, resume_from, "retention removed messages before their calls were made; continuing with the oldest kept");
+                            }
                             Ok(None) => break 'restart,
                             Err(e) => {
                                 tracing::warn!(channel = %route.id(), error = %e, "trigger stream interrupted; resuming from the cursor");

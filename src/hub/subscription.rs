@@ -49,6 +49,9 @@ pub enum SubscriptionEvent {
     /// The subscriber fell behind the live stream by `skipped` messages; it continues from
     /// the log at `resume_from`.
     Lagged { skipped: u64, resume_from: u64 },
+    /// Retention removed `missed` offsets before this subscriber read them; it continues at
+    /// `resume_from`, the oldest offset the log still has.
+    Expired { missed: u64, resume_from: u64 },
 }
 
 /// A route's messages in offset order: replayed from the log, then live.
@@ -80,6 +83,15 @@ impl Subscription {
                 }));
             }
             if self.replaying {
+                let expired_before = self.store.log_stats(&self.route.log).expired_before;
+                if self.next_offset < expired_before {
+                    let missed = expired_before - self.next_offset;
+                    self.next_offset = expired_before;
+                    return Ok(Some(SubscriptionEvent::Expired {
+                        missed,
+                        resume_from: expired_before,
+                    }));
+                }
                 let messages = self
                     .store
                     .read(&self.route.log, self.next_offset, self.batch)
@@ -208,6 +220,7 @@ mod tests {
                     live.push(l);
                 }
                 SubscriptionEvent::Lagged { .. } => lagged = true,
+                SubscriptionEvent::Expired { .. } => panic!("nothing expires here"),
             }
         }
         (offsets, live, lagged)

@@ -45,9 +45,10 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
 }
 
 async fn view(state: &AppState, def: &SubscriptionDef) -> Result<Value, ApiError> {
-    let lag = state.subscriptions.lag(&state.hub, def).await?;
+    let position = state.subscriptions.position(&state.hub, def);
     let mut v = serde_json::to_value(def).unwrap_or_default();
-    v["lag"] = json!(lag);
+    v["lag"] = json!(position.lag);
+    v["expired"] = json!(position.expired);
     Ok(v)
 }
 
@@ -108,18 +109,20 @@ pub async fn list_bridges(State(state): State<AppState>) -> Result<Json<Value>, 
     let mut out = Vec::new();
     for b in state.bridges.iter() {
         let mut view = bridge::describe(b);
-        let last = match state.hub.route(&b.source) {
-            Some(route) => state.hub.store().stats(&route.log).await?.last_offset,
-            None => None,
-        };
+        let stats = state
+            .hub
+            .route(&b.source)
+            .map(|route| state.hub.store().log_stats(&route.log));
         if let Some(targets) = view["targets"].as_array_mut() {
             for (lane, target) in b.lanes.iter().zip(targets) {
                 let cursor = bridge::lane::cursor(state.hub.store(), lane).await?;
+                let position = match (cursor, &stats) {
+                    (Some(c), Some(stats)) => crate::store::ReaderPosition::of(c, stats),
+                    _ => crate::store::ReaderPosition::default(),
+                };
                 target["cursor"] = json!(cursor);
-                target["lag"] = json!(match (cursor, last) {
-                    (Some(c), Some(l)) => (l + 1).saturating_sub(c),
-                    _ => 0,
-                });
+                target["lag"] = json!(position.lag);
+                target["expired"] = json!(position.expired);
             }
         }
         out.push(view);

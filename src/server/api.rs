@@ -249,9 +249,17 @@ pub async fn stats(State(state): State<AppState>) -> Result<Json<Value>, ApiErro
             "liveSubscribers": route.live_subscribers(),
         }));
     }
+    let sample = crate::telemetry::resources::sample(state.hub.store()).await;
     Ok(Json(json!({
         "channels": channels,
-        "store": { "bytesOnDisk": state.hub.store().size_on_disk().await },
+        // bytesOnDisk: sled's files (logs, state, and space not yet reclaimed); logBytes: what the
+        // logs' chunks take.
+        "store": {
+            "bytesOnDisk": sample.data_dir_bytes,
+            "logBytes": sample.log_bytes,
+            "logMessages": sample.log_messages,
+        },
+        "process": { "residentBytes": sample.resident_bytes },
     })))
 }
 

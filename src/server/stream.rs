@@ -47,6 +47,22 @@ fn lagged_notice(skipped: u64, resume_from: u64) -> String {
     json!({"type": "lagged", "skipped": skipped, "resumeFrom": resume_from}).to_string()
 }
 
+/// Tells a client that retention removed messages it asked for; a durable subscription's loss is
+/// counted and logged (once per gap).
+fn expired_notice(
+    route: &LiveRoute,
+    durable: Option<&Durable>,
+    missed: u64,
+    resume_from: u64,
+) -> String {
+    if let Some(d) = durable {
+        tracing::warn!(subscription = %d.name, channel = %route.id(), missed, resume_from, "retention removed messages this durable subscription had not received");
+        metrics::counter!(crate::telemetry::SUBSCRIPTION_MESSAGES, "subscription" => d.name.clone(), "outcome" => "expired")
+            .increment(missed);
+    }
+    json!({"type": "expired", "missed": missed, "resumeFrom": resume_from}).to_string()
+}
+
 /// Records the delivery of `message` (latency only for live messages: replayed ones did not
 /// just arrive).
 fn delivered(route: &LiveRoute, message: &Delivered, live: bool, transport: Transport) {
@@ -205,6 +221,9 @@ async fn ws_session(
                     Ok(Some(SubscriptionEvent::Lagged { skipped, resume_from })) => {
                         SubscriberLagged { channel: route.id(), transport: Transport::Ws, skipped }.emit();
                         Message::Text(lagged_notice(skipped, resume_from).into())
+                    }
+                    Ok(Some(SubscriptionEvent::Expired { missed, resume_from })) => {
+                        Message::Text(expired_notice(&route, durable.as_ref(), missed, resume_from).into())
                     }
                     Ok(None) => break Some(CloseFrame { code: close_code::AWAY, reason: "channel closed".into() }),
                     Err(e) => {
@@ -386,6 +405,9 @@ fn sse_stream(
                 Ok(Some(SubscriptionEvent::Lagged { skipped, resume_from })) => {
                     SubscriberLagged { channel: route.id(), transport: Transport::Sse, skipped }.emit();
                     yield Ok(Event::default().event("lagged").data(lagged_notice(skipped, resume_from)));
+                }
+                Ok(Some(SubscriptionEvent::Expired { missed, resume_from })) => {
+                    yield Ok(Event::default().event("expired").data(expired_notice(&route, durable.as_ref(), missed, resume_from)));
                 }
                 Ok(None) => break,
                 Err(e) => {

@@ -13,21 +13,28 @@
 //! [`Error::Unavailable`] (upstreams keep the messages and redeliver them), and reopens it with a
 //! backoff until it works again; [`Store::health`] tells readiness probes meanwhile.
 
+mod chunk;
+mod index;
+mod layout;
+mod log;
 mod record;
+mod retention;
 mod state;
 mod writer;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::routing::ChannelId;
 use crate::routing::envelope::{Delivered, Envelope};
 
+use index::LogIndex;
 pub use record::CorruptRecord;
+pub use retention::{Limit, Retention, RetentionPolicy, RetentionSetting};
 
 /// Store failures.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -96,46 +103,11 @@ impl LogId {
             kind: LogKind::Calls,
         }
     }
-
-    fn tree_name(&self) -> String {
-        match self.kind {
-            LogKind::Messages => format!("m:{}", self.channel),
-            LogKind::DeadLetters => format!("d:{}", self.channel),
-            LogKind::Calls => format!("c:{}", self.channel),
-        }
-    }
 }
 
 impl std::fmt::Display for LogId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.channel, self.kind.as_str())
-    }
-}
-
-/// How much of each log to keep; `None` keeps everything of that measure.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Retention {
-    pub max_messages: Option<u64>,
-    #[serde(with = "optional_seconds", rename = "max_age_seconds")]
-    pub max_age: Option<Duration>,
-    pub max_bytes: Option<u64>,
-}
-
-mod optional_seconds {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(v: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match v {
-            Some(d) => s.serialize_some(&d.as_secs()),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        Ok(Option::<u64>::deserialize(d)?.map(Duration::from_secs))
     }
 }
 
@@ -148,12 +120,14 @@ pub struct StoreConfig {
     pub max_flush_delay: Duration,
     /// Capacity of the append queue (appenders wait when it is full).
     pub queue_capacity: usize,
-    pub retention: Retention,
+    pub retention: RetentionPolicy,
     /// How often retention runs.
     pub trim_interval: Duration,
     /// sled's page cache. Its default (1 GiB) would let the daemon grow to that; the log is
     /// written sequentially and read mostly at its tail, so a small cache serves it.
     pub cache_bytes: u64,
+    /// A log's recent records are sealed into one compressed chunk once they add up to this.
+    pub chunk_bytes: usize,
 }
 
 impl Default for StoreConfig {
@@ -162,9 +136,10 @@ impl Default for StoreConfig {
             max_batch: 1000,
             max_flush_delay: Duration::from_millis(5),
             queue_capacity: 8192,
-            retention: Retention::default(),
+            retention: RetentionPolicy::default(),
             trim_interval: Duration::from_secs(5),
             cache_bytes: 8 * 1024 * 1024,
+            chunk_bytes: chunk::SEAL_RAW_BYTES,
         }
     }
 }
@@ -180,11 +155,40 @@ impl PendingAppend {
 }
 
 /// Position and size of one log.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct LogStats {
     pub first_offset: Option<u64>,
     pub last_offset: Option<u64>,
     pub messages: u64,
+    /// What its chunks take on disk (compressed, before sled's own overhead).
+    pub bytes: u64,
+    /// Offsets below this were removed by retention: a reader behind it missed them.
+    pub expired_before: u64,
+}
+
+/// Where a durable reader (a bridge lane, a subscription) stands against its log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ReaderPosition {
+    /// Messages at or after its cursor that it has yet to read.
+    pub lag: u64,
+    /// Offsets retention removed before it read them (it skips them when it next reads).
+    pub expired: u64,
+}
+
+impl ReaderPosition {
+    pub fn of(cursor: u64, stats: &LogStats) -> Self {
+        let expired = stats.expired_before.saturating_sub(cursor);
+        let lag = stats.last_offset.map_or(0, |last| {
+            (last + 1).saturating_sub(cursor.max(stats.expired_before))
+        });
+        ReaderPosition { lag, expired }
+    }
+}
+
+impl Default for LogStats {
+    fn default() -> Self {
+        LogIndex::new(1).stats()
+    }
 }
 
 /// Whether the log accepts appends, for readiness probes and `/api/v1/status`.
@@ -202,9 +206,50 @@ struct Shared {
     /// `None` while the writer reopens the database after a failure.
     db: RwLock<Option<sled::Db>>,
     health: Mutex<LogHealth>,
+    /// Every log's chunks; written by the writer thread only.
+    indexes: RwLock<HashMap<LogId, LogIndex>>,
 }
 
 impl Shared {
+    fn replace_indexes(&self, indexes: HashMap<LogId, LogIndex>) {
+        if let Ok(mut slot) = self.indexes.write() {
+            *slot = indexes;
+        }
+    }
+
+    fn with_index<T>(&self, log: &LogId, f: impl FnOnce(Option<&LogIndex>) -> T) -> T {
+        match self.indexes.read() {
+            Ok(indexes) => f(indexes.get(log)),
+            Err(_) => f(None),
+        }
+    }
+
+    fn update_index(&self, log: &LogId, f: impl FnOnce(&mut LogIndex)) {
+        if let Ok(mut indexes) = self.indexes.write() {
+            f(indexes
+                .entry(log.clone())
+                .or_insert_with(|| LogIndex::new(1)));
+        }
+    }
+
+    fn for_each_index(&self, mut f: impl FnMut(&LogId, &LogIndex)) {
+        if let Ok(indexes) = self.indexes.read() {
+            for (log, index) in indexes.iter() {
+                f(log, index);
+            }
+        }
+    }
+
+    fn logs_with(&self, pred: impl Fn(&LogIndex) -> bool) -> Vec<LogId> {
+        let mut out = Vec::new();
+        self.for_each_index(|log, index| {
+            if pred(index) {
+                out.push(log.clone());
+            }
+        });
+        out
+    }
+
     fn set_db(&self, db: Option<sled::Db>) {
         if let Ok(mut slot) = self.db.write() {
             *slot = db;
@@ -278,7 +323,15 @@ impl Store {
         let shared = Arc::new(Shared {
             db: RwLock::new(Some(db.clone())),
             health: Mutex::new(LogHealth::default()),
+            indexes: RwLock::new(HashMap::new()),
         });
+        let logs =
+            log::Logs::load(db, shared.clone(), resume, config.chunk_bytes).map_err(|e| {
+                Error::Open {
+                    path: dir.to_path_buf(),
+                    reason: e.to_string(),
+                }
+            })?;
         shared.set_health(|h| h.ok = true);
         let (commands, rx) = mpsc::channel(config.queue_capacity);
         let writer = writer::Writer {
@@ -288,7 +341,7 @@ impl Store {
         };
         let handle = std::thread::Builder::new()
             .name("stepflow-log-writer".into())
-            .spawn(move || writer.run(db, rx, resume))
+            .spawn(move || writer.run(logs, rx))
             .map_err(|e| Error::Open {
                 path: dir.to_path_buf(),
                 reason: format!("cannot start the log writer: {e}"),
@@ -360,8 +413,8 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<Arc<Delivered>>, Error> {
         let db = self.db()?;
-        let log = log.clone();
-        tokio::task::spawn_blocking(move || read_blocking(&db, &log, from, limit))
+        let (shared, log) = (self.shared.clone(), log.clone());
+        tokio::task::spawn_blocking(move || read_blocking(&db, &shared, &log, from, limit))
             .await
             .map_err(|e| Error::Io {
                 log: String::new(),
@@ -369,16 +422,24 @@ impl Store {
             })?
     }
 
-    /// First and last offset and count of a log.
+    /// First and last offset, count and size of a log (from memory: no disk read).
     pub async fn stats(&self, log: &LogId) -> Result<LogStats, Error> {
-        let db = self.db()?;
-        let log = log.clone();
-        tokio::task::spawn_blocking(move || stats_blocking(&db, &log))
-            .await
-            .map_err(|e| Error::Io {
-                log: String::new(),
-                reason: format!("stats task failed: {e}"),
-            })?
+        Ok(self.log_stats(log))
+    }
+
+    /// The same, for callers that cannot wait.
+    pub fn log_stats(&self, log: &LogId) -> LogStats {
+        self.shared
+            .with_index(log, |i| i.map(LogIndex::stats))
+            .unwrap_or_default()
+    }
+
+    /// Every log's stats (for `/api/v1/stats` and the metrics).
+    pub fn all_stats(&self) -> Vec<(LogId, LogStats)> {
+        let mut out = Vec::new();
+        self.shared
+            .for_each_index(|log, index| out.push((log.clone(), index.stats())));
+        out
     }
 
     /// Bytes the store takes on disk.
@@ -413,58 +474,36 @@ impl Store {
     }
 }
 
-/// Log maintenance: removing what was replayed or is no longer wanted.
+/// Log maintenance: removing what was replayed or is no longer wanted. Both run on the writer
+/// thread, after the appends queued before them, and are flushed before they answer.
 impl Store {
     /// Removes the given offsets from a log (dead letters that were replayed); how many were there.
     pub async fn remove_offsets(&self, log: &LogId, offsets: Vec<u64>) -> Result<u64, Error> {
-        let db = self.db()?;
+        let (done, rx) = oneshot::channel();
         let log = log.clone();
-        let name = log.to_string();
-        blocking(&name, move || {
-            let tree = db.open_tree(log.tree_name())?;
-            remember_next_offset(&db, &log, &tree)?;
-            let mut removed = 0;
-            for offset in offsets {
-                if tree.remove(offset.to_be_bytes())?.is_some() {
-                    removed += 1;
-                }
-            }
-            db.flush()?;
-            Ok(removed)
-        })
-        .await
+        self.maintain(writer::Command::Remove { log, offsets, done }, rx)
+            .await
     }
 
     /// Empties a log; offsets continue where they were. How many records were removed.
     pub async fn purge(&self, log: &LogId) -> Result<u64, Error> {
-        let db = self.db()?;
+        let (done, rx) = oneshot::channel();
         let log = log.clone();
-        let name = log.to_string();
-        blocking(&name, move || {
-            let tree = db.open_tree(log.tree_name())?;
-            remember_next_offset(&db, &log, &tree)?;
-            let removed = tree.len() as u64;
-            tree.clear()?;
-            db.flush()?;
-            Ok(removed)
-        })
-        .await
+        self.maintain(writer::Command::Purge { log, done }, rx)
+            .await
     }
-}
 
-/// Records where a log's offsets continue before records are removed, so an emptied log does not
-/// start again at 1 after a restart (cursors and Last-Event-IDs refer to offsets).
-fn remember_next_offset(db: &sled::Db, log: &LogId, tree: &sled::Tree) -> Result<(), sled::Error> {
-    if let Some((key, _)) = tree.last()? {
-        let next = offset_of(&key) + 1;
-        let meta = db.open_tree("meta")?;
-        let floor_key = writer::next_offset_key(log);
-        let known = meta.get(&floor_key)?.map_or(0, |v| offset_of(&v));
-        if next > known {
-            meta.insert(floor_key, &next.to_be_bytes())?;
-        }
+    async fn maintain(
+        &self,
+        command: writer::Command,
+        rx: oneshot::Receiver<Result<u64, Error>>,
+    ) -> Result<u64, Error> {
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| Error::Closed)?;
+        rx.await.unwrap_or(Err(Error::Closed))
     }
-    Ok(())
 }
 
 /// Runs sled work on the blocking pool, mapping its errors to the log it concerns.
@@ -492,40 +531,50 @@ fn io_error(log: &LogId, e: sled::Error) -> Error {
     }
 }
 
+/// How often a read plans again when the writer moved a chunk under it (a seal, retention).
+const READ_ATTEMPTS: usize = 8;
+
 fn read_blocking(
     db: &sled::Db,
+    shared: &Shared,
     log: &LogId,
     from: u64,
     limit: usize,
 ) -> Result<Vec<Arc<Delivered>>, Error> {
-    let tree = db
-        .open_tree(log.tree_name())
-        .map_err(|e| io_error(log, e))?;
-    let mut out = Vec::new();
-    for item in tree.range(from.to_be_bytes()..).take(limit) {
-        let (key, value) = item.map_err(|e| io_error(log, e))?;
-        let offset = offset_of(&key);
-        let delivered = record::decode(&log.channel, offset, Bytes::copy_from_slice(&value))
-            .map_err(|source| Error::Corrupt {
+    let trees = layout::LogTrees::open(db, log).map_err(|e| io_error(log, e))?;
+    'plan: for _ in 0..READ_ATTEMPTS {
+        let plan = shared.with_index(log, |i| i.map(|i| i.plan(from, limit)).unwrap_or_default());
+        let mut out = Vec::with_capacity(limit.min(4096));
+        for info in plan {
+            let value = trees
+                .of(&info)
+                .get(info.first.to_be_bytes())
+                .map_err(|e| io_error(log, e))?;
+            // Sealed into another chunk, or removed by retention, since the plan.
+            let Some(value) = value else { continue 'plan };
+            let corrupt = |offset, source| Error::Corrupt {
                 log: log.to_string(),
                 offset,
                 source,
-            })?;
-        out.push(Arc::new(delivered));
+            };
+            for record in chunk::records(info.first, &value).map_err(|e| corrupt(info.first, e))? {
+                let (offset, record) = record.map_err(|e| corrupt(info.first, e))?;
+                if offset < from {
+                    continue;
+                }
+                let delivered =
+                    record::decode(&log.channel, offset, record).map_err(|e| corrupt(offset, e))?;
+                out.push(Arc::new(delivered));
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+            }
+        }
+        return Ok(out);
     }
-    Ok(out)
-}
-
-fn stats_blocking(db: &sled::Db, log: &LogId) -> Result<LogStats, Error> {
-    let tree = db
-        .open_tree(log.tree_name())
-        .map_err(|e| io_error(log, e))?;
-    let first = tree.first().map_err(|e| io_error(log, e))?;
-    let last = tree.last().map_err(|e| io_error(log, e))?;
-    Ok(LogStats {
-        first_offset: first.map(|(k, _)| offset_of(&k)),
-        last_offset: last.map(|(k, _)| offset_of(&k)),
-        messages: tree.len() as u64,
+    Err(Error::Io {
+        log: log.to_string(),
+        reason: "the log kept changing under the read; retry".into(),
     })
 }
 
@@ -541,6 +590,7 @@ mod tests {
     use super::*;
     use crate::routing::address::Params;
     use crate::routing::envelope::{Origin, Transport};
+    use bytes::Bytes;
 
     fn envelope() -> Envelope {
         Envelope::new(
@@ -603,6 +653,263 @@ mod tests {
         }
         let store = Store::open(dir.path(), config()).unwrap();
         assert_eq!(append_one(&store).await, 16, "5 + 1 + max_batch");
+        store.shutdown().await;
+    }
+
+    fn log() -> LogId {
+        LogId::messages("c".into())
+    }
+
+    /// Appends `n` messages of `size` payload bytes, `batch` at a time (one tail chunk each).
+    async fn append_many(store: &Store, n: u64, size: usize, batch: u64) -> Vec<u64> {
+        let mut offsets = Vec::new();
+        let mut i = 0;
+        while i < n {
+            let mut pending = Vec::new();
+            for _ in 0..batch.min(n - i) {
+                let mut e = envelope();
+                e.payload = Bytes::from(format!("{i:0size$}"));
+                pending.push(store.append(log(), e, None, None).await.unwrap());
+                i += 1;
+            }
+            for p in pending {
+                offsets.push(p.flushed().await.unwrap());
+            }
+        }
+        offsets
+    }
+
+    async fn offsets_read(store: &Store, from: u64, limit: usize) -> Vec<u64> {
+        let read = store.read(&log(), from, limit).await.unwrap();
+        read.iter().map(|m| m.offset).collect()
+    }
+
+    fn small_chunks(retention: RetentionPolicy) -> StoreConfig {
+        StoreConfig {
+            chunk_bytes: 4 * 1024,
+            retention,
+            ..StoreConfig::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn many_messages_take_few_keys_and_read_back_from_any_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), small_chunks(RetentionPolicy::unlimited())).unwrap();
+        let offsets = append_many(&store, 2000, 100, 50).await;
+        assert_eq!(offsets, (1..=2000).collect::<Vec<_>>());
+        let chunks = store
+            .shared
+            .with_index(&log(), |i| i.unwrap().chunk_count());
+        // 2000 × ~135 bytes in chunks of at least 4 KiB: one per commit of 50 here.
+        assert!((30..=70).contains(&chunks), "{chunks} chunks");
+        for from in [1, 17, 999, 1000, 1001, 1990] {
+            let got = offsets_read(&store, from, 25).await;
+            let want: Vec<u64> = (from..(from + 25).min(2001)).collect();
+            assert_eq!(got, want, "from {from}");
+        }
+        let read = store.read(&log(), 1234, 1).await.unwrap();
+        assert_eq!(
+            &read[0].envelope.payload[..],
+            format!("{:0100}", 1233).as_bytes()
+        );
+        let stats = store.log_stats(&log());
+        assert_eq!(
+            (stats.first_offset, stats.last_offset, stats.messages),
+            (Some(1), Some(2000), 2000)
+        );
+        assert!(
+            stats.bytes < 2000 * 100,
+            "sealed chunks are compressed: {} bytes",
+            stats.bytes
+        );
+        store.shutdown().await;
+        drop(store);
+        let store = Store::open(dir.path(), small_chunks(RetentionPolicy::unlimited())).unwrap();
+        assert_eq!(
+            store.log_stats(&log()),
+            stats,
+            "the index is the same after a restart"
+        );
+        assert_eq!(
+            offsets_read(&store, 1995, 10).await,
+            [1995, 1996, 1997, 1998, 1999, 2000]
+        );
+        assert_eq!(append_one(&store).await, 2001);
+        store.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn reads_racing_seals_see_every_offset_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), small_chunks(RetentionPolicy::unlimited())).unwrap();
+        let writer = {
+            let store = store.clone();
+            tokio::spawn(async move { append_many(&store, 3000, 100, 7).await })
+        };
+        let mut next = 1;
+        while next <= 3000 {
+            for offset in offsets_read(&store, next, 100).await {
+                assert_eq!(offset, next, "no gap, no repeat");
+                next += 1;
+            }
+            tokio::task::yield_now().await;
+        }
+        writer.await.unwrap();
+        store.shutdown().await;
+    }
+
+    fn retention(max_messages: Option<u64>, max_bytes: Option<u64>) -> RetentionPolicy {
+        RetentionPolicy {
+            default: Retention {
+                max_messages,
+                max_age: None,
+                max_bytes,
+            },
+            channels: Default::default(),
+            max_total_bytes: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn retention_removes_whole_old_chunks_and_says_where_it_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), small_chunks(retention(Some(500), None))).unwrap();
+        append_many(&store, 2000, 100, 50).await;
+        store.trim();
+        // The trim runs on the writer; the next append comes after it.
+        append_one(&store).await;
+        let stats = store.log_stats(&log());
+        assert!(
+            (500..600).contains(&stats.messages),
+            "keeps at least 500, within a chunk: {stats:?}"
+        );
+        let first = stats.first_offset.unwrap();
+        assert_eq!(
+            stats.expired_before, first,
+            "retention stopped where the log starts"
+        );
+        assert_eq!(
+            offsets_read(&store, 1, 3).await,
+            [first, first + 1, first + 2]
+        );
+        store.shutdown().await;
+        drop(store);
+        let store = Store::open(dir.path(), small_chunks(retention(Some(500), None))).unwrap();
+        assert_eq!(
+            store.log_stats(&log()).expired_before,
+            first,
+            "kept across restarts"
+        );
+        store.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn retention_by_bytes_and_by_the_total_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), small_chunks(retention(None, Some(20_000)))).unwrap();
+        append_many(&store, 2000, 100, 50).await;
+        store.trim();
+        append_one(&store).await;
+        let bytes = store.log_stats(&log()).bytes;
+        assert!(bytes <= 20_000 + 8 * 1024, "{bytes}");
+        store.shutdown().await;
+        drop(store);
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), small_chunks(RetentionPolicy::unlimited())).unwrap();
+        for channel in ["a", "b"] {
+            for i in 0..1000u64 {
+                let mut e = envelope();
+                e.payload = Bytes::from(format!("{channel}{i}").repeat(20));
+                let log = LogId::messages(channel.into());
+                store
+                    .append(log, e, None, None)
+                    .await
+                    .unwrap()
+                    .flushed()
+                    .await
+                    .unwrap();
+            }
+        }
+        let total = |store: &Store| -> u64 { store.all_stats().iter().map(|(_, s)| s.bytes).sum() };
+        let before = total(&store);
+        store.shutdown().await;
+        drop(store);
+        let mut policy = RetentionPolicy::unlimited();
+        policy.max_total_bytes = Some(before / 2);
+        let store = Store::open(dir.path(), small_chunks(policy)).unwrap();
+        store.trim();
+        append_one(&store).await;
+        let after = total(&store);
+        assert!(after <= before / 2 + 8 * 1024, "{after} of {before}");
+        let a = store.log_stats(&LogId::messages("a".into()));
+        let b = store.log_stats(&LogId::messages("b".into()));
+        assert!(
+            a.expired_before > 1,
+            "the older log lost its oldest chunks first: {a:?}"
+        );
+        assert!(b.messages > a.messages, "{a:?} {b:?}");
+        store.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn single_offsets_leave_sealed_and_tail_chunks_and_purges_keep_the_sequence() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), small_chunks(RetentionPolicy::unlimited())).unwrap();
+        append_many(&store, 200, 100, 10).await;
+        let removed = store
+            .remove_offsets(&log(), vec![1, 2, 100, 199, 200, 5000])
+            .await
+            .unwrap();
+        assert_eq!(removed, 5);
+        let left = offsets_read(&store, 1, 1000).await;
+        assert_eq!(left.len(), 195);
+        assert_eq!(left[0], 3);
+        assert!(!left.contains(&100) && left.last() == Some(&198));
+        assert_eq!(store.purge(&log()).await.unwrap(), 195);
+        assert!(offsets_read(&store, 1, 10).await.is_empty());
+        store.shutdown().await;
+        drop(store);
+        let store = Store::open(dir.path(), small_chunks(RetentionPolicy::unlimited())).unwrap();
+        assert_eq!(
+            append_one(&store).await,
+            201,
+            "offsets continue after a purge"
+        );
+        store.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_data_directory_of_the_first_layout_is_rewritten_into_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let tree = db.open_tree("m:c").unwrap();
+            for offset in 1..=300u64 {
+                let mut e = envelope();
+                e.payload = Bytes::from(format!("{offset}"));
+                tree.insert(offset.to_be_bytes(), record::encode(&e, None))
+                    .unwrap();
+            }
+            let meta = db.open_tree("meta").unwrap();
+            meta.insert(writer::CLEAN_STOP_KEY, &[1u8][..]).unwrap();
+            db.flush().unwrap();
+        }
+        let store = Store::open(dir.path(), config()).unwrap();
+        let read = store.read(&log(), 299, 10).await.unwrap();
+        assert_eq!(
+            read.iter().map(|m| m.offset).collect::<Vec<_>>(),
+            [299, 300]
+        );
+        assert_eq!(&read[0].envelope.payload[..], b"299");
+        assert_eq!(store.log_stats(&log()).messages, 300);
+        assert_eq!(append_one(&store).await, 301);
+        let db = store.db().unwrap();
+        assert!(
+            !db.tree_names().iter().any(|n| n.as_ref() == b"m:c"),
+            "the old tree is gone"
+        );
         store.shutdown().await;
     }
 }

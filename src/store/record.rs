@@ -49,6 +49,12 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 #[error("corrupt log record: {0}")]
 pub struct CorruptRecord(&'static str);
 
+impl CorruptRecord {
+    pub(super) const fn new(reason: &'static str) -> Self {
+        Self(reason)
+    }
+}
+
 struct Cursor<'a> {
     bytes: &'a [u8],
     at: usize,

@@ -4,16 +4,16 @@
 //! stops accepting: `STEPFLOW_FAILPOINT_LOG_FREEZE=AFTER:SECONDS` freezes the writer for
 //! SECONDS once AFTER appends have been written. Release builds do not contain it.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use super::{Error, LogId, Retention, Shared, StoreConfig, io_error, offset_of, open_db, record};
+use super::log::Logs;
+use super::{Error, LogId, Shared, StoreConfig, open_db};
 use crate::routing::envelope::{Delivered, Envelope};
 use crate::telemetry;
 
@@ -24,6 +24,17 @@ pub(super) enum Command {
     Append(Append),
     /// Apply retention now (sent periodically by [`super::Store::trim`]'s caller).
     Trim,
+    /// Remove single offsets (replayed dead letters).
+    Remove {
+        log: LogId,
+        offsets: Vec<u64>,
+        done: oneshot::Sender<Result<u64, Error>>,
+    },
+    /// Empty a log.
+    Purge {
+        log: LogId,
+        done: oneshot::Sender<Result<u64, Error>>,
+    },
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -35,7 +46,7 @@ pub(super) struct Append {
     pub done: oneshot::Sender<Result<u64, Error>>,
 }
 
-type Completion = oneshot::Sender<Result<u64, Error>>;
+pub(super) type Completion = oneshot::Sender<Result<u64, Error>>;
 
 /// Answers appends: their own result, or `failure` when their flush failed.
 fn complete(completions: Vec<(Completion, Result<u64, Error>)>, failure: Option<&Error>) {
@@ -46,11 +57,6 @@ fn complete(completions: Vec<(Completion, Result<u64, Error>)>, failure: Option<
         };
         let _ = done.send(outcome);
     }
-}
-
-struct OpenLog {
-    tree: sled::Tree,
-    next_offset: u64,
 }
 
 /// How far offsets jump after an unclean stop (see [`super::Store::open`]).
@@ -95,15 +101,15 @@ impl Writer {
     /// runs beside it on sled's thread pool, so a live client never waits for an fsync. One
     /// flush at a time: what arrives during it is written, shown live, and made durable by the
     /// next one.
-    pub(super) fn run(self, db: sled::Db, rx: mpsc::Receiver<Command>, resume: Resume) {
+    pub(super) fn run(self, logs: Logs, rx: mpsc::Receiver<Command>) {
         // A dedicated OS thread with its own executor: sled calls block it, never a runtime
         // worker.
-        futures::executor::block_on(self.run_loop(db, rx, resume));
+        futures::executor::block_on(self.run_loop(logs, rx));
     }
 
-    async fn run_loop(self, mut db: sled::Db, mut rx: mpsc::Receiver<Command>, mut resume: Resume) {
+    async fn run_loop(self, mut logs: Logs, mut rx: mpsc::Receiver<Command>) {
         let config = &self.config;
-        let mut logs: HashMap<LogId, OpenLog> = HashMap::new();
+        let mut db = logs.db().clone();
         let mut last_trim = Instant::now();
         let mut batch: Vec<Append> = Vec::with_capacity(config.max_batch);
         let mut unflushed: Vec<(Completion, Result<u64, Error>)> =
@@ -157,53 +163,55 @@ impl Writer {
                     #[cfg(debug_assertions)]
                     freeze.before_batch();
                     let started = Instant::now();
-                    let mut push = |command: Command, batch: &mut Vec<Append>| match command {
-                        Command::Append(a) => {
-                            batch.push(a);
-                            None
-                        }
-                        Command::Trim => {
-                            trim_requested = true;
-                            None
-                        }
-                        Command::Shutdown(done) => Some(done),
-                    };
-                    shutdown = push(first, &mut batch);
+                    let mut maintenance: Vec<Command> = Vec::new();
+                    let mut push =
+                        |command: Command,
+                         batch: &mut Vec<Append>,
+                         maintenance: &mut Vec<Command>| match command {
+                            Command::Append(a) => {
+                                batch.push(a);
+                                None
+                            }
+                            Command::Trim => {
+                                trim_requested = true;
+                                None
+                            }
+                            Command::Shutdown(done) => Some(done),
+                            other => {
+                                maintenance.push(other);
+                                None
+                            }
+                        };
+                    shutdown = push(first, &mut batch, &mut maintenance);
                     // Take what is already queued, up to the batch size (less what is not yet
-                    // durable) and the delay bound.
+                    // durable) and the delay bound; a removal or purge ends the batch, so it
+                    // runs after the appends queued before it.
                     let room = config.max_batch.saturating_sub(not_durable).max(1);
                     while shutdown.is_none()
+                        && maintenance.is_empty()
                         && batch.len() < room
                         && started.elapsed() < config.max_flush_delay
                     {
                         match rx.try_recv() {
-                            Ok(c) => shutdown = push(c, &mut batch),
+                            Ok(c) => shutdown = push(c, &mut batch, &mut maintenance),
                             Err(_) => break,
                         }
                     }
                     #[cfg(debug_assertions)]
                     freeze.appended(batch.len());
-                    for append in batch.drain(..) {
-                        let result = if failure.is_some() {
-                            Err(Error::Unavailable {
-                                reason: "an earlier append of the batch failed".into(),
-                            })
-                        } else {
-                            insert(&db, &mut logs, &append, resume)
-                        };
-                        match (&result, &append.live) {
-                            (Ok(offset), Some(live)) => {
-                                // No receiver is fine: nobody is watching this channel live.
-                                let _ = live.send(Arc::new(Delivered::new(
-                                    *offset,
-                                    append.envelope,
-                                    append.dead_letter_reason,
-                                )));
+                    failure = logs.write(batch.drain(..), &mut unflushed);
+                    for command in maintenance {
+                        let (result, done) = match command {
+                            Command::Remove { log, offsets, done } => {
+                                (logs.remove_offsets(&log, offsets), done)
                             }
-                            (Err(e @ Error::Io { .. }), _) => failure = Some(e.clone()),
-                            _ => {}
+                            Command::Purge { log, done } => (logs.purge(&log), done),
+                            _ => unreachable!("only removals and purges are set aside"),
+                        };
+                        if let Err(e @ Error::Io { .. }) = &result {
+                            failure.get_or_insert(e.clone());
                         }
-                        unflushed.push((append.done, result));
+                        let _ = done.send(result);
                     }
                 }
             }
@@ -216,11 +224,11 @@ impl Writer {
                 }
                 complete(std::mem::take(&mut unflushed), Some(&error));
                 drop(db);
-                logs.clear();
+                drop(logs);
                 match self.reopen(&error, &mut rx) {
-                    Some((reopened, r)) => {
-                        db = reopened;
-                        resume = r;
+                    Some(reopened) => {
+                        logs = reopened;
+                        db = logs.db().clone();
                     }
                     None => {
                         if let Some(done) = shutdown {
@@ -241,7 +249,11 @@ impl Writer {
                 });
             }
             if trim_requested || last_trim.elapsed() >= config.trim_interval {
-                trim(&logs, &config.retention);
+                // Failures here are the next append's to find (sled fails every call after an
+                // I/O error); retention itself retries at the next pass.
+                if let Err(e) = logs.seal_quiet().and_then(|_| logs.trim(&config.retention)) {
+                    tracing::warn!(error = %e, "log retention failed");
+                }
                 last_trim = Instant::now();
             }
             if let Some(done) = shutdown {
@@ -280,11 +292,7 @@ impl Writer {
     /// After an I/O failure: closes the database, fails appends meanwhile, and reopens it with a
     /// backoff. `None` when asked to shut down first (the database stays closed: the next start
     /// reopens it, and finds the stop unclean).
-    fn reopen(
-        &self,
-        error: &Error,
-        rx: &mut mpsc::Receiver<Command>,
-    ) -> Option<(sled::Db, Resume)> {
+    fn reopen(&self, error: &Error, rx: &mut mpsc::Receiver<Command>) -> Option<Logs> {
         tracing::error!(error = %error, "the message log failed; appends are refused until it is reopened");
         metrics::counter!(telemetry::LOG_FAILURES).increment(1);
         let reason = error.to_string();
@@ -306,6 +314,11 @@ impl Writer {
                         }));
                     }
                     Ok(Command::Trim) => {}
+                    Ok(Command::Remove { done, .. } | Command::Purge { done, .. }) => {
+                        let _ = done.send(Err(Error::Unavailable {
+                            reason: reason.clone(),
+                        }));
+                    }
                     Ok(Command::Shutdown(done)) => {
                         let _ = done.send(());
                         return None;
@@ -314,19 +327,27 @@ impl Writer {
                     Err(mpsc::error::TryRecvError::Disconnected) => return None,
                 }
             }
-            match open_db(&self.dir, &self.config) {
-                Ok((db, _)) => {
+            // What the failed batches showed live may have been lost: skip past it.
+            let resume = Resume {
+                offset_gap: self.config.max_batch as u64 * UNFLUSHED_GAP_BATCHES,
+            };
+            let reopened = open_db(&self.dir, &self.config).and_then(|(db, _)| {
+                Logs::load(db, self.shared.clone(), resume, self.config.chunk_bytes).map_err(|e| {
+                    Error::Open {
+                        path: self.dir.clone(),
+                        reason: e.to_string(),
+                    }
+                })
+            });
+            match reopened {
+                Ok(logs) => {
                     tracing::info!("the message log is reopened and accepts appends again");
-                    self.shared.set_db(Some(db.clone()));
+                    self.shared.set_db(Some(logs.db().clone()));
                     self.shared.set_health(|h| {
                         h.ok = true;
                         h.error = None;
                     });
-                    // What the failed batches showed live may have been lost: skip past it.
-                    let resume = Resume {
-                        offset_gap: self.config.max_batch as u64 * UNFLUSHED_GAP_BATCHES,
-                    };
-                    return Some((db, resume));
+                    return Some(logs);
                 }
                 Err(e) => tracing::warn!(error = %e, "the message log cannot be reopened yet"),
             }
@@ -345,188 +366,6 @@ fn mark_clean(db: &sled::Db) {
         .and_then(|_| db.flush());
     if let Err(e) = result {
         tracing::error!(error = %e, "cannot record a clean stop; offsets will skip ahead at the next start");
-    }
-}
-
-fn insert(
-    db: &sled::Db,
-    logs: &mut HashMap<LogId, OpenLog>,
-    append: &Append,
-    resume: Resume,
-) -> Result<u64, Error> {
-    if !logs.contains_key(&append.log) {
-        let tree = db
-            .open_tree(append.log.tree_name())
-            .map_err(|e| io_error(&append.log, e))?;
-        let after_last = match tree.last().map_err(|e| io_error(&append.log, e))? {
-            Some((key, _)) => offset_of(&key) + 1 + resume.offset_gap,
-            None => 1,
-        };
-        // A log emptied by a purge continues where it was, not at 1.
-        let floor = db
-            .open_tree("meta")
-            .and_then(|meta| meta.get(next_offset_key(&append.log)))
-            .map_err(|e| io_error(&append.log, e))?
-            .map_or(1, |v| offset_of(&v));
-        let next_offset = after_last.max(floor);
-        logs.insert(append.log.clone(), OpenLog { tree, next_offset });
-    }
-    let log = logs.get_mut(&append.log).expect("inserted above");
-    let offset = log.next_offset;
-    let value = record::encode(&append.envelope, append.dead_letter_reason.as_deref());
-    log.tree
-        .insert(offset.to_be_bytes(), value)
-        .map_err(|e| io_error(&append.log, e))?;
-    log.next_offset += 1;
-    Ok(offset)
-}
-
-/// The `meta` key under which a log's next offset is kept when its records are removed.
-pub(super) fn next_offset_key(log: &LogId) -> Vec<u8> {
-    format!("next:{}", log.tree_name()).into_bytes()
-}
-
-/// Applies retention to every log this writer has opened.
-fn trim(logs: &HashMap<LogId, OpenLog>, retention: &Retention) {
-    for (id, log) in logs {
-        if let Err(e) = trim_one(&log.tree, retention) {
-            tracing::warn!(log = %id, error = %e, "log retention failed");
-        }
-    }
-}
-
-pub(super) fn trim_one(tree: &sled::Tree, retention: &Retention) -> Result<u64, sled::Error> {
-    let mut removed = 0;
-    // The newest record always stays: its key is where offsets continue after a restart, and
-    // cursors and Last-Event-IDs refer to offsets.
-    let newest = tree.last()?.map(|(k, _)| k);
-    if let Some(max) = retention.max_messages {
-        let len = tree.len() as u64;
-        for _ in max.max(1)..len {
-            if tree.pop_min()?.is_none() {
-                break;
-            }
-            removed += 1;
-        }
-    }
-    if let Some(max_age) = retention.max_age {
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or(Duration::ZERO)
-            .as_millis() as u64;
-        let cutoff = now_ms.saturating_sub(max_age.as_millis() as u64);
-        while let Some((key, value)) = tree.first()? {
-            if Some(&key) == newest.as_ref() {
-                break;
-            }
-            match record::timestamp_ms(&value) {
-                Some(ts) if ts < cutoff => {
-                    tree.remove(key)?;
-                    removed += 1;
-                }
-                _ => break,
-            }
-        }
-    }
-    if let Some(max_bytes) = retention.max_bytes {
-        // Keep the newest records whose sizes add up to at most max_bytes.
-        let mut kept = 0u64;
-        let mut cut_before = None;
-        for item in tree.iter().rev() {
-            let (key, value) = item?;
-            kept += (key.len() + value.len()) as u64;
-            if kept > max_bytes {
-                cut_before = Some(offset_of(&key) + 1);
-                break;
-            }
-        }
-        if let Some(limit) = cut_before {
-            while let Some((key, _)) = tree.first()? {
-                if offset_of(&key) >= limit || Some(&key) == newest.as_ref() {
-                    break;
-                }
-                tree.remove(key)?;
-                removed += 1;
-            }
-        }
-    }
-    Ok(removed)
-}
-
-#[cfg(test)]
-mod tests {
-    use bytes::Bytes;
-
-    use super::*;
-    use crate::routing::address::Params;
-    use crate::routing::envelope::{Origin, Transport};
-
-    fn tree_with(n: u64) -> (tempfile::TempDir, sled::Tree) {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
-        let tree = db.open_tree("m:test").unwrap();
-        for offset in 1..=n {
-            let envelope = Envelope::new(
-                "test".into(),
-                "a".into(),
-                Params::default(),
-                Bytes::from(vec![b'x'; 100]),
-                Origin::client(Transport::Http, 0),
-            );
-            tree.insert(offset.to_be_bytes(), record::encode(&envelope, None))
-                .unwrap();
-        }
-        (dir, tree)
-    }
-
-    #[test]
-    fn retention_by_count_keeps_the_newest() {
-        let (_dir, tree) = tree_with(10);
-        let removed = trim_one(
-            &tree,
-            &Retention {
-                max_messages: Some(3),
-                ..Retention::default()
-            },
-        )
-        .unwrap();
-        assert_eq!(removed, 7);
-        assert_eq!(offset_of(&tree.first().unwrap().unwrap().0), 8);
-    }
-
-    #[test]
-    fn retention_by_bytes_keeps_the_newest_that_fit() {
-        let (_dir, tree) = tree_with(10);
-        let one = {
-            let (k, v) = tree.first().unwrap().unwrap();
-            (k.len() + v.len()) as u64
-        };
-        trim_one(
-            &tree,
-            &Retention {
-                max_bytes: Some(one * 4 + 1),
-                ..Retention::default()
-            },
-        )
-        .unwrap();
-        assert_eq!(tree.len(), 4);
-        assert_eq!(offset_of(&tree.first().unwrap().unwrap().0), 7);
-    }
-
-    #[test]
-    fn retention_by_age_removes_old_records_but_the_newest() {
-        let (_dir, tree) = tree_with(5);
-        std::thread::sleep(Duration::from_millis(1100));
-        let removed = trim_one(
-            &tree,
-            &Retention {
-                max_age: Some(Duration::from_secs(1)),
-                ..Retention::default()
-            },
-        )
-        .unwrap();
-        assert_eq!(removed, 4, "the newest record keeps the offset sequence");
-        assert_eq!(offset_of(&tree.first().unwrap().unwrap().0), 5);
     }
 }
 

@@ -5,6 +5,7 @@
 //! topic, a client address or an error's text (those go to the log).
 
 pub mod events;
+pub mod resources;
 
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -83,6 +84,16 @@ pub const BRIDGE_LAG: &str = "stepflow_bridge_lag_messages";
 pub const BRIDGE_LATENCY: &str = "stepflow_bridge_latency_seconds";
 /// Durable subscriptions: messages not yet acknowledged, by subscription.
 pub const SUBSCRIPTION_LAG: &str = "stepflow_subscription_lag_messages";
+/// Durable subscriptions' messages by `outcome` (`expired`: removed by retention before the
+/// subscription received them).
+pub const SUBSCRIPTION_MESSAGES: &str = "stepflow_subscription_messages_total";
+/// Per log (`channel`, `log`): what its chunks take on disk, and its messages.
+pub const LOG_STORED_BYTES: &str = "stepflow_log_stored_bytes";
+pub const LOG_MESSAGES: &str = "stepflow_log_messages";
+/// The data directory's size on disk (sled's files: logs, state, and space not yet reclaimed).
+pub const DATA_DIR_BYTES: &str = "stepflow_data_dir_bytes";
+/// The daemon's resident memory.
+pub const PROCESS_RSS: &str = "stepflow_process_resident_memory_bytes";
 /// HTTP requests, by matched route template and status class.
 pub const HTTP_REQUESTS: &str = "stepflow_http_requests_total";
 /// Requests refused by authentication, authorization or a rate limit, by reason
