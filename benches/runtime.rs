@@ -1,17 +1,16 @@
 //! The runtime's hot paths: live fan-out of one message to many subscribers — through the
 //! hub's `Subscription` (ingest, log append, broadcast, offset bookkeeping, lag recovery), next
-//! to a bare tokio broadcast as the floor — and appends to the sled log with group commit
-//! (against one flush per message as the baseline).
+//! to a bare tokio broadcast as the floor. The log itself is measured in `benches/log.rs`.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use stepflow::hub::{Hub, HubConfig, SubscriptionEvent};
 use stepflow::routing::address::Params;
 use stepflow::routing::envelope::{Delivered, Envelope, Origin, Transport};
-use stepflow::store::{LogId, Store, StoreConfig};
+use stepflow::store::{Store, StoreConfig};
 use stepflow::upstream::Connections;
 use tokio::sync::broadcast;
 
@@ -177,80 +176,5 @@ fn fan_out_subscription(c: &mut Criterion) {
     group.finish();
 }
 
-fn log_append(c: &mut Criterion) {
-    let rt = runtime();
-    let payload = Bytes::from_static(PAYLOAD);
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
-    let log = LogId::messages("bench.telemetry".into());
-    let mut group = c.benchmark_group("log_append");
-    group.throughput(Throughput::Elements(1));
-    group.sample_size(20);
-    group.measurement_time(Duration::from_secs(5));
-    // Many appends in flight, as when a broker streams: they share flushes.
-    group.bench_function("group_commit_pipelined", |b| {
-        b.iter_custom(|iters| {
-            rt.block_on(async {
-                let started = Instant::now();
-                let mut pending = Vec::with_capacity(iters as usize);
-                for _ in 0..iters {
-                    pending.push(
-                        store
-                            .append(log.clone(), envelope(&payload), None, None)
-                            .await
-                            .unwrap(),
-                    );
-                }
-                for p in pending {
-                    p.flushed().await.unwrap();
-                }
-                started.elapsed()
-            })
-        })
-    });
-    // Baseline: wait for each flush before the next append (one fsync per message).
-    group.bench_function("flush_per_message", |b| {
-        b.iter_custom(|iters| {
-            rt.block_on(async {
-                let started = Instant::now();
-                for _ in 0..iters {
-                    store
-                        .append(log.clone(), envelope(&payload), None, None)
-                        .await
-                        .unwrap()
-                        .flushed()
-                        .await
-                        .unwrap();
-                }
-                started.elapsed()
-            })
-        })
-    });
-    group.finish();
-
-    // Disk usage is a measurement, not a timing: print it once.
-    rt.block_on(async {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
-        let log = LogId::messages("bench.disk".into());
-        let count = 100_000;
-        let mut pending = Vec::new();
-        for _ in 0..count {
-            pending.push(store.append(log.clone(), envelope(&payload), None, None).await.unwrap());
-        }
-        for p in pending {
-            p.flushed().await.unwrap();
-        }
-        let bytes = store.size_on_disk().await;
-        eprintln!(
-            "log_append/disk_usage: {count} messages of {} payload bytes -> {:.1} MiB on disk ({:.0} bytes/message)",
-            PAYLOAD.len(),
-            bytes as f64 / 1048576.0,
-            bytes as f64 / count as f64
-        );
-        store.shutdown().await;
-    });
-}
-
-criterion_group!(benches, fan_out, fan_out_subscription, log_append);
+criterion_group!(benches, fan_out, fan_out_subscription);
 criterion_main!(benches);

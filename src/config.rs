@@ -408,6 +408,48 @@ mod tests {
         assert_eq!(c.specs, vec![PathBuf::from("asyncapi-specs")]);
     }
 
+    fn load_text(text: &str) -> Result<Config, Error> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.yaml");
+        std::fs::write(&file, text).unwrap();
+        Config::load(&RunArgs {
+            config: Some(file),
+            ..RunArgs::default()
+        })
+    }
+
+    #[test]
+    fn retention_defaults_apply_unless_overridden_globally_or_per_route() {
+        let fresh = load_text("listen: 127.0.0.1:1\n").unwrap().retention;
+        assert_eq!(
+            fresh,
+            RetentionPolicy::default(),
+            "a fresh gateway bounds every log"
+        );
+        assert!(fresh.default.max_age.is_some() && fresh.default.max_bytes.is_some());
+        let c = load_text(
+            "retention: {max_bytes: 5000, max_total_bytes: unlimited}\nroutes:\n  iot.telemetry: {retention: {max_age_seconds: unlimited}}\n",
+        )
+        .unwrap()
+        .retention;
+        assert_eq!(c.default.max_bytes, Some(5000));
+        assert_eq!(c.max_total_bytes, None);
+        let telemetry = c.for_channel("iot.telemetry");
+        assert_eq!(telemetry.max_age, None);
+        assert_eq!(
+            telemetry.max_bytes,
+            Some(5000),
+            "the rest comes from the top level"
+        );
+        assert_eq!(c.for_channel("other"), &c.default);
+        let err = load_text("routes:\n  a: {retention: {max_total_bytes: 1}}\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("routes.a.retention.max_total_bytes"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn unknown_file_keys_are_errors() {
         let dir = tempfile::tempdir().unwrap();

@@ -19,9 +19,10 @@ pub(super) const PLAIN: u8 = 1;
 pub(super) const LZ4: u8 = 2;
 
 /// Tail chunks of a log are sealed into one once their records add up to this. Sealed chunks
-/// are the unit of replay reads and of retention; 128 KiB keeps a replay read of one message
-/// cheap (one decompression of ~128 KiB) and 10 M messages of 100 bytes to ~15 k keys.
-pub(super) const SEAL_RAW_BYTES: usize = 128 * 1024;
+/// are the unit of replay reads and of retention; 32 KiB keeps a read of one message cheap,
+/// a sled leaf (16 chunks) within a sixteenth of a segment, and 10 M messages of 100 bytes to
+/// ~60 k keys.
+pub(super) const SEAL_RAW_BYTES: usize = 32 * 1024;
 
 /// ... or once a log has this many tail chunks (a slow log commits one small chunk at a time).
 pub(super) const SEAL_TAIL_CHUNKS: usize = 256;

@@ -82,9 +82,10 @@ impl LogIndex {
         self.chunks.len()
     }
 
-    /// Whether the tail chunks are due to be sealed into one.
-    pub fn tail_is_full(&self, seal_bytes: usize) -> bool {
-        self.tail_raw_bytes >= seal_bytes || self.tail_chunks >= super::chunk::SEAL_TAIL_CHUNKS
+    /// Whether a tail chunk of `raw_bytes` more would make the tail due to be sealed.
+    pub fn tail_would_fill(&self, raw_bytes: usize, seal_bytes: usize) -> bool {
+        self.tail_raw_bytes + raw_bytes >= seal_bytes
+            || self.tail_chunks + 1 >= super::chunk::SEAL_TAIL_CHUNKS
     }
 
     /// The tail (unsealed) chunks, oldest first; they always follow every sealed one.

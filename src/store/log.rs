@@ -15,9 +15,9 @@ use super::writer::{Append, Completion, Resume};
 use super::{Error, LogId, Shared, io_error, offset_of, record};
 use crate::routing::envelope::Delivered;
 
-/// Chunks one retention pass removes at most, so a pass never holds appends back for long;
-/// the next pass continues.
-const MAX_REMOVALS_PER_PASS: usize = 256;
+/// Chunks one retention pass removes at most, so a pass never holds appends back for long (a
+/// few milliseconds); the writer runs the next pass after its next batch.
+pub(super) const MAX_REMOVALS_PER_PASS: usize = 256;
 
 /// A tail older than this is sealed at the next retention pass.
 const SEAL_QUIET_AFTER: Duration = Duration::from_secs(60);
@@ -40,8 +40,10 @@ pub(super) struct Logs {
 /// The appends of one batch that go to one log.
 struct Group {
     log: LogId,
-    builder: ChunkBuilder,
-    appends: Vec<(Append, u64)>,
+    /// Offset and encoded record of each append, in order.
+    records: Vec<(u64, Vec<u8>)>,
+    raw_bytes: usize,
+    appends: Vec<Append>,
 }
 
 impl Logs {
@@ -129,52 +131,41 @@ impl Logs {
                 None => {
                     groups.push(Group {
                         log: append.log.clone(),
-                        builder: ChunkBuilder::default(),
+                        records: Vec::new(),
+                        raw_bytes: 0,
                         appends: Vec::new(),
                     });
                     groups.len() - 1
                 }
             };
-            groups[at].builder.push(offset, &record);
-            groups[at].appends.push((append, offset));
+            let group = &mut groups[at];
+            group.raw_bytes += record.len() + 8;
+            group.records.push((offset, record));
+            group.appends.push(append);
         }
         for group in groups {
-            if failure.is_some() {
-                for (append, _) in group.appends {
-                    written.push((append.done, Err(failure.clone().expect("checked"))));
+            if let Some(e) = &failure {
+                for append in group.appends {
+                    written.push((append.done, Err(e.clone())));
                 }
                 continue;
             }
-            let (info, value) = group.builder.finish(false);
-            let inserted = self.open[&group.log]
-                .trees
-                .tail
-                .insert(info.first.to_be_bytes(), value)
-                .map_err(|e| io_error(&group.log, e));
-            match inserted {
-                Ok(_) => {
-                    self.shared
-                        .update_index(&group.log, |index| index.insert(info));
-                    for (append, offset) in group.appends {
+            match self.write_group(&group.log, &group.records, group.raw_bytes) {
+                Ok(()) => {
+                    for (append, (offset, _)) in group.appends.into_iter().zip(&group.records) {
                         if let Some(live) = &append.live {
                             // No receiver is fine: nobody is watching this channel live.
                             let _ = live.send(Arc::new(Delivered::new(
-                                offset,
+                                *offset,
                                 append.envelope,
                                 append.dead_letter_reason,
                             )));
                         }
-                        written.push((append.done, Ok(offset)));
-                    }
-                    let full = self.shared.with_index(&group.log, |i| {
-                        i.is_some_and(|i| i.tail_is_full(self.seal_bytes))
-                    });
-                    if full && let Err(e) = self.seal(&group.log) {
-                        failure = Some(e);
+                        written.push((append.done, Ok(*offset)));
                     }
                 }
                 Err(e) => {
-                    for (append, _) in group.appends {
+                    for append in group.appends {
                         written.push((append.done, Err(e.clone())));
                     }
                     failure = Some(e);
@@ -184,12 +175,45 @@ impl Logs {
         failure
     }
 
-    /// Merges a log's tail chunks into one sealed (compressed) chunk.
-    fn seal(&mut self, log: &LogId) -> Result<(), Error> {
-        let tail = self.shared.with_index(log, |i| i.map(LogIndex::tail));
-        let Some(tail) = tail.filter(|t| !t.is_empty()) else {
+    /// Writes one log's records of a batch: as a tail chunk, or — when they would fill the
+    /// tail — sealed at once together with the tail (a busy log is written once, not twice).
+    fn write_group(
+        &mut self,
+        log: &LogId,
+        records: &[(u64, Vec<u8>)],
+        raw_bytes: usize,
+    ) -> Result<(), Error> {
+        let seal_bytes = self.seal_bytes;
+        let fills_tail = self.shared.with_index(log, |i| {
+            i.is_some_and(|i| i.tail_would_fill(raw_bytes, seal_bytes))
+        }) || raw_bytes >= seal_bytes;
+        if fills_tail {
+            return self.seal(log, records);
+        }
+        let mut builder = ChunkBuilder::default();
+        for (offset, record) in records {
+            builder.push(*offset, record);
+        }
+        let (info, value) = builder.finish(false);
+        self.open[log]
+            .trees
+            .tail
+            .insert(info.first.to_be_bytes(), value)
+            .map_err(|e| io_error(log, e))?;
+        self.shared.update_index(log, |index| index.insert(info));
+        Ok(())
+    }
+
+    /// Merges a log's tail chunks, and `more` records after them, into one sealed (compressed)
+    /// chunk.
+    fn seal(&mut self, log: &LogId, more: &[(u64, Vec<u8>)]) -> Result<(), Error> {
+        let tail = self
+            .shared
+            .with_index(log, |i| i.map(LogIndex::tail))
+            .unwrap_or_default();
+        if tail.is_empty() && more.is_empty() {
             return Ok(());
-        };
+        }
         let io = |e| io_error(log, e);
         self.ensure_open(log)?;
         let trees = &self.open[log].trees;
@@ -200,6 +224,9 @@ impl Logs {
                 continue;
             };
             push_records(log, info.first, &value, &mut builder, |_| true);
+        }
+        for (offset, record) in more {
+            builder.push(*offset, record);
         }
         if !builder.is_empty() {
             let (sealed, value) = builder.finish(true);
@@ -231,7 +258,7 @@ impl Logs {
             .shared
             .logs_with(|index| index.tail().first().is_some_and(|c| c.first_ts_ms < cutoff));
         for log in logs {
-            self.seal(&log)?;
+            self.seal(&log, &[])?;
         }
         Ok(())
     }

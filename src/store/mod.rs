@@ -272,6 +272,23 @@ pub struct Store {
     writer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
+/// How often sled's own flusher runs (and reclaims segments, spending up to half of that).
+const SLED_FLUSHER_EVERY_MS: u64 = 500;
+
+/// sled's segment size. A page (a B-tree node, up to 16 chunks) larger than a quarter of a
+/// segment is written as a file of its own and lingers until the segment pointing at it is
+/// cleaned; sled's default (512 KiB) made every leaf of sealed chunks such a file. 8 MiB keeps
+/// them inside segments, which the cleaner reclaims.
+const SEGMENT_BYTES: usize = 8 * 1024 * 1024;
+
+/// The segment size a data directory was created with (sled refuses to open it with another).
+fn persisted_segment_size(dir: &Path) -> Option<usize> {
+    let conf = std::fs::read_to_string(dir.join("conf")).ok()?;
+    conf.lines()
+        .find_map(|l| l.strip_prefix("segment_size: "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// Opens sled in `dir` and finds where offsets resume.
 fn open_db(dir: &Path, config: &StoreConfig) -> Result<(sled::Db, writer::Resume), Error> {
     let open_error = |e: sled::Error| Error::Open {
@@ -280,8 +297,11 @@ fn open_db(dir: &Path, config: &StoreConfig) -> Result<(sled::Db, writer::Resume
     };
     let db = sled::Config::new()
         .path(dir)
-        // Durability comes from the writer's explicit group flushes, not a timer.
-        .flush_every_ms(None)
+        // Durability comes from the writer's explicit group flushes. sled's periodic flusher is
+        // kept all the same: it is the only caller of sled's segment cleaner, so without it the
+        // space of removed chunks is never reused and the data directory grows for good.
+        .flush_every_ms(Some(SLED_FLUSHER_EVERY_MS))
+        .segment_size(persisted_segment_size(dir).unwrap_or(SEGMENT_BYTES))
         .cache_capacity(config.cache_bytes)
         .open()
         .map_err(open_error)?;

@@ -111,6 +111,8 @@ impl Writer {
         let config = &self.config;
         let mut db = logs.db().clone();
         let mut last_trim = Instant::now();
+        // A retention pass that hit its bound continues at the next turn, not 5 s later.
+        let mut trim_unfinished = false;
         let mut batch: Vec<Append> = Vec::with_capacity(config.max_batch);
         let mut unflushed: Vec<(Completion, Result<u64, Error>)> =
             Vec::with_capacity(config.max_batch);
@@ -248,11 +250,12 @@ impl Writer {
                     started: Instant::now(),
                 });
             }
-            if trim_requested || last_trim.elapsed() >= config.trim_interval {
+            if trim_requested || trim_unfinished || last_trim.elapsed() >= config.trim_interval {
                 // Failures here are the next append's to find (sled fails every call after an
                 // I/O error); retention itself retries at the next pass.
-                if let Err(e) = logs.seal_quiet().and_then(|_| logs.trim(&config.retention)) {
-                    tracing::warn!(error = %e, "log retention failed");
+                match logs.seal_quiet().and_then(|_| logs.trim(&config.retention)) {
+                    Ok(removed) => trim_unfinished = removed >= super::log::MAX_REMOVALS_PER_PASS,
+                    Err(e) => tracing::warn!(error = %e, "log retention failed"),
                 }
                 last_trim = Instant::now();
             }

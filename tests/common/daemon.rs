@@ -391,6 +391,20 @@ pub async fn publish_acknowledged_on(
     per_second: u64,
     on_progress: tokio::sync::watch::Sender<u64>,
 ) -> u64 {
+    let payload_of =
+        |seq: u64| serde_json::json!({"temperature": 20.5, "seq": seq, "pad": "x"}).to_string();
+    publish_acknowledged_with(port, topic_of, payload_of, seqs, per_second, on_progress).await
+}
+
+/// Like [`publish_acknowledged_on`], with the payload `payload_of(seq)`.
+pub async fn publish_acknowledged_with(
+    port: u16,
+    topic_of: impl Fn(u64) -> String,
+    payload_of: impl Fn(u64) -> String,
+    seqs: std::ops::Range<u64>,
+    per_second: u64,
+    on_progress: tokio::sync::watch::Sender<u64>,
+) -> u64 {
     let count = seqs.end - seqs.start;
     let mut options = rumqttc::MqttOptions::new(unique("publisher"), "127.0.0.1", port);
     options.set_inflight(100);
@@ -419,7 +433,7 @@ pub async fn publish_acknowledged_on(
                 topic_of(seq),
                 rumqttc::QoS::AtLeastOnce,
                 false,
-                serde_json::json!({"temperature": 20.5, "seq": seq, "pad": "x"}).to_string(),
+                payload_of(seq),
             )
             .await
             .unwrap();
