@@ -283,8 +283,10 @@ const SEGMENT_BYTES: usize = 8 * 1024 * 1024;
 
 /// The segment size a data directory was created with (sled refuses to open it with another).
 fn persisted_segment_size(dir: &Path) -> Option<usize> {
-    let conf = std::fs::read_to_string(dir.join("conf")).ok()?;
-    conf.lines()
+    // Text lines, then a binary CRC.
+    let conf = std::fs::read(dir.join("conf")).ok()?;
+    String::from_utf8_lossy(&conf)
+        .lines()
         .find_map(|l| l.strip_prefix("segment_size: "))
         .and_then(|v| v.trim().parse().ok())
 }
