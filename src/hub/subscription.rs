@@ -155,6 +155,10 @@ mod tests {
     }
 
     fn fixture(live_capacity: usize) -> Fixture {
+        fixture_with(live_capacity, StoreConfig::default())
+    }
+
+    fn fixture_with(live_capacity: usize, store_config: StoreConfig) -> Fixture {
         let loaded = crate::spec::load_text(std::path::Path::new("t.yaml"), DOC).unwrap();
         let table = Arc::new(
             crate::routing::compile(&loaded.apis, &crate::routing::binding::NoConnectors)
@@ -162,7 +166,7 @@ mod tests {
                 .table,
         );
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
+        let store = Store::open(dir.path(), store_config).unwrap();
         let config = HubConfig {
             live_capacity,
             replay_batch: 7,
@@ -266,5 +270,39 @@ mod tests {
         // And it is live again once it waits at the end of the log.
         let ((offsets, live, _), ()) = tokio::join!(read(&mut sub, 1), f.append_later(200, 1));
         assert_eq!((offsets, live), (vec![201], vec![true]));
+    }
+
+    #[tokio::test]
+    async fn a_reader_behind_retention_is_told_what_it_missed_then_reads_the_oldest_kept() {
+        let mut retention = crate::store::RetentionPolicy::unlimited();
+        retention.default.max_messages = Some(50);
+        let f = fixture_with(
+            64,
+            StoreConfig {
+                chunk_bytes: 256,
+                retention,
+                ..StoreConfig::default()
+            },
+        );
+        // In rounds: a chunk holds at most one group commit's appends.
+        for round in 0..20 {
+            f.append(round * 10, 10).await;
+        }
+        f.hub.store().trim();
+        // The trim runs on the writer before the next append.
+        f.append(200, 1).await;
+        let kept_from = f.hub.store().log_stats(&f.route.log).expired_before;
+        assert!(kept_from > 100, "retention removed the oldest: {kept_from}");
+        let mut sub = f.hub.subscribe(&f.route, Some(1)).await.unwrap();
+        let event = sub.next().await.unwrap().unwrap();
+        match event {
+            SubscriptionEvent::Expired {
+                missed,
+                resume_from,
+            } => assert_eq!((missed, resume_from), (kept_from - 1, kept_from)),
+            _ => panic!("the gap comes first"),
+        }
+        let (offsets, _, _) = read(&mut sub, (202 - kept_from) as usize).await;
+        assert_eq!(offsets, (kept_from..=201).collect::<Vec<u64>>());
     }
 }
