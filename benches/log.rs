@@ -4,6 +4,10 @@
 
 use std::time::{Duration, Instant};
 
+/// The daemon's allocator (`src/main.rs`): glibc's malloc would be most of what is measured.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use stepflow::routing::address::Params;

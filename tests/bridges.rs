@@ -1517,3 +1517,93 @@ async fn a_starting_lane_waits_for_its_targets_first_connection_instead_of_warni
     }
     amqp_cleanup(&prefix, &["archive"]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_behind_retention_shows_counts_and_logs_what_expired_then_carries_on() {
+    require_mosquitto();
+    require_rabbitmq();
+    let prefix = unique("bx");
+    let (_connection, channel, queue) = archive_queue(&prefix).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (iot, archive) = (unique("iot"), unique("archive"));
+    iot_spec(dir.path(), &iot, &prefix, 1);
+    amqp_target_spec(dir.path(), &archive, &prefix);
+    let bridges = tempfile::tempdir().unwrap();
+    write(
+        bridges.path(),
+        "amqp.yaml",
+        &format!(
+            "bridges:\n  archive:\n    from: {iot}.telemetry\n    on_target_down: block\n    to:\n      - channel: {archive}.readings\n"
+        ),
+    );
+    // The source log keeps 2 s; the target is away far longer.
+    let config = write(
+        dir.path(),
+        "stepflow.yaml",
+        "retention: {max_age_seconds: 2}\n",
+    );
+    let mut proxy = TcpProxy::start("127.0.0.1:5672").await;
+    let rabbit = format!("{archive}/rabbit=amqp://127.0.0.1:{}", proxy.port);
+    let daemon = Daemon::start(&[
+        "--specs",
+        dir.path().to_str().unwrap(),
+        "--bridges",
+        bridges.path().to_str().unwrap(),
+        "--server",
+        &rabbit,
+        "--config",
+        config.to_str().unwrap(),
+    ])
+    .await
+    .unwrap();
+    proxy.down();
+    let topic = format!("{prefix}/devices/d1/telemetry");
+    let (tx, _) = tokio::sync::watch::channel(0);
+    assert_eq!(
+        publish_acknowledged(1883, topic.clone(), 0..1000, 500, tx).await,
+        1000
+    );
+
+    // Retention overtakes the stuck lane: the API says so before the lane skips anything.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let expired = loop {
+        let view = daemon.get_json("/api/v1/bridges").await.unwrap();
+        let target = &view["bridges"][0]["targets"][0];
+        let expired = target["expired"].as_u64().unwrap();
+        if expired > 0 {
+            break expired;
+        }
+        assert!(Instant::now() < deadline, "no expiry shown: {view}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+
+    // The target is back: the lane counts and logs the gap once, then delivers what follows.
+    proxy.up().await;
+    let (tx, _) = tokio::sync::watch::channel(0);
+    assert_eq!(
+        publish_acknowledged(1883, topic, 1000..1100, 500, tx).await,
+        100
+    );
+    let got = consume_seqs(&channel, &queue, 100, Duration::from_secs(30)).await;
+    let after: BTreeSet<u64> = got.iter().map(|(_, s)| *s).filter(|s| *s >= 1000).collect();
+    assert_eq!(after.len(), 100, "every message after the gap arrives");
+    let counted = daemon
+        .metric(
+            "stepflow_bridge_messages_total",
+            &[("bridge", "archive"), ("outcome", "expired")],
+        )
+        .await
+        .unwrap();
+    assert!(
+        counted >= expired as f64,
+        "{counted} counted, {expired} shown"
+    );
+    let view = daemon.get_json("/api/v1/bridges").await.unwrap();
+    assert_eq!(view["bridges"][0]["targets"][0]["expired"], 0, "{view}");
+    let gaps = daemon
+        .log()
+        .matches("retention removed messages this lane had not sent")
+        .count();
+    assert_eq!(gaps, 1, "one log line per gap");
+    amqp_cleanup(&prefix, &["archive"]).await;
+}

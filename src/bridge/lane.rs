@@ -451,6 +451,9 @@ impl Runner {
                     Ok(Some(SubscriptionEvent::Expired { missed, resume_from })) => {
                         tracing::warn!(bridge = %self.lane.bridge, target = self.lane.target.label(), missed, resume_from, "retention removed messages this lane had not sent; it continues with the oldest kept");
                         self.metrics.expired.increment(missed);
+                        // Past the gap for good (committed with the next cursor write): a
+                        // retry or a restart does not meet, count and log it again.
+                        self.next = self.next.max(resume_from);
                     }
                     Ok(None) => return Restart::Stop,
                     Err(e) => {
@@ -510,12 +513,12 @@ impl Runner {
                 }
                 self.backoff.reset();
                 self.circuit_open_until = None;
-                self.next = offset + 1;
+                self.next = self.next.max(offset + 1);
                 Step::Continue
             }
             Outcome::Filtered => {
                 self.metrics.filtered.increment(1);
-                self.next = offset + 1;
+                self.next = self.next.max(offset + 1);
                 Step::Continue
             }
             Outcome::Failed(failure) => {
@@ -548,7 +551,7 @@ impl Runner {
                         Ok(pending) => {
                             self.metrics.dead_lettered.increment(1);
                             self.dead_letters.push((offset, pending));
-                            self.next = offset + 1;
+                            self.next = self.next.max(offset + 1);
                             Step::Continue
                         }
                         Err(e) => {

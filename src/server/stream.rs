@@ -47,15 +47,18 @@ fn lagged_notice(skipped: u64, resume_from: u64) -> String {
     json!({"type": "lagged", "skipped": skipped, "resumeFrom": resume_from}).to_string()
 }
 
-/// Tells a client that retention removed messages it asked for; a durable subscription's loss is
-/// counted and logged (once per gap).
+/// Tells a client that retention removed messages it asked for. A durable subscription's loss is
+/// counted and logged, and its cursor moves past the gap, so the next attach does not meet (and
+/// count) it again.
 fn expired_notice(
+    state: &AppState,
     route: &LiveRoute,
     durable: Option<&Durable>,
     missed: u64,
     resume_from: u64,
 ) -> String {
     if let Some(d) = durable {
+        let _ = state.subscriptions.ack(&d.name, resume_from - 1);
         tracing::warn!(subscription = %d.name, channel = %route.id(), missed, resume_from, "retention removed messages this durable subscription had not received");
         metrics::counter!(crate::telemetry::SUBSCRIPTION_MESSAGES, "subscription" => d.name.clone(), "outcome" => "expired")
             .increment(missed);
@@ -223,7 +226,7 @@ async fn ws_session(
                         Message::Text(lagged_notice(skipped, resume_from).into())
                     }
                     Ok(Some(SubscriptionEvent::Expired { missed, resume_from })) => {
-                        Message::Text(expired_notice(&route, durable.as_ref(), missed, resume_from).into())
+                        Message::Text(expired_notice(&state, &route, durable.as_ref(), missed, resume_from).into())
                     }
                     Ok(None) => break Some(CloseFrame { code: close_code::AWAY, reason: "channel closed".into() }),
                     Err(e) => {
@@ -407,7 +410,7 @@ fn sse_stream(
                     yield Ok(Event::default().event("lagged").data(lagged_notice(skipped, resume_from)));
                 }
                 Ok(Some(SubscriptionEvent::Expired { missed, resume_from })) => {
-                    yield Ok(Event::default().event("expired").data(expired_notice(&route, durable.as_ref(), missed, resume_from)));
+                    yield Ok(Event::default().event("expired").data(expired_notice(&state, &route, durable.as_ref(), missed, resume_from)));
                 }
                 Ok(None) => break,
                 Err(e) => {

@@ -40,10 +40,33 @@ pub(super) struct Logs {
 /// The appends of one batch that go to one log.
 struct Group {
     log: LogId,
-    /// Offset and encoded record of each append, in order.
-    records: Vec<(u64, Vec<u8>)>,
-    raw_bytes: usize,
+    /// The offset the log's next append gets.
+    next: u64,
+    records: Records,
     appends: Vec<Append>,
+}
+
+/// A batch's encoded records for one log: one buffer, and each record's offset and end in it.
+#[derive(Default)]
+pub(super) struct Records {
+    bytes: Vec<u8>,
+    ends: Vec<(u64, usize)>,
+}
+
+impl Records {
+    fn iter(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        let mut start = 0;
+        self.ends.iter().map(move |&(offset, end)| {
+            let record = &self.bytes[start..end];
+            start = end;
+            (offset, record)
+        })
+    }
+
+    /// Their size in a chunk (with the framing, roughly).
+    fn raw_bytes(&self) -> usize {
+        self.bytes.len() + 4 * self.ends.len()
+    }
 }
 
 impl Logs {
@@ -114,34 +137,43 @@ impl Logs {
                 }));
                 continue;
             }
-            let offset = match self.open_log(&append.log) {
-                Ok(open) => {
-                    open.next_offset += 1;
-                    open.next_offset - 1
-                }
-                Err(e) => {
-                    let _ = append.done.send(Err(e.clone()));
-                    failure = Some(e);
-                    continue;
-                }
-            };
-            let record = record::encode(&append.envelope, append.dead_letter_reason.as_deref());
+            // The log is looked up once per batch, not per append.
             let at = match groups.iter().position(|g| g.log == append.log) {
                 Some(i) => i,
                 None => {
+                    let next = match self.open_log(&append.log) {
+                        Ok(open) => open.next_offset,
+                        Err(e) => {
+                            let _ = append.done.send(Err(e.clone()));
+                            failure = Some(e);
+                            continue;
+                        }
+                    };
                     groups.push(Group {
                         log: append.log.clone(),
-                        records: Vec::new(),
-                        raw_bytes: 0,
+                        next,
+                        records: Records::default(),
                         appends: Vec::new(),
                     });
                     groups.len() - 1
                 }
             };
             let group = &mut groups[at];
-            group.raw_bytes += record.len() + 8;
-            group.records.push((offset, record));
+            let offset = group.next;
+            group.next += 1;
+            let records = &mut group.records;
+            record::encode_into(
+                &mut records.bytes,
+                &append.envelope,
+                append.dead_letter_reason.as_deref(),
+            );
+            records.ends.push((offset, records.bytes.len()));
             group.appends.push(append);
+        }
+        for group in &groups {
+            if let Some(open) = self.open.get_mut(&group.log) {
+                open.next_offset = group.next;
+            }
         }
         for group in groups {
             if let Some(e) = &failure {
@@ -150,9 +182,10 @@ impl Logs {
                 }
                 continue;
             }
-            match self.write_group(&group.log, &group.records, group.raw_bytes) {
+            match self.write_group(&group.log, &group.records) {
                 Ok(()) => {
-                    for (append, (offset, _)) in group.appends.into_iter().zip(&group.records) {
+                    let offsets = group.records.ends.iter().map(|(offset, _)| offset);
+                    for (append, offset) in group.appends.into_iter().zip(offsets) {
                         if let Some(live) = &append.live {
                             // No receiver is fine: nobody is watching this channel live.
                             let _ = live.send(Arc::new(Delivered::new(
@@ -177,13 +210,8 @@ impl Logs {
 
     /// Writes one log's records of a batch: as a tail chunk, or — when they would fill the
     /// tail — sealed at once together with the tail (a busy log is written once, not twice).
-    fn write_group(
-        &mut self,
-        log: &LogId,
-        records: &[(u64, Vec<u8>)],
-        raw_bytes: usize,
-    ) -> Result<(), Error> {
-        let seal_bytes = self.seal_bytes;
+    fn write_group(&mut self, log: &LogId, records: &Records) -> Result<(), Error> {
+        let (seal_bytes, raw_bytes) = (self.seal_bytes, records.raw_bytes());
         let fills_tail = self.shared.with_index(log, |i| {
             i.is_some_and(|i| i.tail_would_fill(raw_bytes, seal_bytes))
         }) || raw_bytes >= seal_bytes;
@@ -191,8 +219,8 @@ impl Logs {
             return self.seal(log, records);
         }
         let mut builder = ChunkBuilder::default();
-        for (offset, record) in records {
-            builder.push(*offset, record);
+        for (offset, record) in records.iter() {
+            builder.push(offset, record);
         }
         let (info, value) = builder.finish(false);
         self.open[log]
@@ -206,12 +234,12 @@ impl Logs {
 
     /// Merges a log's tail chunks, and `more` records after them, into one sealed (compressed)
     /// chunk.
-    fn seal(&mut self, log: &LogId, more: &[(u64, Vec<u8>)]) -> Result<(), Error> {
+    fn seal(&mut self, log: &LogId, more: &Records) -> Result<(), Error> {
         let tail = self
             .shared
             .with_index(log, |i| i.map(LogIndex::tail))
             .unwrap_or_default();
-        if tail.is_empty() && more.is_empty() {
+        if tail.is_empty() && more.ends.is_empty() {
             return Ok(());
         }
         let io = |e| io_error(log, e);
@@ -225,8 +253,8 @@ impl Logs {
             };
             push_records(log, info.first, &value, &mut builder, |_| true);
         }
-        for (offset, record) in more {
-            builder.push(*offset, record);
+        for (offset, record) in more.iter() {
+            builder.push(offset, record);
         }
         if !builder.is_empty() {
             let (sealed, value) = builder.finish(true);
@@ -258,7 +286,7 @@ impl Logs {
             .shared
             .logs_with(|index| index.tail().first().is_some_and(|c| c.first_ts_ms < cutoff));
         for log in logs {
-            self.seal(&log, &[])?;
+            self.seal(&log, &Records::default())?;
         }
         Ok(())
     }

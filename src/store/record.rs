@@ -17,26 +17,32 @@ use crate::routing::envelope::{Delivered, Envelope, Origin, Transport};
 const VERSION: u8 = 1;
 
 /// Encodes an envelope for the log.
+#[cfg(test)]
 pub fn encode(envelope: &Envelope, dead_letter_reason: Option<&str>) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + envelope.address.len() + envelope.payload.len());
+    encode_into(&mut out, envelope, dead_letter_reason);
+    out
+}
+
+/// Encodes an envelope at the end of `out` (a batch's records share one buffer).
+pub fn encode_into(out: &mut Vec<u8>, envelope: &Envelope, dead_letter_reason: Option<&str>) {
     out.push(VERSION);
     out.extend_from_slice(&envelope.timestamp_ms().to_be_bytes());
-    put_str(&mut out, &envelope.address);
+    put_str(out, &envelope.address);
     out.push(envelope.params.len().min(255) as u8);
     for (name, value) in envelope.params.iter().take(255) {
-        put_str(&mut out, name);
-        put_str(&mut out, value);
+        put_str(out, name);
+        put_str(out, value);
     }
     out.extend_from_slice(&(envelope.headers.len().min(u16::MAX as usize) as u16).to_be_bytes());
     for (name, value) in envelope.headers.iter().take(u16::MAX as usize) {
-        put_str(&mut out, name);
-        put_str(&mut out, value);
+        put_str(out, name);
+        put_str(out, value);
     }
-    put_str(&mut out, dead_letter_reason.unwrap_or(""));
+    put_str(out, dead_letter_reason.unwrap_or(""));
     out.push(envelope.origin.transport as u8);
-    put_str(&mut out, envelope.origin.server.as_deref().unwrap_or(""));
+    put_str(out, envelope.origin.server.as_deref().unwrap_or(""));
     out.extend_from_slice(&envelope.payload);
-    out
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {

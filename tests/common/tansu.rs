@@ -45,12 +45,12 @@ impl Tansu {
     /// A plaintext broker on a free port.
     pub fn start() -> Tansu {
         let mut broker = Tansu {
-            port: free_port(),
+            port: 0,
             sasl_port: None,
             dir: tempfile::tempdir().unwrap(),
             children: Vec::new(),
         };
-        broker.spawn(broker.port, false);
+        broker.port = broker.spawn(false);
         broker
     }
 
@@ -58,13 +58,27 @@ impl Tansu {
     /// per process). Users are created through the plaintext one.
     pub fn start_with_sasl() -> Tansu {
         let mut broker = Self::start();
-        let sasl = free_port();
-        broker.spawn(sasl, true);
-        broker.sasl_port = Some(sasl);
+        broker.sasl_port = Some(broker.spawn(true));
         broker
     }
 
-    fn spawn(&mut self, port: u16, authentication: bool) {
+    /// Starts a listener on a free port; its port. A start that fails for a reason of the
+    /// machine's, not tansu's (a port taken between choosing and binding it, the shared sqlite
+    /// database busy while the other process opens it), is tried again on another port.
+    fn spawn(&mut self, authentication: bool) -> u16 {
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            let port = free_port();
+            match self.try_spawn(port, authentication) {
+                Ok(()) => return port,
+                Err(e) => failures.push(e),
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("tansu did not start:\n{}", failures.join("\n"));
+    }
+
+    fn try_spawn(&mut self, port: u16, authentication: bool) -> Result<(), String> {
         let url = format!("tcp://127.0.0.1:{port}");
         let log = std::fs::File::create(self.dir.path().join(format!("tansu-{port}.log"))).unwrap();
         let mut command = Command::new(Self::binary());
@@ -77,21 +91,23 @@ impl Tansu {
         if authentication {
             command.arg("--authentication");
         }
-        let child = command
+        let mut child = command
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("tansu starts");
-        self.children.push(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "tansu did not listen on {port}:\n{}",
-                self.log()
-            );
+            let exited = child.try_wait().ok().flatten().is_some();
+            if exited || Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("tansu did not listen on {port}:\n{}", self.log()));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
+        self.children.push(child);
+        Ok(())
     }
 
     /// Everything the broker processes logged.
@@ -163,10 +179,24 @@ impl Tansu {
     /// Starts the listeners again on the same ports and database.
     pub fn restart(&mut self) {
         self.stop();
-        self.spawn(self.port, false);
+        self.respawn(self.port, false);
         if let Some(sasl) = self.sasl_port {
-            self.spawn(sasl, true);
+            self.respawn(sasl, true);
         }
+    }
+
+    /// Starts a listener again on its port (clients know it), trying again while the port or
+    /// the database is still held by the process just stopped.
+    fn respawn(&mut self, port: u16, authentication: bool) {
+        let mut failures = Vec::new();
+        for _ in 0..5 {
+            match self.try_spawn(port, authentication) {
+                Ok(()) => return,
+                Err(e) => failures.push(e),
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        panic!("tansu did not start again:\n{}", failures.join("\n"));
     }
 }
 
