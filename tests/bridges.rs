@@ -696,6 +696,11 @@ impl Outage {
 
     /// With `extra` lines (at the bridge's indentation) in the bridge definition.
     async fn start_with(policy: &str, extra: &str) -> Outage {
+        Self::start_configured(policy, extra, None).await
+    }
+
+    /// ... and the daemon's config file, when given.
+    async fn start_configured(policy: &str, extra: &str, config: Option<&str>) -> Outage {
         require_mosquitto();
         require_rabbitmq();
         let prefix = unique("bo");
@@ -714,7 +719,24 @@ impl Outage {
         );
         let proxy = TcpProxy::start("127.0.0.1:5672").await;
         let rabbit = format!("{archive}/rabbit=amqp://127.0.0.1:{}", proxy.port);
-        let daemon = start_bridged(dir.path(), bridges.path(), &[&rabbit]).await;
+        let daemon = match config {
+            None => start_bridged(dir.path(), bridges.path(), &[&rabbit]).await,
+            Some(text) => {
+                let config = write(dir.path(), "stepflow.yaml", text);
+                Daemon::start(&[
+                    "--specs",
+                    dir.path().to_str().unwrap(),
+                    "--bridges",
+                    bridges.path().to_str().unwrap(),
+                    "--server",
+                    &rabbit,
+                    "--config",
+                    config.to_str().unwrap(),
+                ])
+                .await
+                .unwrap()
+            }
+        };
         Outage {
             daemon,
             proxy,
@@ -1520,43 +1542,11 @@ async fn a_starting_lane_waits_for_its_targets_first_connection_instead_of_warni
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lane_behind_retention_shows_counts_and_logs_what_expired_then_carries_on() {
-    require_mosquitto();
-    require_rabbitmq();
-    let prefix = unique("bx");
-    let (_connection, channel, queue) = archive_queue(&prefix).await;
-    let dir = tempfile::tempdir().unwrap();
-    let (iot, archive) = (unique("iot"), unique("archive"));
-    iot_spec(dir.path(), &iot, &prefix, 1);
-    amqp_target_spec(dir.path(), &archive, &prefix);
-    let bridges = tempfile::tempdir().unwrap();
-    write(
-        bridges.path(),
-        "amqp.yaml",
-        &format!(
-            "bridges:\n  archive:\n    from: {iot}.telemetry\n    on_target_down: block\n    to:\n      - channel: {archive}.readings\n"
-        ),
-    );
     // The source log keeps 2 s; the target is away far longer.
-    let config = write(
-        dir.path(),
-        "stepflow.yaml",
-        "retention: {max_age_seconds: 2}\n",
-    );
-    let mut proxy = TcpProxy::start("127.0.0.1:5672").await;
-    let rabbit = format!("{archive}/rabbit=amqp://127.0.0.1:{}", proxy.port);
-    let daemon = Daemon::start(&[
-        "--specs",
-        dir.path().to_str().unwrap(),
-        "--bridges",
-        bridges.path().to_str().unwrap(),
-        "--server",
-        &rabbit,
-        "--config",
-        config.to_str().unwrap(),
-    ])
-    .await
-    .unwrap();
-    proxy.down();
+    let mut s =
+        Outage::start_configured("block", "", Some("retention: {max_age_seconds: 2}\n")).await;
+    let (daemon, prefix) = (&s.daemon, s.prefix.clone());
+    s.proxy.down();
     let topic = format!("{prefix}/devices/d1/telemetry");
     let (tx, _) = tokio::sync::watch::channel(0);
     assert_eq!(
@@ -1578,15 +1568,20 @@ async fn a_lane_behind_retention_shows_counts_and_logs_what_expired_then_carries
     };
 
     // The target is back: the lane counts and logs the gap once, then delivers what follows.
-    proxy.up().await;
+    s.proxy.up().await;
     let (tx, _) = tokio::sync::watch::channel(0);
     assert_eq!(
         publish_acknowledged(1883, topic, 1000..1100, 500, tx).await,
         100
     );
-    let got = consume_seqs(&channel, &queue, 100, Duration::from_secs(30)).await;
+    let got = consume_seqs(&s.channel, &s.queue, 100, Duration::from_secs(60)).await;
     let after: BTreeSet<u64> = got.iter().map(|(_, s)| *s).filter(|s| *s >= 1000).collect();
-    assert_eq!(after.len(), 100, "every message after the gap arrives");
+    assert_eq!(
+        after.len(),
+        100,
+        "every message after the gap arrives:\n{}",
+        daemon.log()
+    );
     let counted = daemon
         .metric(
             "stepflow_bridge_messages_total",
