@@ -1,12 +1,14 @@
 //! The message log and its durable state, in sled. Every sled call lives in this module.
 //!
-//! One tree per channel and kind (`m:{channel}` messages, `d:{channel}` dead letters); keys are
-//! big-endian `u64` offsets, monotonic per tree and continuing after a restart. Appends go through
-//! one writer thread (a dedicated OS thread, never a runtime worker) that commits in groups: it
-//! takes every append waiting (up to `max_batch`), inserts them, hands them to live subscribers,
-//! flushes once, then completes them. So a message is acknowledged upstream only once it is on
-//! disk, and an fsync is shared by every message that arrived while the previous one ran.
-//! Reads run on `spawn_blocking`.
+//! Each channel has a message log, a dead-letter log and a call log; offsets are `u64`, monotonic
+//! per log and continuing after a restart. A log is a run of chunks (`chunk`, `layout`), found
+//! through an in-memory index (`index`), and bounded by retention (`retention`). Appends go
+//! through one writer thread (a dedicated OS thread, never a runtime worker) that commits in
+//! groups: it takes every append waiting (up to `max_batch`), writes them as one chunk per log,
+//! hands them to live subscribers, and completes them once the flush that follows made them
+//! durable (`writer`, `log`). So a message is acknowledged upstream only once it is on disk, and
+//! an fsync is shared by every message that arrived while the previous one ran. Reads run on
+//! `spawn_blocking`.
 //!
 //! sled stops working for good after an I/O error (a full disk, say): every later call returns
 //! the same error. So the writer then closes the database, fails appends as
