@@ -16,18 +16,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use futures::StreamExt;
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let flags = Flags::parse(&["rate", "messages", "subscribers", "every", "payload"])?;
@@ -107,7 +95,7 @@ async fn main() -> Result<()> {
         let channel = &stats["channels"][0]["log"];
         let logged = channel["last_offset"].as_u64().unwrap_or(0);
         if logged >= next_report {
-            let rss = rss_kib(pid);
+            let rss = rss_kib(pid, "VmRSS:");
             first_rss.get_or_insert(rss);
             println!(
                 "{logged:>9}  {:>8.1}  {:>8.1}  {:>9.1}  {:>17}  {:>6.0}s",

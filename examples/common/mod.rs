@@ -370,3 +370,16 @@ operations:
 "#
     )
 }
+
+/// A `/proc/PID/status` memory field (`VmRSS:`, `VmHWM:`) of a process, in KiB (0 when unreadable).
+pub fn rss_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
