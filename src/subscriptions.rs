@@ -137,8 +137,7 @@ impl Subscriptions {
             Some(f) => f.max(1),
             None => hub
                 .store()
-                .stats(&route.log)
-                .await?
+                .log_stats(&route.log)
                 .last_offset
                 .map_or(1, |o| o + 1),
         };

@@ -618,19 +618,16 @@ impl Runner {
     }
 
     async fn report_lag(&self) {
-        if let Ok(stats) = self.store().stats(&self.route.log).await {
-            let lag = stats
-                .last_offset
-                .map_or(0, |last| (last + 1).saturating_sub(self.next));
-            self.metrics.lag.set(lag as f64);
-        }
+        let stats = self.store().log_stats(&self.route.log);
+        let lag = stats
+            .last_offset
+            .map_or(0, |last| (last + 1).saturating_sub(self.next));
+        self.metrics.lag.set(lag as f64);
     }
 
     /// `drop_oldest`: keeps at most `max_lag` messages waiting, skipping the oldest.
     async fn drop_oldest(&mut self) {
-        let Ok(stats) = self.store().stats(&self.route.log).await else {
-            return;
-        };
+        let stats = self.store().log_stats(&self.route.log);
         let Some(last) = stats.last_offset else {
             return;
         };

@@ -25,8 +25,7 @@ impl Hub {
             Some(from) => from.max(1),
             None => self
                 .store
-                .stats(&route.log)
-                .await?
+                .log_stats(&route.log)
                 .last_offset
                 .map_or(1, |o| o + 1),
         };

@@ -219,7 +219,7 @@ pub async fn replay_dead_letters(
     store
         .remove_offsets(&route.dead_letters, replayed.clone())
         .await?;
-    let remaining = store.stats(&route.dead_letters).await?.messages;
+    let remaining = store.log_stats(&route.dead_letters).messages;
     Ok(Json(json!({
         "channel": id,
         "replayed": replayed.len(),

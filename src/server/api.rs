@@ -77,8 +77,8 @@ pub async fn get_channel(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let route = route_or_404(&state, &id)?;
-    let log = state.hub.store().stats(&route.log).await?;
-    let dead = state.hub.store().stats(&route.dead_letters).await?;
+    let log = state.hub.store().log_stats(&route.log);
+    let dead = state.hub.store().log_stats(&route.dead_letters);
     let mut view = channel_view(
         &route.route,
         route.live_subscribers(),
@@ -244,8 +244,8 @@ pub async fn stats(State(state): State<AppState>) -> Result<Json<Value>, ApiErro
     for route in state.hub.routes() {
         channels.push(json!({
             "id": route.id(),
-            "log": state.hub.store().stats(&route.log).await?,
-            "deadLetters": state.hub.store().stats(&route.dead_letters).await?,
+            "log": state.hub.store().log_stats(&route.log),
+            "deadLetters": state.hub.store().log_stats(&route.dead_letters),
             "liveSubscribers": route.live_subscribers(),
         }));
     }

@@ -293,22 +293,37 @@ fn persisted_segment_size(dir: &Path) -> Option<usize> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// How long an open waits for a lock held by a handle being closed.
+const LOCK_WAIT: Duration = Duration::from_secs(3);
+
 /// Opens sled in `dir` and finds where offsets resume.
 fn open_db(dir: &Path, config: &StoreConfig) -> Result<(sled::Db, writer::Resume), Error> {
     let open_error = |e: sled::Error| Error::Open {
         path: dir.to_path_buf(),
         reason: e.to_string(),
     };
-    let db = sled::Config::new()
+    let sled_config = sled::Config::new()
         .path(dir)
         // Durability comes from the writer's explicit group flushes. sled's periodic flusher is
         // kept all the same: it is the only caller of sled's segment cleaner, so without it the
         // space of removed chunks is never reused and the data directory grows for good.
         .flush_every_ms(Some(SLED_FLUSHER_EVERY_MS))
         .segment_size(persisted_segment_size(dir).unwrap_or(SEGMENT_BYTES))
-        .cache_capacity(config.cache_bytes)
-        .open()
-        .map_err(open_error)?;
+        .cache_capacity(config.cache_bytes);
+    // A handle this process just closed (a reopen after a failure) can keep the file lock while
+    // sled's I/O threads finish with it: wait for it a little, as sled's own tests do.
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let db = loop {
+        match sled_config.open() {
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => break other.map_err(open_error)?,
+        }
+    };
     // Live subscribers see a message before its group is flushed (so the flush does not
     // delay them). After a crash those messages are gone, the upstream redelivers them, and
     // they would be logged again at the same offsets: a client that saw offset N would then
@@ -447,11 +462,6 @@ impl Store {
     }
 
     /// First and last offset, count and size of a log (from memory: no disk read).
-    pub async fn stats(&self, log: &LogId) -> Result<LogStats, Error> {
-        Ok(self.log_stats(log))
-    }
-
-    /// The same, for callers that cannot wait.
     pub fn log_stats(&self, log: &LogId) -> LogStats {
         self.shared
             .with_index(log, |i| i.map(LogIndex::stats))

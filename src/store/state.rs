@@ -85,7 +85,7 @@ impl Store {
         if let Some(next) = self.cursor(namespace, key).await? {
             return Ok(next);
         }
-        let stats = self.stats(log).await?;
+        let stats = self.log_stats(log);
         let next = if earliest {
             stats.first_offset.unwrap_or(1)
         } else {

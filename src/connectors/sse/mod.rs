@@ -205,7 +205,7 @@ impl StreamTask {
     async fn last_logged_id(&self) -> Option<String> {
         let store = self.hub.store();
         let log = &self.stream.live.log;
-        let last = store.stats(log).await.ok()?.last_offset?;
+        let last = store.log_stats(log).last_offset?;
         let messages = store.read(log, last, 1).await.ok()?;
         messages.first().and_then(|m| {
             m.envelope
