@@ -125,6 +125,52 @@ impl Subscription {
         }
     }
 
+    /// The next event if one is ready without waiting: what was read back and not yet yielded,
+    /// or a live message already received. `None` means "call [`Self::next`]" — nothing is
+    /// ready, a read from the log is due, or the route is shut down. For writers that send
+    /// everything ready and then flush once.
+    pub fn try_next(&mut self) -> Option<SubscriptionEvent> {
+        loop {
+            if let Some(message) = self.backlog.pop_front() {
+                self.next_offset = message.offset + 1;
+                return Some(SubscriptionEvent::Message {
+                    message,
+                    live: false,
+                });
+            }
+            if self.replaying {
+                return None;
+            }
+            match self.rx.try_recv() {
+                Ok(message) if message.offset < self.next_offset => continue,
+                // Same as in `next`: the gap is read back from the log there.
+                Ok(message) if message.offset > self.next_offset => {
+                    self.replaying = true;
+                    return None;
+                }
+                Ok(message) => {
+                    self.next_offset = message.offset + 1;
+                    return Some(SubscriptionEvent::Message {
+                        message,
+                        live: true,
+                    });
+                }
+                Err(broadcast::error::TryRecvError::Lagged(skipped)) => {
+                    self.replaying = true;
+                    return Some(SubscriptionEvent::Lagged {
+                        skipped,
+                        resume_from: self.next_offset,
+                    });
+                }
+                Err(
+                    broadcast::error::TryRecvError::Empty | broadcast::error::TryRecvError::Closed,
+                ) => {
+                    return None;
+                }
+            }
+        }
+    }
+
     /// The offset of the next message this subscription will yield.
     pub fn next_offset(&self) -> u64 {
         self.next_offset
@@ -208,16 +254,19 @@ mod tests {
         }
     }
 
+    async fn next_event(subscription: &mut Subscription) -> SubscriptionEvent {
+        tokio::time::timeout(Duration::from_secs(5), subscription.next())
+            .await
+            .expect("no event within 5 s")
+            .unwrap()
+            .expect("the route is open")
+    }
+
     /// Reads until `count` messages arrived; their offsets, and whether a lag was reported.
     async fn read(subscription: &mut Subscription, count: usize) -> (Vec<u64>, Vec<bool>, bool) {
         let (mut offsets, mut live, mut lagged) = (Vec::new(), Vec::new(), false);
         while offsets.len() < count {
-            let event = tokio::time::timeout(Duration::from_secs(5), subscription.next())
-                .await
-                .expect("no event within 5 s")
-                .unwrap()
-                .expect("the route is open");
-            match event {
+            match next_event(subscription).await {
                 SubscriptionEvent::Message { message, live: l } => {
                     offsets.push(message.offset);
                     live.push(l);
@@ -245,6 +294,67 @@ mod tests {
         assert_eq!(offsets, vec![31, 32, 33]);
         assert!(live.iter().all(|l| *l), "then live: {live:?}");
         assert_eq!(sub.next_offset(), 34);
+    }
+
+    /// Reads with `next` once, then everything `try_next` has ready, and again, until `count`
+    /// messages came: the way a WebSocket session sends a burst before one flush.
+    /// Also how many came from `try_next`.
+    async fn read_in_bursts(
+        subscription: &mut Subscription,
+        count: usize,
+    ) -> (Vec<u64>, bool, usize) {
+        let (mut offsets, mut lagged, mut ready) = (Vec::new(), false, 0);
+        let mut record = |event, offsets: &mut Vec<u64>| match event {
+            SubscriptionEvent::Message { message, .. } => offsets.push(message.offset),
+            SubscriptionEvent::Lagged { .. } => lagged = true,
+            SubscriptionEvent::Expired { .. } => panic!("nothing expires here"),
+        };
+        while offsets.len() < count {
+            record(next_event(subscription).await, &mut offsets);
+            while let Some(event) = subscription.try_next() {
+                record(event, &mut offsets);
+                ready += 1;
+            }
+        }
+        (offsets, lagged, ready)
+    }
+
+    #[tokio::test]
+    async fn a_burst_read_without_waiting_keeps_order_through_replay_live_and_lag() {
+        // Replay (batches of 7) into live: `try_next` hands out what was read back and what
+        // is already received, and leaves reads from the log to `next`.
+        let f = fixture(16);
+        f.append(0, 40).await;
+        let mut sub = f.hub.subscribe(&f.route, Some(3)).await.unwrap();
+        assert!(
+            sub.try_next().is_none(),
+            "nothing read back yet: a read is due"
+        );
+        let (offsets, lagged, ready) = read_in_bursts(&mut sub, 38).await;
+        assert_eq!(offsets, (3..=40).collect::<Vec<u64>>());
+        assert!(!lagged);
+        assert!(
+            ready >= 30,
+            "read-back messages were handed out without waiting: {ready}"
+        );
+        // Once it waits at the end of the log, live messages that queue up while it is not
+        // reading are taken without waiting.
+        let ((offsets, _, _), ()) =
+            tokio::join!(read_in_bursts(&mut sub, 1), f.append_later(40, 1));
+        assert_eq!(offsets, vec![41]);
+        f.append(41, 9).await;
+        let mut ready = Vec::new();
+        while let Some(SubscriptionEvent::Message { message, live }) = sub.try_next() {
+            assert!(live);
+            ready.push(message.offset);
+        }
+        assert_eq!(ready, (42..=50).collect::<Vec<u64>>());
+        // More than the live buffer holds: `try_next` reports the lag, `next` reads the gap
+        // back from the log, and no offset is lost or repeated.
+        f.append(50, 100).await;
+        let (offsets, lagged, _) = read_in_bursts(&mut sub, 100).await;
+        assert!(lagged, "the lag was reported");
+        assert_eq!(offsets, (51..=150).collect::<Vec<u64>>());
     }
 
     #[tokio::test]

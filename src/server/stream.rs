@@ -204,39 +204,41 @@ async fn ws_session(
                     None => std::future::pending().await,
                 }
             } => {
-                let frame = match event {
-                    Ok(Some(SubscriptionEvent::Message { message, live })) => {
-                        // Never echo a client's own messages back to it.
-                        if message.envelope.origin.connection == connection
-                            && message.envelope.origin.transport == Transport::Ws
-                        {
-                            continue;
+                // Everything ready goes out with one flush: a frame per `send` would cost a
+                // write to the socket per message per client.
+                let mut outgoing = ws_outgoing(event, &state, &route, durable.as_ref(), connection);
+                let mut fed = 0;
+                let end = loop {
+                    match outgoing {
+                        Outgoing::Frame(frame) => {
+                            if sink.feed(frame).await.is_err() {
+                                break Some(None);
+                            }
+                            fed += 1;
                         }
-                        if durable.as_ref().is_some_and(|d| !d.passes(&message)) {
-                            continue;
-                        }
-                        delivered(&route, &message, live, Transport::Ws);
-                        match Utf8Bytes::try_from(message.frame().clone()) {
-                            Ok(text) => Message::Text(text),
-                            Err(_) => continue,
+                        Outgoing::Skip => {}
+                        Outgoing::End { last, close } => {
+                            if let Some(frame) = last {
+                                let _ = sink.feed(frame).await;
+                            }
+                            break Some(close);
                         }
                     }
-                    Ok(Some(SubscriptionEvent::Lagged { skipped, resume_from })) => {
-                        SubscriberLagged { channel: route.id(), transport: Transport::Ws, skipped }.emit();
-                        Message::Text(lagged_notice(skipped, resume_from).into())
+                    if fed >= FRAMES_PER_FLUSH {
+                        break None;
                     }
-                    Ok(Some(SubscriptionEvent::Expired { missed, resume_from })) => {
-                        Message::Text(expired_notice(&state, &route, durable.as_ref(), missed, resume_from).into())
-                    }
-                    Ok(None) => break Some(CloseFrame { code: close_code::AWAY, reason: "channel closed".into() }),
-                    Err(e) => {
-                        let error = ApiError::from(e);
-                        let _ = sink.send(Message::Text(error_frame(&error).into())).await;
-                        break Some(CloseFrame { code: close_code::ERROR, reason: "message log failed".into() });
+                    match subscription.as_mut().and_then(Subscription::try_next) {
+                        Some(next) => {
+                            outgoing = ws_outgoing(Ok(Some(next)), &state, &route, durable.as_ref(), connection);
+                        }
+                        None => break None,
                     }
                 };
-                if sink.send(frame).await.is_err() {
+                if sink.flush().await.is_err() {
                     break None;
+                }
+                if let Some(reason) = end {
+                    break reason;
                 }
             }
             // A frame from the client: a message to publish, or control.
@@ -284,6 +286,84 @@ async fn ws_session(
         let _ = sink.send(Message::Close(Some(frame))).await;
     }
     let _ = sink.close().await;
+}
+
+/// Most frames written to a WebSocket before one flush, so a long backlog still reaches the
+/// client in steady pieces.
+const FRAMES_PER_FLUSH: usize = 64;
+
+/// What one subscription event becomes on a WebSocket.
+enum Outgoing {
+    Frame(Message),
+    /// Nothing for this client (its own message, or filtered out).
+    Skip,
+    /// The session ends: `last` is written before the close frame `close` (or none).
+    End {
+        last: Option<Message>,
+        close: Option<CloseFrame>,
+    },
+}
+
+fn ws_outgoing(
+    event: Result<Option<SubscriptionEvent>, crate::store::Error>,
+    state: &AppState,
+    route: &LiveRoute,
+    durable: Option<&Durable>,
+    connection: u64,
+) -> Outgoing {
+    match event {
+        Ok(Some(SubscriptionEvent::Message { message, live })) => {
+            // Never echo a client's own messages back to it.
+            if message.envelope.origin.connection == connection
+                && message.envelope.origin.transport == Transport::Ws
+            {
+                return Outgoing::Skip;
+            }
+            if durable.is_some_and(|d| !d.passes(&message)) {
+                return Outgoing::Skip;
+            }
+            delivered(route, &message, live, Transport::Ws);
+            match Utf8Bytes::try_from(message.frame().clone()) {
+                Ok(text) => Outgoing::Frame(Message::Text(text)),
+                Err(_) => Outgoing::Skip,
+            }
+        }
+        Ok(Some(SubscriptionEvent::Lagged {
+            skipped,
+            resume_from,
+        })) => {
+            SubscriberLagged {
+                channel: route.id(),
+                transport: Transport::Ws,
+                skipped,
+            }
+            .emit();
+            Outgoing::Frame(Message::Text(lagged_notice(skipped, resume_from).into()))
+        }
+        Ok(Some(SubscriptionEvent::Expired {
+            missed,
+            resume_from,
+        })) => Outgoing::Frame(Message::Text(
+            expired_notice(state, route, durable, missed, resume_from).into(),
+        )),
+        Ok(None) => Outgoing::End {
+            last: None,
+            close: Some(CloseFrame {
+                code: close_code::AWAY,
+                reason: "channel closed".into(),
+            }),
+        },
+        Err(e) => {
+            let error = ApiError::from(e);
+            Outgoing::End {
+                last: Some(Message::Text(error_frame(&error).into())),
+                close: Some(CloseFrame {
+                    code: close_code::ERROR,
+                    reason: "message log failed".into(),
+                }),
+            }
+        }
+    }
 }
 
 fn error_frame(error: &ApiError) -> String {
