@@ -14,8 +14,9 @@ fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-#[test]
-fn only_the_daemon_and_the_binary_reach_into_connectors() {
+/// Lines of `src/` that mention any of `needles`, outside the files `allowed` lets through, as
+/// `src/path:line: text`.
+fn mentions(allowed: impl Fn(&Path) -> bool, needles: &[&str]) -> Vec<String> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut files = Vec::new();
     sources(&src, &mut files);
@@ -23,17 +24,12 @@ fn only_the_daemon_and_the_binary_reach_into_connectors() {
     let mut offenders = Vec::new();
     for file in files {
         let relative = file.strip_prefix(&src).unwrap().to_path_buf();
-        // The registry is `connectors/mod.rs`; the daemon starts connectors through it and the
-        // binary compiles documents with it (`validate`, `routes`). Every other layer is below.
-        let allowed = relative.starts_with("connectors")
-            || relative == Path::new("daemon.rs")
-            || relative == Path::new("main.rs");
-        if allowed {
+        if allowed(&relative) {
             continue;
         }
         let text = std::fs::read_to_string(&file).unwrap();
         for (n, line) in text.lines().enumerate() {
-            if line.contains("crate::connectors") || line.contains("stepflow::connectors") {
+            if needles.iter().any(|needle| line.contains(needle)) {
                 offenders.push(format!(
                     "src/{}:{}: {}",
                     relative.display(),
@@ -43,6 +39,21 @@ fn only_the_daemon_and_the_binary_reach_into_connectors() {
             }
         }
     }
+    offenders
+}
+
+#[test]
+fn only_the_daemon_and_the_binary_reach_into_connectors() {
+    // The registry is `connectors/mod.rs`; the daemon starts connectors through it and the
+    // binary compiles documents with it (`validate`, `routes`). Every other layer is below.
+    let offenders = mentions(
+        |file| {
+            file.starts_with("connectors")
+                || file == Path::new("daemon.rs")
+                || file == Path::new("main.rs")
+        },
+        &["crate::connectors", "stepflow::connectors"],
+    );
     assert!(
         offenders.is_empty(),
         "shared upstream types live in `crate::upstream`, protocol bindings behind `routing::binding`; only daemon.rs and main.rs use the registry:\n{}",
@@ -72,4 +83,16 @@ fn the_upstream_layer_knows_no_protocol_client() {
             );
         }
     }
+}
+
+#[test]
+fn only_the_store_knows_its_backend_is_sled() {
+    // Everything above the store holds a `Store` (a `dyn LogBackend`): a cluster-wide backend
+    // replaces sled without touching them.
+    let offenders = mentions(|file| file.starts_with("store"), &["sled::", "SledLog"]);
+    assert!(
+        offenders.is_empty(),
+        "sled is the store's business; above it, use `Store` and `LogBackend`:\n{}",
+        offenders.join("\n")
+    );
 }

@@ -13,8 +13,9 @@
 //! sled stops working for good after an I/O error (a full disk, say): every later call returns
 //! the same error. So the writer then closes the database, fails appends as
 //! [`Error::Unavailable`] (upstreams keep the messages and redeliver them), and reopens it with a
-//! backoff until it works again; [`Store::health`] tells readiness probes meanwhile.
+//! backoff until it works again; [`SledLog::health`] tells readiness probes meanwhile.
 
+mod backend;
 mod chunk;
 mod index;
 mod layout;
@@ -34,6 +35,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use crate::routing::ChannelId;
 use crate::routing::envelope::{Delivered, Envelope};
 
+pub use backend::{AppendRequest, BoxFuture, LogBackend, StateEntries};
 use index::LogIndex;
 pub use record::CorruptRecord;
 pub use retention::{Limit, Retention, RetentionPolicy, RetentionSetting};
@@ -150,6 +152,11 @@ impl Default for StoreConfig {
 pub struct PendingAppend(oneshot::Receiver<Result<u64, Error>>);
 
 impl PendingAppend {
+    /// For backends: the append completes when `done` is sent its offset (or the failure).
+    pub fn new(done: oneshot::Receiver<Result<u64, Error>>) -> Self {
+        PendingAppend(done)
+    }
+
     /// Waits for the flush; the offset of the message in its log.
     pub async fn flushed(self) -> Result<u64, Error> {
         self.0.await.unwrap_or(Err(Error::Closed))
@@ -266,9 +273,8 @@ impl Shared {
     }
 }
 
-/// Handle to the store; cheap to clone.
-#[derive(Clone)]
-pub struct Store {
+/// The log backend on this machine's disk, in sled.
+pub struct SledLog {
     shared: Arc<Shared>,
     commands: mpsc::Sender<writer::Command>,
     writer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
@@ -349,9 +355,9 @@ fn open_db(dir: &Path, config: &StoreConfig) -> Result<(sled::Db, writer::Resume
     Ok((db, resume))
 }
 
-impl Store {
+impl SledLog {
     /// Opens (or creates) the store in `dir` and starts the writer thread.
-    pub fn open(dir: &Path, config: StoreConfig) -> Result<Store, Error> {
+    pub fn open(dir: &Path, config: StoreConfig) -> Result<SledLog, Error> {
         let (db, resume) = open_db(dir, &config)?;
         if resume.offset_gap > 0 {
             tracing::warn!(
@@ -385,7 +391,7 @@ impl Store {
                 path: dir.to_path_buf(),
                 reason: format!("cannot start the log writer: {e}"),
             })?;
-        Ok(Store {
+        Ok(SledLog {
             shared,
             commands,
             writer: Arc::new(std::sync::Mutex::new(Some(handle))),
@@ -401,13 +407,6 @@ impl Store {
             .unwrap_or_default()
     }
 
-    /// Resolves once the log accepts appends (at once when it does).
-    pub async fn available(&self) {
-        while !self.health().ok {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
     fn db(&self) -> Result<sled::Db, Error> {
         match self.shared.db.read().ok().and_then(|db| db.clone()) {
             Some(db) => Ok(db),
@@ -420,16 +419,15 @@ impl Store {
         }
     }
 
-    /// Queues an append. Waits only while the queue is full (backpressure); the returned handle
-    /// completes once the message is flushed. If `live` is given, the message is sent there as
-    /// soon as it has its offset, before the flush, so live subscribers are not delayed by it.
-    pub async fn append(
-        &self,
-        log: LogId,
-        envelope: Envelope,
-        dead_letter_reason: Option<String>,
-        live: Option<broadcast::Sender<Arc<Delivered>>>,
-    ) -> Result<PendingAppend, Error> {
+    /// Queues an append (see [`Store::append`]): live subscribers get it once it has its
+    /// offset, before the flush, so they are not delayed by it.
+    pub async fn append(&self, request: AppendRequest) -> Result<PendingAppend, Error> {
+        let AppendRequest {
+            log,
+            envelope,
+            dead_letter_reason,
+            live,
+        } = request;
         let (done, rx) = oneshot::channel();
         self.commands
             .send(writer::Command::Append(writer::Append {
@@ -442,23 +440,6 @@ impl Store {
             .await
             .map_err(|_| Error::Closed)?;
         Ok(PendingAppend(rx))
-    }
-
-    /// Messages of `log` from offset `from` (inclusive), at most `limit`.
-    pub async fn read(
-        &self,
-        log: &LogId,
-        from: u64,
-        limit: usize,
-    ) -> Result<Vec<Arc<Delivered>>, Error> {
-        let db = self.db()?;
-        let (shared, log) = (self.shared.clone(), log.clone());
-        tokio::task::spawn_blocking(move || read_blocking(&db, &shared, &log, from, limit))
-            .await
-            .map_err(|e| Error::Io {
-                log: String::new(),
-                reason: format!("read task failed: {e}"),
-            })?
     }
 
     /// First and last offset, count and size of a log (from memory: no disk read).
@@ -474,14 +455,6 @@ impl Store {
         self.shared
             .for_each_index(|log, index| out.push((log.clone(), index.stats())));
         out
-    }
-
-    /// Bytes the store takes on disk.
-    pub async fn size_on_disk(&self) -> u64 {
-        let Ok(db) = self.db() else { return 0 };
-        tokio::task::spawn_blocking(move || db.size_on_disk().unwrap_or(0))
-            .await
-            .unwrap_or(0)
     }
 
     /// Asks the writer to apply retention (it also does after busy batches); call periodically.
@@ -510,7 +483,7 @@ impl Store {
 
 /// Log maintenance: removing what was replayed or is no longer wanted. Both run on the writer
 /// thread, after the appends queued before them, and are flushed before they answer.
-impl Store {
+impl SledLog {
     /// Removes the given offsets from a log (dead letters that were replayed); how many were there.
     pub async fn remove_offsets(&self, log: &LogId, offsets: Vec<u64>) -> Result<u64, Error> {
         let (done, rx) = oneshot::channel();
@@ -537,6 +510,212 @@ impl Store {
             .await
             .map_err(|_| Error::Closed)?;
         rx.await.unwrap_or(Err(Error::Closed))
+    }
+}
+
+impl LogBackend for SledLog {
+    fn append(&self, request: AppendRequest) -> BoxFuture<'_, Result<PendingAppend, Error>> {
+        Box::pin(SledLog::append(self, request))
+    }
+
+    fn read(
+        &self,
+        log: &LogId,
+        from: u64,
+        limit: usize,
+    ) -> BoxFuture<'static, Result<Vec<Arc<Delivered>>, Error>> {
+        let db = self.db();
+        let (shared, log) = (self.shared.clone(), log.clone());
+        Box::pin(async move {
+            let db = db?;
+            tokio::task::spawn_blocking(move || read_blocking(&db, &shared, &log, from, limit))
+                .await
+                .map_err(|e| Error::Io {
+                    log: String::new(),
+                    reason: format!("read task failed: {e}"),
+                })?
+        })
+    }
+
+    fn log_stats(&self, log: &LogId) -> LogStats {
+        SledLog::log_stats(self, log)
+    }
+
+    fn all_stats(&self) -> Vec<(LogId, LogStats)> {
+        SledLog::all_stats(self)
+    }
+
+    fn health(&self) -> LogHealth {
+        SledLog::health(self)
+    }
+
+    fn size_on_disk(&self) -> BoxFuture<'static, u64> {
+        let db = self.db();
+        Box::pin(async move {
+            let Ok(db) = db else { return 0 };
+            tokio::task::spawn_blocking(move || db.size_on_disk().unwrap_or(0))
+                .await
+                .unwrap_or(0)
+        })
+    }
+
+    fn trim(&self) {
+        SledLog::trim(self)
+    }
+
+    fn remove_offsets(&self, log: &LogId, offsets: Vec<u64>) -> BoxFuture<'_, Result<u64, Error>> {
+        let log = log.clone();
+        Box::pin(async move { SledLog::remove_offsets(self, &log, offsets).await })
+    }
+
+    fn purge(&self, log: &LogId) -> BoxFuture<'_, Result<u64, Error>> {
+        let log = log.clone();
+        Box::pin(async move { SledLog::purge(self, &log).await })
+    }
+
+    fn state_get(
+        &self,
+        namespace: &str,
+        key: &str,
+    ) -> BoxFuture<'static, Result<Option<Vec<u8>>, Error>> {
+        Box::pin(self.state_get_owned(namespace, key))
+    }
+
+    fn state_put(
+        &self,
+        namespace: &str,
+        key: &str,
+        value: Vec<u8>,
+    ) -> BoxFuture<'static, Result<(), Error>> {
+        Box::pin(self.state_put_owned(namespace, key, value))
+    }
+
+    fn state_remove(&self, namespace: &str, key: &str) -> BoxFuture<'static, Result<bool, Error>> {
+        Box::pin(self.state_remove_owned(namespace, key))
+    }
+
+    fn state_list(&self, namespace: &str) -> BoxFuture<'static, Result<StateEntries, Error>> {
+        Box::pin(self.state_list_owned(namespace))
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(SledLog::shutdown(self))
+    }
+}
+
+/// Handle to the store; cheap to clone. Everything above the store holds one of these; what
+/// keeps the logs is behind it ([`LogBackend`]).
+#[derive(Clone)]
+pub struct Store {
+    backend: Arc<dyn LogBackend>,
+}
+
+impl Store {
+    /// Opens (or creates) the sled store in `dir` and starts its writer thread.
+    pub fn open(dir: &Path, config: StoreConfig) -> Result<Store, Error> {
+        Ok(Store::with_backend(Arc::new(SledLog::open(dir, config)?)))
+    }
+
+    /// A store over another backend.
+    pub fn with_backend(backend: Arc<dyn LogBackend>) -> Store {
+        Store { backend }
+    }
+
+    /// Whether the log accepts appends right now.
+    pub fn health(&self) -> LogHealth {
+        self.backend.health()
+    }
+
+    /// Resolves once the log accepts appends (at once when it does).
+    pub async fn available(&self) {
+        while !self.health().ok {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Queues an append. Waits only while the queue is full (backpressure); the returned handle
+    /// completes once the message is durable. If `live` is given, the message is sent there as
+    /// soon as it has its offset, before it is durable, so live subscribers are not delayed.
+    pub async fn append(
+        &self,
+        log: LogId,
+        envelope: Envelope,
+        dead_letter_reason: Option<String>,
+        live: Option<broadcast::Sender<Arc<Delivered>>>,
+    ) -> Result<PendingAppend, Error> {
+        self.backend
+            .append(AppendRequest {
+                log,
+                envelope,
+                dead_letter_reason,
+                live,
+            })
+            .await
+    }
+
+    /// Messages of `log` from offset `from` (inclusive), at most `limit`.
+    pub async fn read(
+        &self,
+        log: &LogId,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<Arc<Delivered>>, Error> {
+        self.backend.read(log, from, limit).await
+    }
+
+    /// First and last offset, count and size of a log (from memory: no disk read).
+    pub fn log_stats(&self, log: &LogId) -> LogStats {
+        self.backend.log_stats(log)
+    }
+
+    /// Every log's stats (for `/api/v1/stats` and the metrics).
+    pub fn all_stats(&self) -> Vec<(LogId, LogStats)> {
+        self.backend.all_stats()
+    }
+
+    /// Bytes the store takes on disk.
+    pub async fn size_on_disk(&self) -> u64 {
+        self.backend.size_on_disk().await
+    }
+
+    /// Asks for retention to be applied; call periodically.
+    pub fn trim(&self) {
+        self.backend.trim()
+    }
+
+    /// Makes what is queued durable and stops. Appends after this fail with `Closed`.
+    pub async fn shutdown(&self) {
+        self.backend.shutdown().await
+    }
+
+    /// Removes the given offsets from a log (dead letters that were replayed); how many were there.
+    pub async fn remove_offsets(&self, log: &LogId, offsets: Vec<u64>) -> Result<u64, Error> {
+        self.backend.remove_offsets(log, offsets).await
+    }
+
+    /// Empties a log; offsets continue where they were. How many records were removed.
+    pub async fn purge(&self, log: &LogId) -> Result<u64, Error> {
+        self.backend.purge(log).await
+    }
+
+    /// The state value under `key` in `namespace`.
+    pub async fn state_get(&self, namespace: &str, key: &str) -> Result<Option<Vec<u8>>, Error> {
+        self.backend.state_get(namespace, key).await
+    }
+
+    /// Stores `value` under `key`; durable when this returns.
+    pub async fn state_put(&self, namespace: &str, key: &str, value: Vec<u8>) -> Result<(), Error> {
+        self.backend.state_put(namespace, key, value).await
+    }
+
+    /// Removes `key`; whether it was there. Durable when this returns.
+    pub async fn state_remove(&self, namespace: &str, key: &str) -> Result<bool, Error> {
+        self.backend.state_remove(namespace, key).await
+    }
+
+    /// Every key and value of `namespace`, in key order.
+    pub async fn state_list(&self, namespace: &str) -> Result<Vec<(String, Vec<u8>)>, Error> {
+        self.backend.state_list(namespace).await
     }
 }
 
@@ -729,12 +908,13 @@ mod tests {
     #[tokio::test]
     async fn many_messages_take_few_keys_and_read_back_from_any_offset() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), small_chunks(RetentionPolicy::unlimited())).unwrap();
+        let sled = Arc::new(
+            SledLog::open(dir.path(), small_chunks(RetentionPolicy::unlimited())).unwrap(),
+        );
+        let store = Store::with_backend(sled.clone());
         let offsets = append_many(&store, 2000, 100, 50).await;
         assert_eq!(offsets, (1..=2000).collect::<Vec<_>>());
-        let chunks = store
-            .shared
-            .with_index(&log(), |i| i.unwrap().chunk_count());
+        let chunks = sled.shared.with_index(&log(), |i| i.unwrap().chunk_count());
         // 2000 × ~135 bytes in chunks of at least 4 KiB: one per commit of 50 here.
         assert!((30..=70).contains(&chunks), "{chunks} chunks");
         for from in [1, 17, 999, 1000, 1001, 1990] {
@@ -758,7 +938,7 @@ mod tests {
             stats.bytes
         );
         store.shutdown().await;
-        drop(store);
+        drop((store, sled));
         let store = Store::open(dir.path(), small_chunks(RetentionPolicy::unlimited())).unwrap();
         assert_eq!(
             store.log_stats(&log()),
@@ -930,7 +1110,8 @@ mod tests {
             meta.insert(writer::CLEAN_STOP_KEY, &[1u8][..]).unwrap();
             db.flush().unwrap();
         }
-        let store = Store::open(dir.path(), config()).unwrap();
+        let sled = Arc::new(SledLog::open(dir.path(), config()).unwrap());
+        let store = Store::with_backend(sled.clone());
         let read = store.read(&log(), 299, 10).await.unwrap();
         assert_eq!(
             read.iter().map(|m| m.offset).collect::<Vec<_>>(),
@@ -939,7 +1120,7 @@ mod tests {
         assert_eq!(&read[0].envelope.payload[..], b"299");
         assert_eq!(store.log_stats(&log()).messages, 300);
         assert_eq!(append_one(&store).await, 301);
-        let db = store.db().unwrap();
+        let db = sled.db().unwrap();
         assert!(
             !db.tree_names().iter().any(|n| n.as_ref() == b"m:c"),
             "the old tree is gone"

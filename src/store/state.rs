@@ -2,59 +2,90 @@
 //! definitions): one sled tree per namespace, opaque values, each write flushed before it
 //! returns.
 
-use super::{Error, LogId, Store, blocking};
+use std::future::Future;
+
+use super::{Error, LogId, SledLog, Store, blocking};
 
 /// Small durable state beside the logs: bridge and subscription cursors, subscription
-/// definitions. One sled tree per namespace; values are opaque bytes.
-impl Store {
+/// definitions. One sled tree per namespace; values are opaque bytes. The futures own what they
+/// need (they run on the blocking pool), so the [`super::LogBackend`] impl can return them as is.
+impl SledLog {
     /// The value under `key` in `namespace`.
-    pub async fn state_get(&self, namespace: &str, key: &str) -> Result<Option<Vec<u8>>, Error> {
-        let db = self.db()?;
+    pub(super) fn state_get_owned(
+        &self,
+        namespace: &str,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<Vec<u8>>, Error>> + Send + 'static {
+        let db = self.db();
         let (tree, key) = (state_tree(namespace), key.to_owned());
-        blocking(&tree.clone(), move || {
-            let t = db.open_tree(&tree)?;
-            Ok(t.get(key.as_bytes())?.map(|v| v.to_vec()))
-        })
-        .await
+        async move {
+            let db = db?;
+            blocking(&tree.clone(), move || {
+                let t = db.open_tree(&tree)?;
+                Ok(t.get(key.as_bytes())?.map(|v| v.to_vec()))
+            })
+            .await
+        }
     }
 
-    /// Stores `value` under `key` and flushes it to disk before returning.
-    pub async fn state_put(&self, namespace: &str, key: &str, value: Vec<u8>) -> Result<(), Error> {
-        let db = self.db()?;
+    /// Stores `value` under `key` and flushes it to disk before completing.
+    pub(super) fn state_put_owned(
+        &self,
+        namespace: &str,
+        key: &str,
+        value: Vec<u8>,
+    ) -> impl Future<Output = Result<(), Error>> + Send + 'static {
+        let db = self.db();
         let (tree, key) = (state_tree(namespace), key.to_owned());
-        blocking(&tree.clone(), move || {
-            db.open_tree(&tree)?.insert(key.as_bytes(), value)?;
-            db.flush()?;
-            Ok(())
-        })
-        .await
+        async move {
+            let db = db?;
+            blocking(&tree.clone(), move || {
+                db.open_tree(&tree)?.insert(key.as_bytes(), value)?;
+                db.flush()?;
+                Ok(())
+            })
+            .await
+        }
     }
 
     /// Removes `key`; whether it was there.
-    pub async fn state_remove(&self, namespace: &str, key: &str) -> Result<bool, Error> {
-        let db = self.db()?;
+    pub(super) fn state_remove_owned(
+        &self,
+        namespace: &str,
+        key: &str,
+    ) -> impl Future<Output = Result<bool, Error>> + Send + 'static {
+        let db = self.db();
         let (tree, key) = (state_tree(namespace), key.to_owned());
-        blocking(&tree.clone(), move || {
-            let removed = db.open_tree(&tree)?.remove(key.as_bytes())?.is_some();
-            db.flush()?;
-            Ok(removed)
-        })
-        .await
+        async move {
+            let db = db?;
+            blocking(&tree.clone(), move || {
+                let removed = db.open_tree(&tree)?.remove(key.as_bytes())?.is_some();
+                db.flush()?;
+                Ok(removed)
+            })
+            .await
+        }
     }
 
     /// Every key and value of `namespace`, in key order.
-    pub async fn state_list(&self, namespace: &str) -> Result<Vec<(String, Vec<u8>)>, Error> {
-        let db = self.db()?;
+    pub(super) fn state_list_owned(
+        &self,
+        namespace: &str,
+    ) -> impl Future<Output = Result<Vec<(String, Vec<u8>)>, Error>> + Send + 'static {
+        let db = self.db();
         let tree = state_tree(namespace);
-        blocking(&tree.clone(), move || {
-            let mut out = Vec::new();
-            for item in db.open_tree(&tree)?.iter() {
-                let (k, v) = item?;
-                out.push((String::from_utf8_lossy(&k).into_owned(), v.to_vec()));
-            }
-            Ok(out)
-        })
-        .await
+        async move {
+            let db = db?;
+            blocking(&tree.clone(), move || {
+                let mut out = Vec::new();
+                for item in db.open_tree(&tree)?.iter() {
+                    let (k, v) = item?;
+                    out.push((String::from_utf8_lossy(&k).into_owned(), v.to_vec()));
+                }
+                Ok(out)
+            })
+            .await
+        }
     }
 }
 
