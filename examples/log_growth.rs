@@ -18,12 +18,21 @@ use futures::StreamExt;
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let flags = Flags::parse(&["rate", "messages", "subscribers", "every", "payload"])?;
+    let flags = Flags::parse(&[
+        "rate",
+        "messages",
+        "subscribers",
+        "every",
+        "payload",
+        "cache-bytes",
+    ])?;
     let rate: u64 = flags.get("rate", 5000)?;
     let messages: u64 = flags.get("messages", 10_000_000)?;
     let subscribers: usize = flags.get("subscribers", 10)?;
     let every: u64 = flags.get("every", 100_000)?;
     let payload: usize = flags.get("payload", 100)?;
+    // 0: the default config; else a config file with this `log.cache_bytes`.
+    let cache_bytes: u64 = flags.get("cache-bytes", 0)?;
     let binary = flags.binary();
     if !binary.exists() {
         bail!(
@@ -39,18 +48,18 @@ async fn main() -> Result<()> {
     let server = format!("broker=mqtt://127.0.0.1:{broker_port}");
     let http = free_port();
     let data = dir.path().join("data");
-    let daemon = start_daemon(
-        &binary,
-        http,
-        &data,
-        &[
-            "--specs".as_ref(),
-            spec.as_os_str(),
-            "--server".as_ref(),
-            server.as_ref(),
-        ],
-    )
-    .await?;
+    let config = dir.path().join("config.yaml");
+    let mut args = vec![
+        "--specs".as_ref(),
+        spec.as_os_str(),
+        "--server".as_ref(),
+        server.as_ref(),
+    ];
+    if cache_bytes > 0 {
+        std::fs::write(&config, format!("log: {{cache_bytes: {cache_bytes}}}\n"))?;
+        args.extend(["--config".as_ref(), config.as_os_str()]);
+    }
+    let daemon = start_daemon(&binary, http, &data, &args).await?;
     let pid = daemon.0.id();
 
     let received = Arc::new(AtomicU64::new(0));

@@ -283,11 +283,13 @@ pub struct SledLog {
 /// How often sled's own flusher runs (and reclaims segments, spending up to half of that).
 const SLED_FLUSHER_EVERY_MS: u64 = 500;
 
-/// sled's segment size. A page (a B-tree node, up to 16 chunks) larger than a quarter of a
-/// segment is written as a file of its own and lingers until the segment pointing at it is
-/// cleaned; sled's default (512 KiB) made every leaf of sealed chunks such a file. 8 MiB keeps
-/// them inside segments, which the cleaner reclaims.
-const SEGMENT_BYTES: usize = 8 * 1024 * 1024;
+/// sled's segment size. A page (a B-tree node: up to 17 chunks of at most `SEAL_RAW_BYTES`
+/// each, ~560 KiB when the payloads do not compress) larger than a quarter of a segment is
+/// written as a file of its own and lingers until the segment pointing at it is cleaned; sled's
+/// default (512 KiB) made every leaf of sealed chunks such a file. 4 MiB keeps them inside
+/// segments, which the cleaner reclaims. Not larger: sled holds the segment being written as
+/// one buffer of this size, so it is resident memory (8 MiB cost 4 MiB more RSS).
+const SEGMENT_BYTES: usize = 4 * 1024 * 1024;
 
 /// The segment size a data directory was created with (sled refuses to open it with another).
 fn persisted_segment_size(dir: &Path) -> Option<usize> {
