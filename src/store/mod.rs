@@ -288,7 +288,8 @@ const SLED_FLUSHER_EVERY_MS: u64 = 500;
 /// written as a file of its own and lingers until the segment pointing at it is cleaned; sled's
 /// default (512 KiB) made every leaf of sealed chunks such a file. 4 MiB keeps them inside
 /// segments, which the cleaner reclaims. Not larger: sled holds the segment being written as
-/// one buffer of this size, so it is resident memory (8 MiB cost 4 MiB more RSS).
+/// one buffer of this size, so it is resident memory (`log_growth` at 10k msg/s: RSS settled near
+/// 50 MiB with 4 MiB segments, 57–60 MiB with 8 MiB).
 const SEGMENT_BYTES: usize = 4 * 1024 * 1024;
 
 /// The segment size a data directory was created with (sled refuses to open it with another).
