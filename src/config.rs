@@ -150,6 +150,9 @@ pub struct FileConfig {
     pub auth: crate::auth::AuthSetting,
     /// HTTPS for the listener; with a client CA, mutual TLS.
     pub tls: Option<crate::auth::TlsFileConfig>,
+    /// The MCP endpoint for AI agents (`/mcp`).
+    #[serde(default)]
+    pub mcp: crate::server::mcp::McpFileConfig,
 }
 
 /// The resolved configuration.
@@ -173,6 +176,7 @@ pub struct Config {
     pub log_format: LogFormat,
     pub auth: crate::auth::AuthSetting,
     pub tls: Option<crate::auth::TlsFileConfig>,
+    pub mcp: crate::server::mcp::McpFileConfig,
 }
 
 impl Config {
@@ -261,6 +265,7 @@ impl Config {
             log_format: args.log_format.unwrap_or_default(),
             auth: file.auth,
             tls: file.tls,
+            mcp: file.mcp,
         })
     }
 

@@ -289,6 +289,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         shutdown: http_shutdown.clone(),
         connection_ids: Arc::new(AtomicU64::new(0)),
         auth: auth.clone(),
+        catalogue_changes: Arc::new(tokio::sync::watch::channel(0).0),
+        mcp: Arc::new(server::mcp::McpSettings::resolve(
+            &config.mcp,
+            bound.ip().is_loopback(),
+            tls.is_some(),
+        )),
     };
     let http = tokio::spawn(server::run(listener, tls, state));
     let cursor_flusher = tokio::spawn(

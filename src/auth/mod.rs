@@ -239,6 +239,14 @@ impl Auth {
         self.unrestricted.clone()
     }
 
+    /// The JWT issuers accepted (their `iss`), for OAuth protected-resource metadata.
+    pub fn issuer_urls(&self) -> Vec<String> {
+        self.issuers
+            .iter()
+            .map(|i| i.issuer().to_string())
+            .collect()
+    }
+
     /// Fetches every issuer's JWKS once; problems are logged (tokens retry the fetch).
     pub async fn prefetch_keys(&self) {
         for issuer in &self.issuers {

@@ -89,6 +89,8 @@ struct Parameter {
     location: String,
     required: bool,
     schema: Option<Arc<PayloadSchema>>,
+    /// The schema as JSON Schema, for describing the operation to clients.
+    json_schema: Option<Value>,
 }
 
 /// An operation, ready to call.
@@ -97,9 +99,14 @@ pub struct Operation {
     pub method: reqwest::Method,
     pub path: String,
     pub base_url: String,
+    /// What the document says of the operation (summary, description).
+    pub description: Option<String>,
     parameters: Vec<Parameter>,
     body_required: bool,
     body_schema: Option<Arc<PayloadSchema>>,
+    body_json_schema: Option<Value>,
+    /// The JSON Schema of the first documented 2XX response body, when it has one.
+    success_json_schema: Option<Value>,
     /// Status pattern (`200`, `4XX`, `default`) → JSON schema of the body.
     responses: Vec<(String, Option<Arc<PayloadSchema>>)>,
     credentials: Credentials,
@@ -153,19 +160,30 @@ impl Operation {
         for scheme in missing {
             tracing::warn!(operation = %op.id, scheme = %scheme, "security scheme without its secret in the config; calls go out without it");
         }
-        let json_schema = |content: &[(String, Option<SchemaDef>)]| {
+        let json_def = |content: &[(String, Option<SchemaDef>)]| {
             content
                 .iter()
                 .find(|(media, _)| media == "application/json" || media.ends_with("+json"))
                 .or_else(|| content.first())
-                .and_then(|(_, s)| s.as_ref())
-                .and_then(compile)
+                .and_then(|(_, s)| s.clone())
         };
+        let json_schema =
+            |content: &[(String, Option<SchemaDef>)]| json_def(content).as_ref().and_then(compile);
+        let body_def = http
+            .request_body
+            .as_ref()
+            .and_then(|b| json_def(&b.content));
+        let success_def = http
+            .responses
+            .iter()
+            .filter(|r| r.status.starts_with('2'))
+            .find_map(|r| json_def(&r.content));
         Some(Operation {
             id: format!("{}.{}", api.id, op.channel).into(),
             method: reqwest::Method::from_bytes(http.method.to_uppercase().as_bytes()).ok()?,
             path: http.path.clone(),
             base_url,
+            description: op.description.clone(),
             parameters: http
                 .parameters
                 .iter()
@@ -174,6 +192,7 @@ impl Operation {
                     location: p.location.clone(),
                     required: p.required || p.location == "path",
                     schema: p.schema.as_ref().and_then(compile),
+                    json_schema: p.schema.as_ref().and_then(crate::schema::as_json_schema),
                 })
                 .collect(),
             body_required: http.request_body.as_ref().is_some_and(|b| b.required),
@@ -181,6 +200,8 @@ impl Operation {
                 .request_body
                 .as_ref()
                 .and_then(|b| json_schema(&b.content)),
+            body_json_schema: body_def.as_ref().and_then(crate::schema::as_json_schema),
+            success_json_schema: success_def.as_ref().and_then(crate::schema::as_json_schema),
             responses: http
                 .responses
                 .iter()
@@ -190,6 +211,61 @@ impl Operation {
             timeout: overrides.timeout.unwrap_or(DEFAULT_TIMEOUT),
             log: LogId::calls(format!("{}.{}", api.id, op.channel).into()),
         })
+    }
+
+    /// The JSON Schema of a call request `{path, query, headers, body}` for this operation:
+    /// each parameter under its location, the body's schema, and what is required.
+    pub fn request_schema(&self) -> Value {
+        let mut properties = Map::new();
+        let mut required_sections = Vec::new();
+        for location in ["path", "query", "header"] {
+            let mut fields = Map::new();
+            let mut required = Vec::new();
+            for p in self.parameters.iter().filter(|p| p.location == location) {
+                fields.insert(
+                    p.name.clone(),
+                    p.json_schema.clone().unwrap_or_else(|| json!({})),
+                );
+                if p.required {
+                    required.push(json!(p.name));
+                }
+            }
+            if fields.is_empty() {
+                continue;
+            }
+            let section = if location == "header" {
+                "headers"
+            } else {
+                location
+            };
+            if !required.is_empty() {
+                required_sections.push(json!(section));
+            }
+            properties.insert(
+                section.into(),
+                json!({"type": "object", "properties": fields, "required": required}),
+            );
+        }
+        if self.body_required || self.body_json_schema.is_some() {
+            properties.insert(
+                "body".into(),
+                self.body_json_schema.clone().unwrap_or_else(|| json!({})),
+            );
+            if self.body_required {
+                required_sections.push(json!("body"));
+            }
+        }
+        json!({
+            "type": "object",
+            "properties": properties,
+            "required": required_sections,
+            "additionalProperties": false,
+        })
+    }
+
+    /// The JSON Schema of a successful (2XX) response body, when the document gives one.
+    pub fn success_schema(&self) -> Option<&Value> {
+        self.success_json_schema.as_ref()
     }
 
     fn idempotent(&self) -> bool {

@@ -91,13 +91,13 @@ impl ChannelCompiler<'_> {
             }
         };
         let direction = self.direction();
-        let operations: Vec<String> = self
-            .api
-            .operations
-            .iter()
-            .filter(|o| o.channel == channel.id)
-            .map(|o| o.id.clone())
-            .collect();
+        let channel_operations = || {
+            self.api
+                .operations
+                .iter()
+                .filter(move |o| o.channel == channel.id)
+        };
+        let operations: Vec<String> = channel_operations().map(|o| o.id.clone()).collect();
         let messages = self.messages();
         let upstreams = self.upstreams(template.as_ref(), direction);
         let delivery = self.delivery(direction, &upstreams);
@@ -106,11 +106,19 @@ impl ChannelCompiler<'_> {
         if self.errors.len() != errors_before {
             return None;
         }
+        // The channel says what it is; without that, what its operations do.
+        let description = channel.description.clone().or_else(|| {
+            let said: Vec<&str> = channel_operations()
+                .filter_map(|o| o.description.as_deref())
+                .collect();
+            (!said.is_empty()).then(|| said.join("\n\n"))
+        });
         Some(Route {
             id: self.route_id(&channel.id),
             api: self.api.id.clone(),
             channel: channel.id.clone(),
             address: channel.address.clone(),
+            description,
             template,
             parameters,
             direction,
@@ -204,6 +212,10 @@ impl ChannelCompiler<'_> {
                     Encoding::for_message(f, message.content_type.as_deref())
                 }),
                 schema: message.payload.as_ref().map(|p| p.schema.clone()),
+                json_schema: message
+                    .payload
+                    .as_ref()
+                    .and_then(crate::schema::as_json_schema),
                 schema_format: format.map(|f| f.to_string()),
                 payload,
                 headers,
@@ -244,6 +256,8 @@ impl ChannelCompiler<'_> {
             });
             out.push(RouteParameter {
                 name: p.name.clone(),
+                description: p.description.clone(),
+                schema: p.schema.clone(),
                 allowed: p.allowed.clone(),
                 default: p.default.clone(),
                 location: p.location.clone(),

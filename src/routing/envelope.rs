@@ -31,10 +31,12 @@ pub enum Transport {
     Sse = 6,
     Bridge = 7,
     Replay = 8,
+    /// An AI agent's tool call over MCP.
+    Mcp = 9,
 }
 
 impl Transport {
-    pub const ALL: [Transport; 9] = [
+    pub const ALL: [Transport; 10] = [
         Transport::Unknown,
         Transport::Mqtt,
         Transport::Kafka,
@@ -44,6 +46,7 @@ impl Transport {
         Transport::Sse,
         Transport::Bridge,
         Transport::Replay,
+        Transport::Mcp,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -57,6 +60,7 @@ impl Transport {
             Transport::Sse => "sse",
             Transport::Bridge => "bridge",
             Transport::Replay => "replay",
+            Transport::Mcp => "mcp",
         }
     }
 
@@ -257,6 +261,7 @@ mod tests {
             (6, "sse"),
             (7, "bridge"),
             (8, "replay"),
+            (9, "mcp"),
         ];
         for (byte, name) in on_disk {
             assert_eq!(Transport::from_index(byte).as_str(), name);

@@ -57,6 +57,10 @@ pub struct RouteMessage {
     pub encoding: Encoding,
     /// The payload schema as written (for listings and `/api/v1/channels/{id}`).
     pub schema: Option<Value>,
+    /// The payload schema as plain JSON Schema, when it is one (not Avro): what clients that
+    /// describe inputs with JSON Schema (MCP tools) are given.
+    #[serde(skip)]
+    pub json_schema: Option<Value>,
     pub schema_format: Option<String>,
     #[serde(skip)]
     pub payload: Option<Arc<PayloadSchema>>,
@@ -69,6 +73,10 @@ pub struct RouteMessage {
 #[derive(Debug, Clone, Serialize)]
 pub struct RouteParameter {
     pub name: String,
+    pub description: Option<String>,
+    /// The parameter's schema as written (AsyncAPI 2, OpenAPI path parameters).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schema: Option<Value>,
     pub allowed: Option<Vec<String>>,
     pub default: Option<String>,
     pub location: Option<String>,
@@ -138,6 +146,9 @@ pub struct Route {
     pub api: String,
     pub channel: String,
     pub address: Option<String>,
+    /// What the document says of the channel (summary, description), else of its operations.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
     #[serde(skip)]
     pub template: Option<AddressTemplate>,
     pub parameters: Vec<RouteParameter>,

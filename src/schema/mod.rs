@@ -168,6 +168,18 @@ impl PayloadSchema {
 }
 
 /// The draft a JSON Schema media type names (`version=draft-07`), else its `$schema`, else 7.
+/// A schema as plain JSON Schema, for clients that describe inputs with it (MCP tool schemas):
+/// OpenAPI 3.0's `nullable` rewritten; `None` for formats that are not JSON Schema (Avro, ...).
+pub fn as_json_schema(def: &SchemaDef) -> Option<Value> {
+    match &def.format {
+        SchemaFormat::AsyncApi | SchemaFormat::JsonSchema(_) | SchemaFormat::OpenApi31 => {
+            Some(def.schema.clone())
+        }
+        SchemaFormat::OpenApi30 => Some(openapi30_to_json_schema(&def.schema)),
+        SchemaFormat::Avro | SchemaFormat::Other(_) => None,
+    }
+}
+
 fn json_schema_draft(version: &str, schema: &Value) -> jsonschema::Draft {
     use jsonschema::Draft;
     let named = if version.is_empty() {

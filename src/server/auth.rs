@@ -49,7 +49,10 @@ pub fn route_need(
         Need::AdminWrite
     };
     Some(match template {
-        "/healthz" | "/readyz" => Need::Nothing,
+        "/healthz"
+        | "/readyz"
+        | "/.well-known/oauth-protected-resource"
+        | "/.well-known/oauth-protected-resource/mcp" => Need::Nothing,
         "/metrics" => auth.metrics_need(),
         "/api/v1/channels/{id}/messages" if method == Method::POST => Need::Publish(id()),
         "/api/v1/channels/{id}/messages" => Need::Subscribe(id()),
@@ -57,6 +60,8 @@ pub fn route_need(
         "/api/v1/operations/{id}/call" => Need::Call(id()),
         // Each frame names its operation: the handler checks `call:` per frame.
         "/ws/operations" => Need::Authenticated,
+        // Each tool call names its channel or operation: the MCP handler checks per call.
+        "/mcp" => Need::Authenticated,
         "/api/v1/channels"
         | "/api/v1/channels/{id}"
         | "/api/v1/channels/{id}/dead-letters"
@@ -186,15 +191,42 @@ pub async fn guard(State(state): State<AppState>, mut request: Request, next: Ne
             Err(denied) => Err(denied),
         },
     };
+    // MCP clients find the authorization server from the 401's `resource_metadata`.
+    let metadata = (route == "/mcp" && !auth.issuer_urls().is_empty())
+        .then(|| {
+            request
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(|host| state.mcp.metadata_url(host))
+        })
+        .flatten();
+    let refuse = |denied: &Denied, principal: Option<&Principal>| {
+        let mut response = deny(denied, principal, route);
+        if let Some(url) = &metadata
+            && response.status() == StatusCode::UNAUTHORIZED
+            && let Some(challenge) = response
+                .headers()
+                .get(header::WWW_AUTHENTICATE)
+                .and_then(|v| v.to_str().ok())
+            && let Ok(value) =
+                HeaderValue::from_str(&format!(r#"{challenge}, resource_metadata="{url}""#))
+        {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, value);
+        }
+        response
+    };
     let principal = match principal {
         Ok(p) => p,
-        Err(denied) => return deny(&denied, None, route),
+        Err(denied) => return refuse(&denied, None),
     };
     if let Err(denied) = auth.admit(&principal).await {
-        return deny(&denied, Some(&principal), route);
+        return refuse(&denied, Some(&principal));
     }
     if let Err(denied) = auth.authorize(&principal, &need) {
-        return deny(&denied, Some(&principal), route);
+        return refuse(&denied, Some(&principal));
     }
     request.extensions_mut().insert(principal);
     next.run(request).await
@@ -295,7 +327,11 @@ mod tests {
         let auth = Auth::disabled();
         let mut seen = 0;
         // `.route("/path", …)` or `.route(\n "/path", …)`: the first string after each.
-        for piece in source.split(".route(").skip(1) {
+        for piece in source
+            .split(".route(")
+            .skip(1)
+            .chain(source.split(".route_service(").skip(1))
+        {
             let start = piece.find('"').unwrap() + 1;
             let template = &piece[start..start + piece[start..].find('"').unwrap()];
             seen += 1;

@@ -228,6 +228,8 @@ pub async fn add_spec(
             )
         })?;
     let added = state.operations.add(api);
+    // MCP clients are told their tool list changed (new call tools).
+    state.catalogue_changes.send_modify(|v| *v += 1);
     let warnings: Vec<String> = loaded.warnings.iter().map(|w| w.to_string()).collect();
     tracing::info!(api = %api.id, operations = added.len(), "OpenAPI document added");
     Ok((

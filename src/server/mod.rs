@@ -6,6 +6,7 @@ pub mod api;
 pub mod auth;
 pub mod calls;
 pub mod error;
+pub mod mcp;
 pub mod stream;
 pub mod tls;
 
@@ -38,12 +39,30 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     pub connection_ids: Arc<AtomicU64>,
     pub auth: Arc<crate::auth::Auth>,
+    /// Bumped whenever the routes or operations change: MCP clients are told their tool list
+    /// changed.
+    pub catalogue_changes: Arc<tokio::sync::watch::Sender<u64>>,
+    /// `/mcp`: its settings, with the `Host` names it accepts resolved (empty: any).
+    pub mcp: Arc<mcp::McpSettings>,
 }
 
 /// The router.
 pub fn router(state: AppState) -> Router {
     let guard = middleware::from_fn_with_state(state.clone(), auth::guard);
-    Router::new()
+    let mut router = Router::new();
+    if state.mcp.enabled {
+        router = router
+            .route_service("/mcp", mcp::service(&state))
+            .route(
+                "/.well-known/oauth-protected-resource",
+                get(mcp::protected_resource),
+            )
+            .route(
+                "/.well-known/oauth-protected-resource/mcp",
+                get(mcp::protected_resource),
+            );
+    }
+    router
         .route("/api/v1/channels", get(api::list_channels))
         .route("/api/v1/channels/{id}", get(api::get_channel))
         .route(

@@ -256,6 +256,8 @@ pub struct Channel {
     pub address: Option<String>,
     pub parameters: Vec<Parameter>,
     pub messages: Vec<Message>,
+    /// The channel's summary and description.
+    pub description: Option<String>,
     /// Server ids the channel is on; empty means every server of the document.
     pub servers: Vec<String>,
     pub bindings: Bindings,
@@ -420,6 +422,8 @@ pub struct Operation {
     /// Ids of the channel's messages this operation uses; empty means all of them.
     pub messages: Vec<String>,
     pub reply: Option<Reply>,
+    /// The operation's summary and description.
+    pub description: Option<String>,
     pub bindings: Bindings,
     pub security: Vec<SecurityScheme>,
     /// Present for OpenAPI operations: an HTTP request-reply exchange.

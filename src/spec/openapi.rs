@@ -357,11 +357,13 @@ fn read_path_item(
                 schema: p.schema.as_ref().map(|s| s.schema.clone()),
             })
             .collect();
+        let description = reader.summary(&op).or_else(|| reader.summary(&item));
         api.channels.push(Channel {
             id: id.clone(),
             address: Some(path.to_owned()),
             parameters: channel_parameters,
             messages: vec![request, response],
+            description: description.clone(),
             servers,
             bindings: Default::default(),
             extensions: Default::default(),
@@ -378,6 +380,7 @@ fn read_path_item(
                 address_location: None,
                 messages: vec!["response".into()],
             }),
+            description,
             bindings: Default::default(),
             security,
             http: Some(HttpOperation {

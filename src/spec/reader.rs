@@ -77,6 +77,21 @@ impl Reader<'_> {
         }
     }
 
+    /// What an object says of itself: its `summary`, its `description`, or both (summary
+    /// first). For listings and agent-facing tool descriptions.
+    pub fn summary(&mut self, node: &Node) -> Option<String> {
+        let summary = self
+            .string(node, "summary")
+            .filter(|s| !s.trim().is_empty());
+        let description = self
+            .string(node, "description")
+            .filter(|s| !s.trim().is_empty());
+        match (summary, description) {
+            (Some(s), Some(d)) => Some(format!("{}\n\n{}", s.trim(), d.trim())),
+            (s, d) => s.or(d).map(|t| t.trim().to_owned()),
+        }
+    }
+
     /// A required scalar member read as text.
     pub fn required_string(&mut self, node: &Node, key: &'static str) -> Option<String> {
         if node.get(key).is_none() {

@@ -119,12 +119,14 @@ pub(super) fn load_v2_channels(reader: &mut Reader<'_>, root: &Node, ctx: &Ctx, 
                 }
             }
             let security = read_security(reader, root, &op, Major::V2);
+            let description = reader.summary(&op);
             api.operations.push(Operation {
                 id: op_id,
                 action,
                 channel: id.clone(),
                 messages: op_messages,
                 reply: None,
+                description,
                 bindings: read_bindings(reader, &op, BindingTarget::Operation),
                 security,
                 http: None,
@@ -136,6 +138,7 @@ pub(super) fn load_v2_channels(reader: &mut Reader<'_>, root: &Node, ctx: &Ctx, 
             address: Some(address),
             parameters,
             messages,
+            description: reader.summary(&channel),
             servers,
             bindings,
             extensions: stepflow_extensions(&channel),

@@ -138,12 +138,14 @@ pub(super) fn read_v3_channel(
         }
     }
     let bindings = read_bindings(reader, channel, BindingTarget::Channel);
+    let description = reader.summary(channel);
     Some((
         Channel {
             id: id.clone(),
             address,
             parameters,
             messages,
+            description,
             servers,
             bindings,
             extensions: stepflow_extensions(channel),
@@ -285,12 +287,14 @@ pub(super) fn read_v3_operation(
         .and_then(|r| read_v3_reply(reader, root, &r, channels));
     let bindings = read_bindings(reader, op, BindingTarget::Operation);
     let security = read_security(reader, root, op, Major::V3);
+    let description = reader.summary(op);
     Some(Operation {
         id,
         action: action?,
         channel: channel_id?,
         messages,
         reply,
+        description,
         bindings,
         security,
         http: None,
