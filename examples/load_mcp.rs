@@ -50,6 +50,7 @@ fn mcp_request(
     params: Value,
 ) -> reqwest::RequestBuilder {
     let mut params = params;
+    let name = params["name"].as_str().map(str::to_owned);
     params["_meta"] = json!({
         "io.modelcontextprotocol/protocolVersion": "2026-07-28",
         "io.modelcontextprotocol/clientInfo": {"name": "load_mcp", "version": "1"},
@@ -60,6 +61,7 @@ fn mcp_request(
         .header("accept", "application/json, text/event-stream")
         .header("mcp-protocol-version", "2026-07-28")
         .header("mcp-method", method)
+        .header("mcp-name", name.unwrap_or_default())
         .json(&json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}))
 }
 

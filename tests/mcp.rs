@@ -421,6 +421,18 @@ async fn python_and_typescript_agents_list_publish_call_and_read() {
     ts.finish().await.unwrap();
 
     assert!(gw.metric("tools/call", "ok").await >= 7.0);
+
+    // The broker gone: the publish is a tool error naming the upstream, and the session lives.
+    let mut gw = gw;
+    gw.broker.stop();
+    let mut py = Agent::start("python", &gw.mcp(), "publish", "d-down", Some(FULL_KEY));
+    let refused = py.step("publish").await.unwrap();
+    assert_eq!(refused["isError"], true, "{refused}");
+    assert!(
+        refused["text"].as_str().unwrap().contains("iot/mosquitto"),
+        "{refused}"
+    );
+    py.finish().await.unwrap();
     assert!(gw.metric("tools/call", "tool_error").await >= 2.0);
     assert!(gw.metric("tools/list", "ok").await >= 2.0);
 }
@@ -479,6 +491,12 @@ async fn subscribed_agents_hear_of_new_messages_within_a_second_and_of_new_tools
             "{event}"
         );
     }
+
+    // Open MCP streams do not hold a shutdown up.
+    let mut gw = gw;
+    let (status, took) = gw.daemon.terminate(Duration::from_secs(15)).unwrap();
+    assert!(status.success(), "{status}");
+    assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

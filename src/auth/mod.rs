@@ -62,6 +62,12 @@ impl Principal {
         }
     }
 
+    /// The same principal with other scopes (what a narrower key of the same caller would get).
+    pub fn with_scopes(mut self, scopes: Scopes) -> Principal {
+        self.scopes = Arc::new(scopes);
+        self
+    }
+
     /// Whether the principal may do `need`. Scopes decide what a principal may do; being
     /// someone (`Need::Authenticated`) is a matter of tier.
     pub fn allows(&self, need: &Need) -> bool {

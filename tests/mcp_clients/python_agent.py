@@ -75,6 +75,12 @@ async def scoped(url, _arg):
         say(step="read", **result_of(r))
 
 
+async def publish(url, device):
+    async with client(url) as c:
+        r = await c.call_tool("publish_iot_commands", {"deviceId": device, "payload": {"action": "reboot"}})
+        say(step="publish", **result_of(r))
+
+
 async def listen(url, uri):
     """Listens for updates of `uri` and for tool list changes; prints each event as it comes."""
     async with client(url) as c:
@@ -101,7 +107,7 @@ async def publish_many(url, count):
         say(step="done", seconds=time.perf_counter() - started)
 
 
-SCENARIOS = {"tour": tour, "scoped": scoped, "listen": listen, "publish_many": publish_many}
+SCENARIOS = {"tour": tour, "publish": publish, "scoped": scoped, "listen": listen, "publish_many": publish_many}
 
 if __name__ == "__main__":
     url, scenario = sys.argv[1], sys.argv[2]

@@ -236,7 +236,12 @@ impl ServerHandler for GatewayMcp {
 
     fn supported_protocol_versions(&self) -> Cow<'static, [ProtocolVersion]> {
         // From 2025-03-26, the first revision with the Streamable HTTP transport.
-        Cow::Borrowed(&ProtocolVersion::KNOWN_VERSIONS[1..])
+        Cow::Borrowed(&[
+            ProtocolVersion::V_2025_03_26,
+            ProtocolVersion::V_2025_06_18,
+            ProtocolVersion::V_2025_11_25,
+            ProtocolVersion::V_2026_07_28,
+        ])
     }
 
     async fn initialize(
