@@ -429,7 +429,10 @@ async fn python_and_typescript_agents_list_publish_call_and_read() {
     let refused = py.step("publish").await.unwrap();
     assert_eq!(refused["isError"], true, "{refused}");
     assert!(
-        refused["text"].as_str().unwrap().contains("upstream mosquitto"),
+        refused["text"]
+            .as_str()
+            .unwrap()
+            .contains("upstream mosquitto"),
         "{refused}"
     );
     py.finish().await.unwrap();
