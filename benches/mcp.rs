@@ -76,7 +76,7 @@ fn tools_list(c: &mut Criterion) {
         b.iter(|| {
             let channels: Vec<serde_json::Value> = hub
                 .routes()
-                .map(|r| stepflow::server::api::channel_view(&r.route, 0, hub.connections()))
+                .map(|r| stepflow::server::api::channel_view(&r.route(), 0, hub.connections()))
                 .collect();
             serde_json::to_vec(&serde_json::json!({ "channels": channels })).unwrap()
         })

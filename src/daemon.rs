@@ -16,6 +16,7 @@ use crate::calls::Operations;
 use crate::calls::replies::BrokerCalls;
 use crate::config::Config;
 use crate::hub::{Hub, HubConfig};
+use crate::registry::{RegistryParts, SpecRegistry};
 use crate::routing::UpstreamBinding;
 use crate::server::{self, AppState};
 use crate::spec::{self, SpecError};
@@ -201,66 +202,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let bridges = Arc::new(bridges);
     let subscriptions = Subscriptions::load(store.clone()).await?;
 
-    let connectors = TaskTracker::new();
     let connector_shutdown = CancellationToken::new();
-    for api in &apis {
-        for server in &api.servers {
-            // A server is connected to only if a route reads from or writes to it.
-            let uses = hub.routes().any(|r| {
-                r.route.api == api.id
-                    && (r.route.direction.readable || r.route.direction.writable)
-                    && r.route.upstreams.iter().any(|u| {
-                        u.server == server.id
-                            && !matches!(
-                                u.binding,
-                                UpstreamBinding::NoConnector | UpstreamBinding::DynamicAddress
-                            )
-                    })
-            });
-            if !uses {
-                continue;
-            }
-            let key = ServerKey {
-                api: api.id.clone(),
-                server: server.id.clone(),
-            };
-            let connector_error = |reason: String| Error::Connector {
-                server: key.to_string(),
-                reason,
-            };
-            let overrides = config.server_override(&api.id, &server.id);
-            let configured;
-            let server = match overrides.optional {
-                Some(optional) if optional != server.optional => {
-                    configured = crate::spec::Server {
-                        optional,
-                        ..server.clone()
-                    };
-                    &configured
-                }
-                _ => server,
-            };
-            let Some(connector) = crate::connectors::REGISTRY.connector(server.protocol) else {
-                continue;
-            };
-            let started = connector
-                .start(crate::connectors::StartContext {
-                    hub: &hub,
-                    key: key.clone(),
-                    api,
-                    server,
-                    overrides: &overrides,
-                    config: &config,
-                    shutdown: &connector_shutdown,
-                    tracker: &connectors,
-                })
-                .map_err(connector_error)?;
-            if !started {
-                tracing::debug!(server = %key, connector = connector.name(), "nothing to connect to");
-            }
-        }
-    }
-    connectors.close();
+    let catalogue_changes = Arc::new(tokio::sync::watch::channel(0).0);
+    let pinned = triggers_pinned(&config);
+    let registry = Arc::new(SpecRegistry::new(RegistryParts {
+        hub: hub.clone(),
+        operations: operations.clone(),
+        bridges: bridges.clone(),
+        pinned,
+        connectors: Box::new(BuildConnectors {
+            config: Arc::new(config.clone()),
+        }),
+        added_dir: config.data_dir.join(ADDED_SPECS_DIR),
+        shutdown: connector_shutdown.clone(),
+        changes: catalogue_changes.clone(),
+    }));
+    registry
+        .start(&apis)
+        .await
+        .map_err(|(server, reason)| Error::Connector { server, reason })?;
     bridge::lane::start(
         hub.clone(),
         operations.clone(),
@@ -284,12 +244,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         operations,
         bridges: bridges.clone(),
         subscriptions: subscriptions.clone(),
-        added_specs: config.data_dir.join(ADDED_SPECS_DIR),
+        registry: registry.clone(),
         metrics: metrics.clone(),
         shutdown: http_shutdown.clone(),
         connection_ids: Arc::new(AtomicU64::new(0)),
         auth: auth.clone(),
-        catalogue_changes: Arc::new(tokio::sync::watch::channel(0).0),
+        catalogue_changes,
         mcp: Arc::new(server::mcp::McpSettings::resolve(
             &config.mcp,
             bound.ip().is_loopback(),
@@ -351,18 +311,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     // 3. Stop intake upstream; connectors acknowledge what the log already holds.
     connector_shutdown.cancel();
     let stragglers = async {
+        let stopped = registry.connectors_stopped();
+        tokio::pin!(stopped);
         loop {
             tokio::select! {
-                _ = connectors.wait() => break,
+                _ = &mut stopped => break,
                 _ = tokio::time::sleep(Duration::from_secs(2)) => {
-                    tracing::info!(tasks = connectors.len(), "waiting for connectors to drain");
+                    tracing::info!(tasks = registry.connector_tasks().await, "waiting for connectors to drain");
                 }
             }
         }
     };
     if tokio::time::timeout_at(deadline, stragglers).await.is_err() {
         tracing::warn!(
-            tasks = connectors.len(),
+            tasks = registry.connector_tasks().await,
             "connectors did not drain before the deadline"
         );
     }
@@ -401,5 +363,91 @@ fn authentication(config: &Config) -> Result<Auth, Error> {
             );
             Ok(auth)
         }
+    }
+}
+
+/// Channels the configured call triggers read from or reply on.
+fn triggers_pinned(config: &Config) -> Vec<crate::routing::ChannelId> {
+    config
+        .routes
+        .iter()
+        .filter_map(|(route, c)| c.call.as_ref().map(|t| (route, t)))
+        .flat_map(|(route, t)| [route.as_str().into(), t.reply.as_str().into()])
+        .collect()
+}
+
+/// This build's connectors, as the registry uses them.
+struct BuildConnectors {
+    config: Arc<Config>,
+}
+
+impl crate::registry::Connectors for BuildConnectors {
+    fn compile(
+        &self,
+        apis: &[crate::spec::Api],
+    ) -> Result<crate::routing::Compiled, Vec<SpecError>> {
+        crate::connectors::compile(apis)
+    }
+
+    fn start(
+        &self,
+        hub: &Arc<Hub>,
+        api: &crate::spec::Api,
+        shutdown: &CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Result<(), (String, String)> {
+        let config = &*self.config;
+        for server in &api.servers {
+            // A server is connected to only if a route reads from or writes to it.
+            let uses = hub.routes().any(|r| {
+                r.route().api == api.id
+                    && (r.route().direction.readable || r.route().direction.writable)
+                    && r.route().upstreams.iter().any(|u| {
+                        u.server == server.id
+                            && !matches!(
+                                u.binding,
+                                UpstreamBinding::NoConnector | UpstreamBinding::DynamicAddress
+                            )
+                    })
+            });
+            if !uses {
+                continue;
+            }
+            let key = ServerKey {
+                api: api.id.clone(),
+                server: server.id.clone(),
+            };
+            let overrides = config.server_override(&api.id, &server.id);
+            let configured;
+            let server = match overrides.optional {
+                Some(optional) if optional != server.optional => {
+                    configured = crate::spec::Server {
+                        optional,
+                        ..server.clone()
+                    };
+                    &configured
+                }
+                _ => server,
+            };
+            let Some(connector) = crate::connectors::REGISTRY.connector(server.protocol) else {
+                continue;
+            };
+            let started = connector
+                .start(crate::connectors::StartContext {
+                    hub,
+                    key: key.clone(),
+                    api,
+                    server,
+                    overrides: &overrides,
+                    config,
+                    shutdown,
+                    tracker,
+                })
+                .map_err(|reason| (key.to_string(), reason))?;
+            if !started {
+                tracing::debug!(server = %key, connector = connector.name(), "nothing to connect to");
+            }
+        }
+        Ok(())
     }
 }

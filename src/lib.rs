@@ -20,6 +20,7 @@ pub mod connectors;
 pub mod credentials;
 pub mod daemon;
 pub mod hub;
+pub mod registry;
 pub mod routing;
 pub mod schema;
 pub mod server;

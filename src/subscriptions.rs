@@ -116,7 +116,7 @@ impl Subscriptions {
         let route = hub
             .route(channel)
             .ok_or_else(|| SubscriptionError::Invalid(format!("no channel '{channel}'")))?;
-        if !route.route.direction.readable {
+        if !route.route().direction.readable {
             return Err(SubscriptionError::Invalid(format!(
                 "channel '{channel}' is not readable (the application does not receive on it)"
             )));

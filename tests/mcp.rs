@@ -495,6 +495,25 @@ async fn subscribed_agents_hear_of_new_messages_within_a_second_and_of_new_tools
         );
     }
 
+    // And removed: told again, and the tools are gone.
+    let removed = reqwest::Client::new()
+        .delete(gw.daemon.url("/api/v1/specs/fleet-registry"))
+        .bearer_auth(FULL_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(removed.status(), 200, "{}", removed.text().await.unwrap());
+    for agent in [&mut py, &mut ts] {
+        let event = agent.step("event").await.unwrap();
+        assert_eq!(event["kind"], "tools_list_changed", "{event}");
+        assert!(
+            !names(&event["names"])
+                .iter()
+                .any(|n| n.contains("fleet-registry")),
+            "{event}"
+        );
+    }
+
     // Open MCP streams do not hold a shutdown up.
     let mut gw = gw;
     let (status, took) = gw.daemon.terminate(Duration::from_secs(15)).unwrap();

@@ -260,7 +260,7 @@ pub fn start(
 ) {
     for bridge in bridges {
         for lane in &bridge.lanes {
-            let Some(route) = hub.route(&lane.source).cloned() else {
+            let Some(route) = hub.route(&lane.source) else {
                 continue;
             };
             let runner = Runner::new(hub.clone(), operations.clone(), route, lane.clone());

@@ -472,6 +472,26 @@ impl Operations {
         added
     }
 
+    /// Forgets the operations of document `api`; how many there were.
+    pub fn remove_api(&self, api: &str) -> usize {
+        let prefix = format!("{api}.");
+        let Ok(mut by_id) = self.by_id.write() else {
+            return 0;
+        };
+        let before = by_id.len();
+        by_id.retain(|id, _| !id.starts_with(&prefix));
+        before - by_id.len()
+    }
+
+    /// How many operations of document `api` are known.
+    pub fn count_api(&self, api: &str) -> usize {
+        let prefix = format!("{api}.");
+        self.by_id
+            .read()
+            .map(|m| m.keys().filter(|id| id.starts_with(&prefix)).count())
+            .unwrap_or(0)
+    }
+
     /// Whether an operation of document `api` is known.
     pub fn has_api(&self, api: &str) -> bool {
         let prefix = format!("{api}.");

@@ -93,7 +93,7 @@ impl BrokerCalls {
     pub fn build(hub: Arc<Hub>, timeout_of: impl Fn(&Route) -> Duration) -> BrokerCalls {
         let mut by_id = HashMap::new();
         for live in hub.routes() {
-            let route = &live.route;
+            let route = &live.route();
             for rr in route
                 .request_reply
                 .iter()
@@ -110,7 +110,7 @@ impl BrokerCalls {
                         .and_then(Location::parse)
                 };
                 let (Some(request_location), Some(reply_location)) =
-                    (location(route), location(&reply.route))
+                    (location(route), location(&reply.route()))
                 else {
                     tracing::warn!(operation = %rr.operation, "request or reply message without a usable correlationId location ($message.header#/... or $message.payload#/...): not callable");
                     continue;
@@ -152,13 +152,13 @@ impl BrokerCalls {
     pub fn start(&self, shutdown: tokio_util::sync::CancellationToken) {
         let mut readers: HashMap<ChannelId, Vec<Location>> = HashMap::new();
         for op in self.by_id.values() {
-            let locations = readers.entry(op.reply.route.id.clone()).or_default();
+            let locations = readers.entry(op.reply.route().id.clone()).or_default();
             if !locations.contains(&op.reply_location) {
                 locations.push(op.reply_location.clone());
             }
         }
         for (route_id, locations) in readers {
-            let Some(route) = self.hub.route(&route_id).cloned() else {
+            let Some(route) = self.hub.route(&route_id) else {
                 continue;
             };
             let hub = self.hub.clone();
@@ -235,7 +235,7 @@ impl BrokerCalls {
             &mut headers,
         )?;
         if let Some(location) = &op.reply_address {
-            let address = op.reply.route.address.clone().unwrap_or_default();
+            let address = op.reply.route().address.clone().unwrap_or_default();
             place(location, &address, &mut payload, &mut headers)?;
         }
         let params = request

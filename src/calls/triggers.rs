@@ -40,7 +40,7 @@ pub fn check(
     let mut problems = Vec::new();
     for (route, trigger) in triggers {
         match hub.route(route) {
-            Some(r) if r.route.direction.readable => {}
+            Some(r) if r.route().direction.readable => {}
             Some(_) => problems.push(format!("routes.{route}.call: {route} is not readable")),
             None => problems.push(format!("routes.{route}.call: no route {route}")),
         }
@@ -51,7 +51,7 @@ pub fn check(
             ));
         }
         match hub.route(&trigger.reply) {
-            Some(r) if r.route.direction.writable => {}
+            Some(r) if r.route().direction.writable => {}
             Some(_) => problems.push(format!(
                 "routes.{route}.call.reply: {} is not writable",
                 trigger.reply
@@ -83,7 +83,7 @@ pub async fn start(
     tasks: &TaskTracker,
 ) -> Result<(), store::Error> {
     for (route_id, trigger) in triggers {
-        let Some(route) = hub.route(&route_id).cloned() else {
+        let Some(route) = hub.route(&route_id) else {
             continue;
         };
         let store = hub.store().clone();
@@ -257,7 +257,7 @@ async fn dead_letter_reply(
         return;
     };
     let envelope = crate::routing::envelope::Envelope::new(
-        route.route.id.clone(),
+        route.route().id.clone(),
         String::new(),
         request.envelope.params.clone(),
         payload,
@@ -265,7 +265,7 @@ async fn dead_letter_reply(
     );
     let written = match hub
         .dead_letter(
-            route,
+            &route,
             envelope,
             DeadLetterReason::ReplyUndeliverable,
             error.to_string(),

@@ -15,6 +15,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 
 use crate::routing::envelope::{Delivered, Envelope};
 use crate::routing::{ChannelId, Route, RoutingTable};
@@ -48,27 +49,89 @@ impl Default for HubConfig {
 
 /// One route at run time.
 pub struct LiveRoute {
-    pub route: Arc<Route>,
+    id: ChannelId,
+    /// Swapped in place when the route's document changes it (a new schema): clients, log
+    /// and cursors stay with the route.
+    definition: RwLock<Arc<Route>>,
     live: broadcast::Sender<Arc<Delivered>>,
     pub metrics: RouteMetrics,
     pub log: LogId,
     pub dead_letters: LogId,
+    /// Cancelled when the route's document is removed: its clients' streams end.
+    removed: CancellationToken,
 }
 
 impl LiveRoute {
+    fn new(route: Arc<Route>, live_capacity: usize) -> Self {
+        let (live, _) = broadcast::channel(live_capacity);
+        LiveRoute {
+            id: route.id.clone(),
+            metrics: RouteMetrics::new(&route.id),
+            log: LogId::messages(route.id.clone()),
+            dead_letters: LogId::dead_letters(route.id.clone()),
+            definition: RwLock::new(route),
+            live,
+            removed: CancellationToken::new(),
+        }
+    }
+
     pub fn id(&self) -> &ChannelId {
-        &self.route.id
+        &self.id
+    }
+
+    /// The route's definition now.
+    pub fn route(&self) -> Arc<Route> {
+        match self.definition.read() {
+            Ok(route) => route.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn swap(&self, route: Arc<Route>) {
+        *self.definition.write().unwrap_or_else(|p| p.into_inner()) = route;
     }
 
     pub fn live_subscribers(&self) -> usize {
         self.live.receiver_count()
     }
+
+    /// Resolves when the route has been removed from the running table.
+    pub fn removed(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.removed.cancelled()
+    }
+
+    pub fn is_removed(&self) -> bool {
+        self.removed.is_cancelled()
+    }
+}
+
+/// The routes at one moment, in table order. Replaced whole on every change, so a reader
+/// never sees half a change and never waits for one.
+#[derive(Default)]
+struct RouteSet {
+    order: Vec<Arc<LiveRoute>>,
+    by_id: HashMap<ChannelId, Arc<LiveRoute>>,
+}
+
+/// What [`Hub::replace_api`] did.
+#[derive(Default)]
+pub struct Replaced {
+    pub added: Vec<ChannelId>,
+    pub changed: Vec<ChannelId>,
+    pub unchanged: Vec<ChannelId>,
+    pub removed: Vec<Arc<LiveRoute>>,
+}
+
+/// Why routes could not be added.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    #[error("channel '{0}' is already served")]
+    Duplicate(ChannelId),
 }
 
 /// The running routes.
 pub struct Hub {
-    table: Arc<RoutingTable>,
-    routes: HashMap<ChannelId, Arc<LiveRoute>>,
+    routes: RwLock<Arc<RouteSet>>,
     store: Store,
     publishers: RwLock<HashMap<ServerKey, Arc<dyn Publisher>>>,
     connections: Connections,
@@ -82,24 +145,14 @@ impl Hub {
         connections: Connections,
         config: HubConfig,
     ) -> Self {
-        let routes = table
-            .routes()
-            .iter()
-            .map(|route| {
-                let (live, _) = broadcast::channel(config.live_capacity);
-                let live_route = LiveRoute {
-                    route: route.clone(),
-                    live,
-                    metrics: RouteMetrics::new(&route.id),
-                    log: LogId::messages(route.id.clone()),
-                    dead_letters: LogId::dead_letters(route.id.clone()),
-                };
-                (route.id.clone(), Arc::new(live_route))
-            })
-            .collect();
+        let mut set = RouteSet::default();
+        for route in table.routes() {
+            let live = Arc::new(LiveRoute::new(route.clone(), config.live_capacity));
+            set.by_id.insert(route.id.clone(), live.clone());
+            set.order.push(live);
+        }
         Self {
-            table,
-            routes,
+            routes: RwLock::new(Arc::new(set)),
             store,
             publishers: RwLock::new(HashMap::new()),
             connections,
@@ -107,20 +160,148 @@ impl Hub {
         }
     }
 
-    pub fn table(&self) -> &RoutingTable {
-        &self.table
+    fn snapshot(&self) -> Arc<RouteSet> {
+        match self.routes.read() {
+            Ok(set) => set.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
     }
 
-    pub fn route(&self, id: &str) -> Option<&Arc<LiveRoute>> {
-        self.routes.get(id)
+    pub fn route(&self, id: &str) -> Option<Arc<LiveRoute>> {
+        self.snapshot().by_id.get(id).cloned()
     }
 
-    /// Routes in table order.
-    pub fn routes(&self) -> impl Iterator<Item = &Arc<LiveRoute>> {
-        self.table
+    /// The routes in table order, as they are now.
+    pub fn routes(&self) -> std::vec::IntoIter<Arc<LiveRoute>> {
+        self.snapshot().order.clone().into_iter()
+    }
+
+    /// Starts serving the routes of `table` (a document added at run time); refused as a
+    /// whole when one of its channel ids is already served.
+    pub fn add(&self, table: &RoutingTable) -> Result<Vec<ChannelId>, ChangeError> {
+        let mut guard = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(taken) = table
             .routes()
             .iter()
-            .filter_map(|r| self.routes.get(&r.id))
+            .find(|r| guard.by_id.contains_key(&r.id))
+        {
+            return Err(ChangeError::Duplicate(taken.id.clone()));
+        }
+        let mut next = RouteSet {
+            order: guard.order.clone(),
+            by_id: guard.by_id.clone(),
+        };
+        let mut added = Vec::with_capacity(table.len());
+        for route in table.routes() {
+            let live = Arc::new(LiveRoute::new(route.clone(), self.config.live_capacity));
+            next.order.push(live.clone());
+            next.by_id.insert(route.id.clone(), live);
+            added.push(route.id.clone());
+        }
+        *guard = Arc::new(next);
+        Ok(added)
+    }
+
+    /// Serves `table` as the new routes of document `api`, by diff: a route whose definition
+    /// is unchanged is kept as it is; a changed one is swapped in place (same clients, log and
+    /// cursors; the next message meets the new definition); a new one starts; one no longer
+    /// in `table` is removed (its clients' streams end).
+    pub fn replace_api(&self, api: &str, table: &RoutingTable) -> Result<Replaced, ChangeError> {
+        let mut replaced = Replaced::default();
+        {
+            let mut guard = self.routes.write().unwrap_or_else(|p| p.into_inner());
+            if let Some(taken) = table.routes().iter().find(|r| {
+                guard
+                    .by_id
+                    .get(&r.id)
+                    .is_some_and(|live| live.route().api != api)
+            }) {
+                return Err(ChangeError::Duplicate(taken.id.clone()));
+            }
+            let mut next = Vec::with_capacity(guard.order.len() + table.len());
+            let mut placed = false;
+            for live in &guard.order {
+                if live.route().api != api {
+                    next.push(live.clone());
+                    continue;
+                }
+                if table.get(live.id()).is_none() {
+                    replaced.removed.push(live.clone());
+                }
+                // The document's routes go where its first route was, in the new order.
+                if !placed {
+                    placed = true;
+                    for route in table.routes() {
+                        next.push(self.reuse_or_start(&guard, route, &mut replaced));
+                    }
+                }
+            }
+            if !placed {
+                for route in table.routes() {
+                    next.push(self.reuse_or_start(&guard, route, &mut replaced));
+                }
+            }
+            let by_id = next.iter().map(|r| (r.id().clone(), r.clone())).collect();
+            *guard = Arc::new(RouteSet { order: next, by_id });
+        }
+        for route in &replaced.removed {
+            route.removed.cancel();
+        }
+        Ok(replaced)
+    }
+
+    fn reuse_or_start(
+        &self,
+        current: &RouteSet,
+        route: &Arc<Route>,
+        replaced: &mut Replaced,
+    ) -> Arc<LiveRoute> {
+        match current.by_id.get(&route.id) {
+            Some(live) => {
+                if live.route().same_definition(route) {
+                    replaced.unchanged.push(route.id.clone());
+                } else {
+                    live.swap(route.clone());
+                    replaced.changed.push(route.id.clone());
+                }
+                live.clone()
+            }
+            None => {
+                replaced.added.push(route.id.clone());
+                Arc::new(LiveRoute::new(route.clone(), self.config.live_capacity))
+            }
+        }
+    }
+
+    /// Forgets the publishers of document `api` (its connectors are restarting or gone).
+    pub fn forget_publishers(&self, api: &str) {
+        if let Ok(mut publishers) = self.publishers.write() {
+            publishers.retain(|key, _| key.api != api);
+        }
+    }
+
+    /// Stops serving every route of document `api`: their clients' streams end, their
+    /// publishers are forgotten. Their logs stay in the store.
+    pub fn remove_api(&self, api: &str) -> Vec<Arc<LiveRoute>> {
+        let removed: Vec<Arc<LiveRoute>> = {
+            let mut guard = self.routes.write().unwrap_or_else(|p| p.into_inner());
+            let (gone, kept): (Vec<_>, Vec<_>) = guard
+                .order
+                .iter()
+                .cloned()
+                .partition(|r| r.route().api == api);
+            if gone.is_empty() {
+                return gone;
+            }
+            let by_id = kept.iter().map(|r| (r.id().clone(), r.clone())).collect();
+            *guard = Arc::new(RouteSet { order: kept, by_id });
+            gone
+        };
+        self.forget_publishers(api);
+        for route in &removed {
+            route.removed.cancel();
+        }
+        removed
     }
 
     pub fn store(&self) -> &Store {
@@ -138,12 +319,12 @@ impl Hub {
     /// Whether every upstream a publish on `channel` goes through is connected; `None` when
     /// the channel has no connected upstream to wait for (unknown, or nothing registered).
     pub fn upstreams_connected(&self, channel: &str) -> Option<bool> {
-        let route = self.routes.get(channel)?;
+        let route = self.route(channel)?.route();
         let publishers = self.publishers.read().ok()?;
-        let mut states = route.route.upstreams.iter().filter_map(|u| {
+        let mut states = route.upstreams.iter().filter_map(|u| {
             publishers
                 .get(&ServerKey {
-                    api: route.route.api.clone(),
+                    api: route.api.clone(),
                     server: u.server.clone(),
                 })
                 .map(|p| p.is_connected())
@@ -168,6 +349,8 @@ impl Hub {
         mut envelope: Envelope,
     ) -> Result<PendingAppend, store::Error> {
         route.metrics.message_received(envelope.origin.transport);
+        // One definition for the whole message, even if the document changes meanwhile.
+        let definition = route.route();
         let size = envelope.payload.len();
         let problem = if size > self.config.max_payload_bytes {
             Some((
@@ -177,20 +360,19 @@ impl Hub {
                     self.config.max_payload_bytes
                 ),
             ))
-        } else if let Some(e) = route
-            .route
+        } else if let Some(e) = definition
             .parameters
             .iter()
             .find_map(|p| envelope.params.get(&p.name).and_then(|v| p.check(v).err()))
         {
             Some((RejectReason::InvalidAddress, e.to_string()))
         } else {
-            match route.route.validate(&envelope.payload) {
+            match definition.validate(&envelope.payload) {
                 Ok(matched) => {
                     // Which of several messages this is: clients of a socket carrying many
                     // kinds (a market feed's trades and heartbeats) tell them apart by it.
                     if let Some(id) = matched
-                        && route.route.messages.len() > 1
+                        && definition.messages.len() > 1
                         && !envelope
                             .headers
                             .iter()
@@ -230,7 +412,7 @@ impl Hub {
         detail: String,
     ) -> Result<PendingAppend, store::Error> {
         DeadLettered {
-            channel: &route.route.id,
+            channel: route.id(),
             reason,
             detail: &detail,
             address: &envelope.address,

@@ -82,15 +82,15 @@ impl Hub {
         channel: &str,
         request: PublishRequest,
     ) -> Result<Published, PublishFailure> {
-        let Some(route) = self.routes.get(channel) else {
+        let Some(route) = self.route(channel) else {
             // Not counted: the channel label would be whatever a client typed.
             return Err(PublishFailure::UnknownChannel(channel.to_owned()));
         };
         let transport = request.origin.transport;
-        let result = self.publish_to(route, channel, request).await;
+        let result = self.publish_to(&route, channel, request).await;
         if let Err(failure) = &result {
             MessageRejected {
-                channel: &route.route.id,
+                channel: route.id(),
                 transport,
                 reason: failure.reason(),
                 detail: &failure.to_string(),
@@ -106,7 +106,7 @@ impl Hub {
         channel: &str,
         request: PublishRequest,
     ) -> Result<Published, PublishFailure> {
-        let spec = &route.route;
+        let spec = &route.route();
         if !spec.direction.writable {
             return Err(PublishFailure::NotWritable(channel.to_owned()));
         }

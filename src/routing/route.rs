@@ -161,6 +161,12 @@ pub struct Route {
 }
 
 impl Route {
+    /// Whether `other` defines the same route: everything a route serialises (address,
+    /// bindings, direction, schemas as written), not the validators compiled from it.
+    pub fn same_definition(&self, other: &Route) -> bool {
+        serde_json::to_value(self).ok() == serde_json::to_value(other).ok()
+    }
+
     /// Checks a payload against the route's messages: `Ok(Some(id))` names the message it
     /// matched, `Ok(None)` means no message has an enforced schema. With several messages the
     /// payload must match one; the error then is the first message's.

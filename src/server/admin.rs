@@ -174,7 +174,7 @@ pub async fn replay_dead_letters(
         {
             Some(result) => result.map_err(|e| e.detail().to_owned()),
             // A message the gateway could not send (a trigger's reply): publish it again.
-            None if route.route.direction.writable && !route.route.direction.readable => state
+            None if route.route().direction.writable && !route.route().direction.readable => state
                 .hub
                 .publish(
                     &id,
@@ -195,7 +195,7 @@ pub async fn replay_dead_letters(
                 .await
                 .map(|_| ())
                 .map_err(|e| e.to_string()),
-            None => match route.route.validate(&message.envelope.payload) {
+            None => match route.route().validate(&message.envelope.payload) {
                 Err(e) => Err(format!("still invalid: {e}")),
                 Ok(_) => {
                     let mut envelope = message.envelope.clone();

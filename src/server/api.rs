@@ -59,7 +59,7 @@ pub async fn list_channels(State(state): State<AppState>) -> Json<Value> {
     let channels: Vec<Value> = state
         .hub
         .routes()
-        .map(|r| channel_view(&r.route, r.live_subscribers(), state.hub.connections()))
+        .map(|r| channel_view(&r.route(), r.live_subscribers(), state.hub.connections()))
         .collect();
     Json(json!({ "channels": channels }))
 }
@@ -68,7 +68,6 @@ pub fn route_or_404(state: &AppState, id: &str) -> Result<Arc<LiveRoute>, ApiErr
     state
         .hub
         .route(id)
-        .cloned()
         .ok_or_else(|| ApiError::not_found(format!("no channel '{id}'")))
 }
 
@@ -80,7 +79,7 @@ pub async fn get_channel(
     let log = state.hub.store().log_stats(&route.log);
     let dead = state.hub.store().log_stats(&route.dead_letters);
     let mut view = channel_view(
-        &route.route,
+        &route.route(),
         route.live_subscribers(),
         state.hub.connections(),
     );
@@ -116,7 +115,7 @@ pub async fn publish(
 ) -> Result<Response, ApiError> {
     let Query(params) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let route = route_or_404(&state, &id)?;
-    if !route.route.direction.writable {
+    if !route.route().direction.writable {
         return Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::MethodNotAllowed,

@@ -69,6 +69,7 @@ pub fn route_need(
         | "/api/v1/subscriptions/{name}"
         | "/api/v1/bridges"
         | "/api/v1/specs"
+        | "/api/v1/specs/{id}"
         | "/api/v1/operations"
         | "/api/v1/operations/{id}/calls"
         | "/api/v1/connections"

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod calls;
 pub mod error;
 pub mod mcp;
+pub mod specs;
 pub mod stream;
 pub mod tls;
 
@@ -33,8 +34,8 @@ pub struct AppState {
     pub operations: Arc<crate::calls::Operations>,
     pub bridges: Arc<Vec<Arc<crate::bridge::Bridge>>>,
     pub subscriptions: crate::subscriptions::Subscriptions,
-    /// Where documents added with `POST /api/v1/specs` are kept.
-    pub added_specs: std::path::PathBuf,
+    /// The documents being served, changed at run time over `/api/v1/specs`.
+    pub registry: Arc<crate::registry::SpecRegistry>,
     pub metrics: PrometheusHandle,
     pub shutdown: CancellationToken,
     pub connection_ids: Arc<AtomicU64>,
@@ -86,7 +87,11 @@ pub fn router(state: AppState) -> Router {
             get(admin::get_subscription).delete(admin::delete_subscription),
         )
         .route("/api/v1/bridges", get(admin::list_bridges))
-        .route("/api/v1/specs", post(calls::add_spec))
+        .route("/api/v1/specs", get(specs::list).post(specs::add))
+        .route(
+            "/api/v1/specs/{id}",
+            get(specs::get).put(specs::replace).delete(specs::remove),
+        )
         .route("/api/v1/operations", get(calls::list))
         .route("/api/v1/operations/{id}/call", post(calls::call))
         .route("/api/v1/operations/{id}/calls", get(calls::log))

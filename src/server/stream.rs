@@ -87,7 +87,7 @@ pub async fn websocket(
         Some(d) => Some(d.cursor),
         None => parse_from(&params)?,
     };
-    let subscription = if route.route.direction.readable {
+    let subscription = if route.route().direction.readable {
         Some(state.hub.subscribe(&route, from).await?)
     } else {
         None
@@ -196,6 +196,10 @@ async fn ws_session(
                 count_denial("token_expired");
                 tracing::info!(principal = %principal.id, channel = %route.id(), "stream closed: token expired");
                 break Some(CloseFrame { code: close_code::POLICY, reason: "token expired".into() });
+            }
+            // The channel's document was removed (or replaced without it): nothing more comes.
+            _ = route.removed() => {
+                break Some(CloseFrame { code: close_code::AWAY, reason: "channel removed".into() });
             }
             // The next message for this client (cancel-safe: consumed only when returned).
             event = async {
@@ -382,7 +386,7 @@ async fn publish_frame(
     payload: bytes::Bytes,
     connection: u64,
 ) -> String {
-    if !route.route.direction.writable {
+    if !route.route().direction.writable {
         let error = ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::MethodNotAllowed,
@@ -422,7 +426,7 @@ pub async fn sse(
 ) -> Result<Response, ApiError> {
     let Query(params) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let route = route_or_404(&state, &id)?;
-    if !route.route.direction.readable {
+    if !route.route().direction.readable {
         return Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::MethodNotAllowed,
@@ -472,6 +476,10 @@ fn sse_stream(
                     count_denial("token_expired");
                     tracing::info!(principal = %principal.id, channel = %route.id(), "stream closed: token expired");
                     yield Ok(Event::default().event("error").data(json!({"error": {"code": "token_expired", "message": "the token expired; reconnect with a fresh one"}}).to_string()));
+                    break;
+                }
+                _ = route.removed() => {
+                    yield Ok(Event::default().event("removed").data(json!({"channel": route.id(), "message": "the channel was removed from the gateway"}).to_string()));
                     break;
                 }
                 event = subscription.next() => event,

@@ -101,6 +101,14 @@ impl Connections {
         intake
     }
 
+    /// Forgets the upstreams of document `api` (removed from the registry): they no longer
+    /// count for readiness or show in the listing.
+    pub fn forget(&self, api: &str) {
+        if let Ok(mut map) = self.inner.write() {
+            map.retain(|key, _| key.api != api);
+        }
+    }
+
     pub fn set(&self, key: &ServerKey, state: ConnectionState, error: Option<String>) {
         if let Ok(mut map) = self.inner.write()
             && let Some(status) = map.get_mut(key)

@@ -149,9 +149,9 @@ impl AmqpConnector {
     ) -> AmqpConnector {
         let routes = hub
             .routes()
-            .filter(|r| r.route.api == key.api)
+            .filter(|r| r.route().api == key.api)
             .filter_map(|r| {
-                r.route
+                r.route()
                     .upstreams
                     .iter()
                     .find_map(|u| match u.binding.get::<AmqpRoute>() {
@@ -312,10 +312,10 @@ impl Supervisor {
             .map_err(|e| e.to_string())?;
         let mut consumers = Vec::new();
         for (route, amqp) in &self.routes {
-            declare(&publish, amqp, route.route.direction.readable)
+            declare(&publish, amqp, route.route().direction.readable)
                 .await
                 .map_err(|e| format!("declaring the topology of {}: {e}", route.id()))?;
-            if !route.route.direction.readable {
+            if !route.route().direction.readable {
                 continue;
             }
             let Some(queue) = &amqp.queue else { continue };

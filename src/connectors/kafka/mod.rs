@@ -288,12 +288,11 @@ impl KafkaConnector {
         let routes =
             hub.routes()
                 .filter(|r| {
-                    r.route.api == key.api
-                        && r.route.upstreams.iter().any(|u| {
+                    r.route().api == key.api
+                        && r.route().upstreams.iter().any(|u| {
                             u.server == key.server && u.binding.get::<KafkaRoute>().is_some()
                         })
                 })
-                .cloned()
                 .collect();
         KafkaConnector {
             key,
@@ -351,8 +350,8 @@ impl KafkaConnector {
 
         // One consumer per consumer group on this server.
         let mut groups: BTreeMap<String, Vec<Subscribed>> = BTreeMap::new();
-        for route in self.routes.iter().filter(|r| r.route.direction.readable) {
-            for upstream in &route.route.upstreams {
+        for route in self.routes.iter().filter(|r| r.route().direction.readable) {
+            for upstream in &route.route().upstreams {
                 if let Some(k) = upstream.binding.get::<KafkaRoute>()
                     && upstream.server == self.key.server
                 {

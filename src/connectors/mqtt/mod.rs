@@ -102,12 +102,11 @@ impl MqttConnector {
         let routes =
             hub.routes()
                 .filter(|r| {
-                    r.route.api == key.api
-                        && r.route.upstreams.iter().any(|u| {
+                    r.route().api == key.api
+                        && r.route().upstreams.iter().any(|u| {
                             u.server == key.server && u.binding.get::<MqttRoute>().is_some()
                         })
                 })
-                .cloned()
                 .collect();
         MqttConnector {
             key,
@@ -143,9 +142,9 @@ impl MqttConnector {
         let readable: Vec<(Arc<LiveRoute>, Subscription)> = self
             .routes
             .iter()
-            .filter(|r| r.route.direction.readable)
+            .filter(|r| r.route().direction.readable)
             .filter_map(|r| {
-                r.route
+                r.route()
                     .upstreams
                     .iter()
                     .find_map(|u| match u.binding.get::<MqttRoute>() {

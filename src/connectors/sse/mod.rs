@@ -58,8 +58,8 @@ impl SseConnector {
     ) -> SseConnector {
         let key = &side.key;
         let mut streams = Vec::new();
-        for live in hub.routes().filter(|r| r.route.api == key.api) {
-            let route = &live.route;
+        for live in hub.routes().filter(|r| r.route().api == key.api) {
+            let route = &live.route();
             let Some(sse) =
                 route
                     .upstreams
@@ -370,8 +370,8 @@ impl crate::connectors::Connector for Http {
 
     fn start(&self, cx: crate::connectors::StartContext<'_>) -> Result<bool, String> {
         let streams = cx.hub.routes().any(|r| {
-            r.route.api == cx.key.api
-                && r.route
+            r.route().api == cx.key.api
+                && r.route()
                     .upstreams
                     .iter()
                     .any(|u| u.server == cx.key.server && u.binding.get::<SseRoute>().is_some())

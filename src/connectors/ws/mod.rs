@@ -76,8 +76,8 @@ impl WsConnector {
     ) -> WsConnector {
         let key = &side.key;
         let mut sockets: Vec<Socket> = Vec::new();
-        for live in hub.routes().filter(|r| r.route.api == key.api) {
-            let route = &live.route;
+        for live in hub.routes().filter(|r| r.route().api == key.api) {
+            let route = &live.route();
             let Some(ws) =
                 route
                     .upstreams
@@ -368,7 +368,7 @@ impl SocketTask {
             [only] => Some(only),
             several => several
                 .iter()
-                .find(|(live, _)| matches!(live.route.validate(&payload), Ok(Some(_))))
+                .find(|(live, _)| matches!(live.route().validate(&payload), Ok(Some(_))))
                 .or_else(|| several.first()),
         };
         let Some((live, params)) = target else {

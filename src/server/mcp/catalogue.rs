@@ -88,15 +88,15 @@ impl Catalogue {
                 tool: read_messages_tool(),
             },
         ];
-        let writable: Vec<&Arc<Route>> = hub
+        let writable: Vec<Arc<Route>> = hub
             .routes()
-            .map(|r| &r.route)
+            .map(|r| r.route().clone())
             // An OpenAPI operation's channel is called, not published to: its call tool serves it.
             .filter(|r| r.direction.writable && r.request_reply.iter().all(|rr| rr.http.is_none()))
             .collect();
         let publish_names = derive_names("publish_", writable.iter().map(|r| r.id.as_ref()));
         let mut publish_tools = HashMap::new();
-        for route in writable {
+        for route in &writable {
             let name = publish_names[route.id.as_ref()].clone();
             publish_tools.insert(route.id.clone(), name.clone());
             tools.push(CatalogueTool {
@@ -138,7 +138,7 @@ impl Catalogue {
         }
         for op in &brokers {
             let name = call_names[op.id.as_ref()].clone();
-            let request = hub.route(&op.request).map(|r| r.route.clone());
+            let request = hub.route(&op.request).map(|r| r.route().clone());
             let description = describe(
                 request.as_ref().and_then(|r| r.description.as_deref()),
                 &format!(

@@ -527,7 +527,7 @@ impl GatewayMcp {
         self.state()
             .hub
             .routes()
-            .map(|r| r.route.clone())
+            .map(|r| r.route().clone())
             .filter(|r| r.direction.readable)
             .filter(move |r| principal.allows(&Need::Subscribe(r.id.to_string())))
     }

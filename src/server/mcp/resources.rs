@@ -71,11 +71,8 @@ pub fn parse(hub: &Hub, uri: &str) -> Result<ResourceRef, String> {
         .ok_or_else(|| format!("'{uri}' is not a {SCHEME}… resource"))?;
     let mut segments = rest.split('/');
     let id = decode(segments.next().unwrap_or_default());
-    let route = hub
-        .route(&id)
-        .cloned()
-        .ok_or_else(|| format!("no channel '{id}'"))?;
-    if !route.route.direction.readable {
+    let route = hub.route(&id).ok_or_else(|| format!("no channel '{id}'"))?;
+    if !route.route().direction.readable {
         return Err(format!("channel '{id}' is not readable"));
     }
     let values: Vec<String> = segments.map(decode).collect();
@@ -85,7 +82,7 @@ pub fn parse(hub: &Hub, uri: &str) -> Result<ResourceRef, String> {
             params: None,
         });
     }
-    let names = &route.route.parameters;
+    let names = &route.route().parameters;
     if values.len() != names.len() {
         return Err(format!(
             "channel '{id}' has {} address parameter(s) ({}), the URI gives {}",

@@ -72,7 +72,7 @@ impl GatewayMcp {
             .hub
             .routes()
             .filter_map(|live| {
-                let route = &live.route;
+                let route = &live.route();
                 let read = route.direction.readable
                     && principal.allows(&Need::Subscribe(route.id.to_string()));
                 let write = route.direction.writable
@@ -106,7 +106,7 @@ impl GatewayMcp {
                 "no channel '{id}'; list_channels shows the channels"
             ));
         };
-        let route = &live.route;
+        let route = &live.route();
         let may = principal.allows(&Need::Subscribe(id.to_owned()))
             || principal.allows(&Need::Publish(id.to_owned()));
         if !may {
@@ -226,7 +226,7 @@ impl GatewayMcp {
         let Some(live) = state.hub.route(id) else {
             return tool_error(format!("channel '{id}' is gone"));
         };
-        let route = &live.route;
+        let route = &live.route();
         let key = catalogue::payload_key(route);
         let Some(payload) = arguments.remove(key) else {
             return tool_error_with(

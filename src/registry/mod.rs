@@ -1,0 +1,721 @@
+//! The live registry: the API documents the gateway serves, added and removed while it runs.
+//!
+//! A document added here is compiled on its own, its routes join the running table (the hub),
+//! its operations become callable and its servers' connectors start; removing it reverses each
+//! step. Routes of other documents are not touched, so their clients, logs, cursors and
+//! upstream subscriptions never notice. Documents added over the API are kept in the data
+//! directory and load with the rest at the next start.
+//!
+//! Knows the hub, the operations, the bridges and the store; never a protocol: compiling
+//! against this build's connectors and starting them is the daemon's, behind [`Connectors`].
+
+pub mod breaking;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::bridge::{Bridge, Target};
+use crate::calls::Operations;
+use crate::hub::Hub;
+use crate::routing::{ChannelId, Compiled, Route};
+use crate::spec::{self, Api, DocumentKind, SpecError};
+use breaking::DocumentDiff;
+
+/// How long a removed document's connectors get to disconnect before the removal answers.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the daemon gives the registry: this build's protocol support.
+pub trait Connectors: Send + Sync {
+    /// Compiles `apis` into routes against the connectors this build has.
+    fn compile(&self, apis: &[Api]) -> Result<Compiled, Vec<SpecError>>;
+
+    /// Starts the connectors of `api`'s servers on `tracker`; they stop when `shutdown` is
+    /// cancelled.
+    fn start(
+        &self,
+        hub: &Arc<Hub>,
+        api: &Api,
+        shutdown: &CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Result<(), (String, String)>;
+}
+
+/// Where a document came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// A file of the specs directories.
+    File,
+    /// `POST /api/v1/specs`, kept in the data directory.
+    Api,
+}
+
+/// A registered document, as `GET /api/v1/specs` lists it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DocumentInfo {
+    pub id: String,
+    /// `asyncapi` or `openapi`.
+    pub kind: &'static str,
+    pub spec_version: String,
+    pub title: String,
+    /// The document's own version (`info.version`).
+    pub version: String,
+    pub source: Source,
+    /// The file's name (never the directory, which is the operator's business).
+    pub file: String,
+    pub channels: usize,
+    pub operations: usize,
+    /// When the file was written, RFC 3339.
+    pub added_at: String,
+}
+
+/// A document's text as registered.
+pub struct DocumentText {
+    pub info: DocumentInfo,
+    pub text: String,
+    pub content_type: &'static str,
+}
+
+/// What an addition did.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Added {
+    pub document: DocumentInfo,
+    pub channels: Vec<ChannelId>,
+    pub operations: Vec<ChannelId>,
+    pub warnings: Vec<String>,
+    pub dry_run: bool,
+}
+
+/// What a removal did.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Removed {
+    pub document: DocumentInfo,
+    pub channels: Vec<ChannelId>,
+    pub operations: usize,
+    /// Messages deleted with `purge`.
+    pub purged_messages: u64,
+    pub dry_run: bool,
+}
+
+/// Why a change was refused; nothing running changed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("the document has {} problem(s)", .0.len())]
+    Invalid(Vec<String>),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("no document '{0}'")]
+    NotFound(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("cannot keep the document in the data directory")]
+    Storage,
+    #[error("the change has {} breaking change(s); send allow_breaking=true to apply it anyway", .0.breaking.len())]
+    Breaking(Box<DocumentDiff>),
+}
+
+/// What a replacement did (or, with `dry_run`, would do).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Replacement {
+    pub document: DocumentInfo,
+    pub diff: DocumentDiff,
+    /// Whether the document's connectors reconnected (a server, an address or a binding
+    /// changed, or channels came or went); otherwise their upstream subscriptions stayed.
+    pub reconnected: bool,
+    pub dry_run: bool,
+    pub warnings: Vec<String>,
+}
+
+struct Entry {
+    info: DocumentInfo,
+    /// The document as compiled now: the old side of the next replacement's diff.
+    api: Arc<Api>,
+    path: PathBuf,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// The documents being served.
+pub struct SpecRegistry {
+    hub: Arc<Hub>,
+    operations: Arc<Operations>,
+    bridges: Arc<Vec<Arc<Bridge>>>,
+    /// Channels configured call triggers read or answer on: their documents cannot go.
+    pinned: Vec<ChannelId>,
+    connectors: Box<dyn Connectors>,
+    added_dir: PathBuf,
+    /// Parent of every document's connector token: the daemon's shutdown stops them all.
+    shutdown: CancellationToken,
+    /// One lock for every change, so two changes never interleave.
+    entries: Mutex<BTreeMap<String, Entry>>,
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+/// The parts a registry is built from.
+pub struct RegistryParts {
+    pub hub: Arc<Hub>,
+    pub operations: Arc<Operations>,
+    pub bridges: Arc<Vec<Arc<Bridge>>>,
+    pub pinned: Vec<ChannelId>,
+    pub connectors: Box<dyn Connectors>,
+    pub added_dir: PathBuf,
+    pub shutdown: CancellationToken,
+    pub changes: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl SpecRegistry {
+    pub fn new(parts: RegistryParts) -> Self {
+        SpecRegistry {
+            hub: parts.hub,
+            operations: parts.operations,
+            bridges: parts.bridges,
+            pinned: parts.pinned,
+            connectors: parts.connectors,
+            added_dir: parts.added_dir,
+            shutdown: parts.shutdown,
+            entries: Mutex::new(BTreeMap::new()),
+            changes: parts.changes,
+        }
+    }
+
+    /// Registers the documents loaded at start (already in the hub and the operations) and
+    /// starts their connectors.
+    pub async fn start(&self, apis: &[Api]) -> Result<(), (String, String)> {
+        let mut entries = self.entries.lock().await;
+        for api in apis {
+            let path = api.source.file.clone();
+            let source = if path.starts_with(&self.added_dir) {
+                Source::Api
+            } else {
+                Source::File
+            };
+            let entry = self.entry(api, path, source);
+            self.connectors
+                .start(&self.hub, api, &entry.shutdown, &entry.tracker)?;
+            entry.tracker.close();
+            entries.insert(api.id.clone(), entry);
+        }
+        Ok(())
+    }
+
+    fn entry(&self, api: &Api, path: PathBuf, source: Source) -> Entry {
+        let channels = self
+            .hub
+            .routes()
+            .filter(|r| r.route().api == api.id)
+            .count();
+        Entry {
+            info: info(api, &path, source, channels),
+            api: Arc::new(api.clone()),
+            path,
+            shutdown: self.shutdown.child_token(),
+            tracker: TaskTracker::new(),
+        }
+    }
+
+    pub async fn list(&self) -> Vec<DocumentInfo> {
+        let entries = self.entries.lock().await;
+        entries.values().map(|e| e.info.clone()).collect()
+    }
+
+    /// The document as registered: its original text.
+    pub async fn get(&self, id: &str) -> Result<DocumentText, RegistryError> {
+        let (info, path) = {
+            let entries = self.entries.lock().await;
+            let entry = entries
+                .get(id)
+                .ok_or_else(|| RegistryError::NotFound(id.to_owned()))?;
+            (entry.info.clone(), entry.path.clone())
+        };
+        let text = tokio::fs::read_to_string(&path).await.map_err(|e| {
+            tracing::error!(document = %id, path = %path.display(), error = %e, "cannot read a registered document");
+            RegistryError::Storage
+        })?;
+        Ok(DocumentText {
+            content_type: content_type(&path),
+            info,
+            text,
+        })
+    }
+
+    /// Adds a document (AsyncAPI or OpenAPI, YAML or JSON) kept as `name` in the data
+    /// directory: compiled first, refused whole on any problem; then its routes serve, its
+    /// operations are callable and its connectors connect.
+    pub async fn add(
+        &self,
+        name: &str,
+        text: String,
+        dry_run: bool,
+    ) -> Result<Added, RegistryError> {
+        if !valid_file_name(name) {
+            return Err(RegistryError::BadRequest(format!(
+                "name '{name}' must be a file name ending in .yaml, .yml or .json"
+            )));
+        }
+        let path = self.added_dir.join(name);
+        let mut entries = self.entries.lock().await;
+        let (api, compiled, warnings) = self.compile(&path, &text).await?;
+        let taken = entries.contains_key(&api.id)
+            || self.operations.has_api(&api.id)
+            || tokio::fs::try_exists(&path).await.unwrap_or(false);
+        if taken {
+            return Err(RegistryError::Conflict(format!(
+                "a document with id '{}' (or file '{name}') is already registered",
+                api.id
+            )));
+        }
+        if dry_run {
+            return Ok(Added {
+                document: info(&api, &path, Source::Api, compiled.table.len()),
+                channels: compiled
+                    .table
+                    .routes()
+                    .iter()
+                    .map(|r| r.id.clone())
+                    .collect(),
+                operations: api
+                    .operations
+                    .iter()
+                    .map(|o| format!("{}.{}", api.id, o.id).into())
+                    .collect(),
+                warnings,
+                dry_run: true,
+            });
+        }
+        tokio::fs::create_dir_all(&self.added_dir)
+            .await
+            .and(tokio::fs::write(&path, text.as_bytes()).await)
+            .map_err(|e| {
+                tracing::error!(path = %path.display(), error = %e, "cannot keep an added document");
+                RegistryError::Storage
+            })?;
+        let channels = match self.hub.add(&compiled.table) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&path).await;
+                return Err(RegistryError::Conflict(e.to_string()));
+            }
+        };
+        let operations = self.operations.add(&api);
+        let entry = self.entry(&api, path.clone(), Source::Api);
+        if let Err(reason) = self
+            .connectors
+            .start(&self.hub, &api, &entry.shutdown, &entry.tracker)
+        {
+            entry.shutdown.cancel();
+            self.hub.remove_api(&api.id);
+            self.operations.remove_api(&api.id);
+            self.hub.connections().forget(&api.id);
+            let _ = tokio::fs::remove_file(&path).await;
+            let (server, reason) = reason;
+            return Err(RegistryError::BadRequest(format!(
+                "cannot start server {server}: {reason}"
+            )));
+        }
+        entry.tracker.close();
+        let info = entry.info.clone();
+        entries.insert(api.id.clone(), entry);
+        drop(entries);
+        self.changes.send_modify(|v| *v += 1);
+        tracing::info!(
+            document = %api.id,
+            kind = info.kind,
+            channels = channels.len(),
+            operations = operations.len(),
+            "document added"
+        );
+        Ok(Added {
+            document: info,
+            channels,
+            operations,
+            warnings,
+            dry_run: false,
+        })
+    }
+
+    async fn compile(
+        &self,
+        path: &Path,
+        text: &str,
+    ) -> Result<(Api, Compiled, Vec<String>), RegistryError> {
+        let (path, text) = (path.to_owned(), text.to_owned());
+        let compiled = tokio::task::spawn_blocking(move || {
+            let loaded = spec::load_text(&path, &text).map_err(|f| f.errors)?;
+            let api = loaded.apis.into_iter().next().ok_or_else(Vec::new)?;
+            Ok::<_, Vec<SpecError>>((api, strings(&loaded.warnings)))
+        })
+        .await
+        .map_err(|e| RegistryError::BadRequest(format!("loader failed: {e}")))?;
+        let (api, mut warnings) = compiled.map_err(|errors| {
+            RegistryError::Invalid(if errors.is_empty() {
+                vec!["the text holds no API document".into()]
+            } else {
+                strings(&errors)
+            })
+        })?;
+        let table = self
+            .connectors
+            .compile(std::slice::from_ref(&api))
+            .map_err(|errors| RegistryError::Invalid(strings(&errors)))?;
+        warnings.extend(table.warnings.iter().map(|w| w.to_string()));
+        Ok((api, table, warnings))
+    }
+
+    /// Replaces a document added over the API by diff: unchanged channels keep everything
+    /// (clients, log, cursors, upstream subscription), changed ones are swapped in place, new
+    /// ones start, removed ones close their clients. The connectors reconnect only when a
+    /// server, an address, a binding or the set of channels changed. Refused whole when the
+    /// text does not compile, when a removed channel is used by a bridge or a call trigger,
+    /// or when it breaks the old version and `allow_breaking` is false.
+    pub async fn replace(
+        &self,
+        id: &str,
+        text: String,
+        allow_breaking: bool,
+        dry_run: bool,
+    ) -> Result<Replacement, RegistryError> {
+        let mut entries = self.entries.lock().await;
+        let Some(entry) = entries.get_mut(id) else {
+            return Err(RegistryError::NotFound(id.to_owned()));
+        };
+        if entry.info.source == Source::File {
+            return Err(RegistryError::Conflict(format!(
+                "document '{id}' comes from the specs directory (file '{}'): edit the file there",
+                entry.info.file
+            )));
+        }
+        let (api, compiled, warnings) = self.compile(&entry.path, &text).await?;
+        if api.id != id {
+            return Err(RegistryError::BadRequest(format!(
+                "the document's id is '{}', not '{id}': a replacement keeps its id (x-stepflow-id)",
+                api.id
+            )));
+        }
+        let old_routes: Vec<Arc<Route>> = self
+            .hub
+            .routes()
+            .map(|r| r.route())
+            .filter(|r| r.api == id)
+            .collect();
+        let diff = breaking::diff(&entry.api, &old_routes, &api, compiled.table.routes());
+        let removed = diff.channels.removed.clone();
+        let users = self.users(&|c| removed.iter().any(|r| r == c));
+        if !users.is_empty() {
+            return Err(RegistryError::Conflict(format!(
+                "the change removes channels in use: {}",
+                users.join("; ")
+            )));
+        }
+        if !allow_breaking && !diff.breaking.is_empty() {
+            return Err(RegistryError::Breaking(Box::new(diff)));
+        }
+        let reconnect = needs_reconnect(&diff, &old_routes, compiled.table.routes());
+        if dry_run {
+            return Ok(Replacement {
+                document: info(&api, &entry.path, Source::Api, compiled.table.len()),
+                diff,
+                reconnected: reconnect,
+                dry_run: true,
+                warnings,
+            });
+        }
+        write_atomically(&entry.path, &text).await.map_err(|e| {
+            tracing::error!(path = %entry.path.display(), error = %e, "cannot keep a replaced document");
+            RegistryError::Storage
+        })?;
+        if reconnect {
+            // Intake stops before the routes change, so no message is taken for a route that
+            // is about to go; the log keeps what the broker redelivers after the reconnect.
+            entry.shutdown.cancel();
+            entry.tracker.close();
+            if tokio::time::timeout(STOP_TIMEOUT, entry.tracker.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(document = %id, "connectors of a replaced document did not stop in time");
+            }
+            self.hub.forget_publishers(id);
+            self.hub.connections().forget(id);
+        }
+        let replaced = self
+            .hub
+            .replace_api(id, &compiled.table)
+            .map_err(|e| RegistryError::Conflict(e.to_string()))?;
+        self.operations.remove_api(id);
+        self.operations.add(&api);
+        if reconnect {
+            entry.shutdown = self.shutdown.child_token();
+            entry.tracker = TaskTracker::new();
+            if let Err((server, reason)) =
+                self.connectors
+                    .start(&self.hub, &api, &entry.shutdown, &entry.tracker)
+            {
+                // The new text is in place and served; its connector retries or reports.
+                tracing::error!(document = %id, server = %server, reason = %reason, "cannot start a replaced document's connector");
+            }
+            entry.tracker.close();
+        }
+        entry.info = info(&api, &entry.path, Source::Api, compiled.table.len());
+        entry.api = Arc::new(api);
+        let document = entry.info.clone();
+        drop(entries);
+        self.changes.send_modify(|v| *v += 1);
+        tracing::info!(
+            document = %id,
+            added = replaced.added.len(),
+            changed = replaced.changed.len(),
+            unchanged = replaced.unchanged.len(),
+            removed = replaced.removed.len(),
+            breaking = diff.breaking.len(),
+            reconnected = reconnect,
+            "document replaced"
+        );
+        Ok(Replacement {
+            document,
+            diff,
+            reconnected: reconnect,
+            dry_run: false,
+            warnings,
+        })
+    }
+
+    /// Removes a document added over the API: its clients' streams end, its connectors
+    /// disconnect, its operations go. Its logs stay until retention removes them, or go now
+    /// with `purge`. Refused while a bridge or a call trigger uses one of its channels.
+    pub async fn remove(
+        &self,
+        id: &str,
+        purge: bool,
+        dry_run: bool,
+    ) -> Result<Removed, RegistryError> {
+        let mut entries = self.entries.lock().await;
+        let entry = entries
+            .get(id)
+            .ok_or_else(|| RegistryError::NotFound(id.to_owned()))?;
+        if entry.info.source == Source::File {
+            return Err(RegistryError::Conflict(format!(
+                "document '{id}' comes from the specs directory (file '{}'): remove the file there",
+                entry.info.file
+            )));
+        }
+        let prefix = format!("{id}.");
+        let users = self.users(&|c| c.starts_with(&prefix));
+        if !users.is_empty() {
+            return Err(RegistryError::Conflict(format!(
+                "document '{id}' is in use: {}",
+                users.join("; ")
+            )));
+        }
+        if dry_run {
+            return Ok(Removed {
+                document: entry.info.clone(),
+                channels: self
+                    .hub
+                    .routes()
+                    .filter(|r| r.route().api == id)
+                    .map(|r| r.id().clone())
+                    .collect(),
+                operations: self.operations.count_api(id),
+                purged_messages: 0,
+                dry_run: true,
+            });
+        }
+        let Some(entry) = entries.remove(id) else {
+            return Err(RegistryError::NotFound(id.to_owned()));
+        };
+        // Intake stops first, so nothing is appended to a log that is about to be purged.
+        entry.shutdown.cancel();
+        entry.tracker.close();
+        if tokio::time::timeout(STOP_TIMEOUT, entry.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(document = %id, tasks = entry.tracker.len(), "connectors of a removed document did not stop in time");
+        }
+        let routes = self.hub.remove_api(id);
+        let operations = self.operations.remove_api(id);
+        self.hub.connections().forget(id);
+        let mut purged_messages = 0;
+        if purge {
+            for route in &routes {
+                for log in [&route.log, &route.dead_letters] {
+                    match self.hub.store().purge(log).await {
+                        Ok(n) => purged_messages += n,
+                        Err(e) => {
+                            tracing::warn!(channel = %route.id(), error = %e, "cannot purge a removed channel's log")
+                        }
+                    }
+                }
+            }
+        }
+        if let Err(e) = tokio::fs::remove_file(&entry.path).await {
+            tracing::error!(document = %id, error = %e, "cannot delete a removed document's file: it loads again at the next start");
+        }
+        drop(entries);
+        self.changes.send_modify(|v| *v += 1);
+        tracing::info!(document = %id, channels = routes.len(), operations, purge, "document removed");
+        Ok(Removed {
+            document: entry.info,
+            channels: routes.iter().map(|r| r.id().clone()).collect(),
+            operations,
+            purged_messages,
+            dry_run: false,
+        })
+    }
+
+    /// Bridges and triggers that use a channel or an operation for which `ours` holds.
+    fn users(&self, ours: &dyn Fn(&str) -> bool) -> Vec<String> {
+        let mut users = Vec::new();
+        for bridge in self.bridges.iter() {
+            for lane in &bridge.lanes {
+                let target = match &lane.target {
+                    Target::Channel(c) => &**c,
+                    Target::Operation(o) => o.as_str(),
+                };
+                if ours(&lane.source) || ours(target) {
+                    users.push(format!(
+                        "bridge '{}' ({} → {})",
+                        bridge.name,
+                        lane.source,
+                        lane.target.label()
+                    ));
+                }
+            }
+        }
+        users.extend(
+            self.pinned
+                .iter()
+                .filter(|c| ours(c))
+                .map(|c| format!("a call trigger on '{c}'")),
+        );
+        users.dedup();
+        users
+    }
+
+    /// Waits for every document's connectors after the shutdown token was cancelled.
+    pub async fn connectors_stopped(&self) {
+        let trackers: Vec<TaskTracker> = {
+            let entries = self.entries.lock().await;
+            entries.values().map(|e| e.tracker.clone()).collect()
+        };
+        for tracker in trackers {
+            tracker.close();
+            tracker.wait().await;
+        }
+    }
+
+    /// Connector tasks still running.
+    pub async fn connector_tasks(&self) -> usize {
+        let entries = self.entries.lock().await;
+        entries.values().map(|e| e.tracker.len()).sum()
+    }
+}
+
+fn info(api: &Api, path: &Path, source: Source, channels: usize) -> DocumentInfo {
+    let written = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| SystemTime::now());
+    let (kind, spec_version) = match &api.kind {
+        DocumentKind::AsyncApi(v) => ("asyncapi", v.clone()),
+        DocumentKind::OpenApi(v) => ("openapi", v.clone()),
+    };
+    DocumentInfo {
+        id: api.id.clone(),
+        kind,
+        spec_version,
+        title: api.title.clone(),
+        version: api.version.clone(),
+        source,
+        file: path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        channels,
+        operations: api.operations.len(),
+        added_at: chrono::DateTime::<chrono::Utc>::from(written)
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    }
+}
+
+/// Whether the connectors of a document must reconnect for `diff`: they hold the routes
+/// they subscribe for, so a server, an address, a binding or the set of channels changing
+/// needs new ones. A schema or description change does not.
+fn needs_reconnect(diff: &DocumentDiff, old: &[Arc<Route>], new: &[Arc<Route>]) -> bool {
+    if !diff.servers.is_empty()
+        || !diff.channels.added.is_empty()
+        || !diff.channels.removed.is_empty()
+    {
+        return true;
+    }
+    let upstream =
+        |r: &Route| serde_json::to_value((&r.address, &r.upstreams, r.direction, &r.delivery)).ok();
+    diff.channels.changed.iter().any(|id| {
+        let find = |routes: &[Arc<Route>]| routes.iter().find(|r| *r.id == **id).cloned();
+        match (find(old), find(new)) {
+            (Some(o), Some(n)) => upstream(&o) != upstream(&n),
+            _ => true,
+        }
+    })
+}
+
+/// Writes `text` to `path` through a temporary file and a rename: a crash leaves the old
+/// version or the new one, never half of one.
+async fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    let temporary = path.with_extension("partial");
+    tokio::fs::write(&temporary, text.as_bytes()).await?;
+    tokio::fs::rename(&temporary, path).await
+}
+
+fn strings<T: ToString>(items: &[T]) -> Vec<String> {
+    items.iter().map(T::to_string).collect()
+}
+
+fn content_type(path: &Path) -> &'static str {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("json") => "application/json",
+        _ => "application/yaml",
+    }
+}
+
+/// A plain file name of a document: no directories, no hidden files.
+fn valid_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.starts_with('.')
+        && [".yaml", ".yml", ".json"].iter().any(|e| name.ends_with(e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_document_file_names_are_kept() {
+        for good in ["iot.yaml", "a-b_c.json", "v1.2.yml"] {
+            assert!(valid_file_name(good), "{good}");
+        }
+        for bad in [
+            "",
+            "../x.yaml",
+            ".hidden.yaml",
+            "x.txt",
+            "a/b.yaml",
+            "x y.yaml",
+        ] {
+            assert!(!valid_file_name(bad), "{bad}");
+        }
+    }
+}

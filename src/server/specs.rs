@@ -1,0 +1,173 @@
+//! `/api/v1/specs`: the live registry over HTTP (list, get, add, remove documents).
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::api::read_body;
+use super::error::{ApiError, ErrorCode};
+use crate::registry::RegistryError;
+
+/// Largest document accepted over the API.
+const MAX_DOCUMENT_BYTES: usize = 4 * 1024 * 1024;
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        let message = e.to_string();
+        match e {
+            RegistryError::Invalid(errors) => {
+                ApiError::bad_request(message).with_details(json!({ "errors": errors }))
+            }
+            RegistryError::Conflict(_) => {
+                ApiError::new(StatusCode::CONFLICT, ErrorCode::Conflict, message)
+            }
+            RegistryError::NotFound(_) => ApiError::not_found(message),
+            RegistryError::BadRequest(_) => ApiError::bad_request(message),
+            RegistryError::Storage => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorCode::Internal,
+                message,
+            ),
+            RegistryError::Breaking(diff) => {
+                ApiError::new(StatusCode::CONFLICT, ErrorCode::Conflict, message)
+                    .with_details(json!({ "diff": diff }))
+            }
+        }
+    }
+}
+
+/// `GET /api/v1/specs`: every registered document.
+pub async fn list(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({ "specs": state.registry.list().await }))
+}
+
+/// `GET /api/v1/specs/{id}`: the document's text as registered, with its content type.
+pub async fn get(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let document = state.registry.get(&id).await?;
+    Ok((
+        [(header::CONTENT_TYPE, document.content_type)],
+        document.text,
+    )
+        .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+pub struct AddQuery {
+    /// The file name the document is kept under (its extension says YAML or JSON); by default
+    /// its `x-stepflow-id` (else `api`) with `.yaml`.
+    name: Option<String>,
+    /// Answer what would change, and change nothing.
+    #[serde(default)]
+    dry_run: bool,
+}
+
+/// `POST /api/v1/specs`: adds an AsyncAPI or OpenAPI document (YAML or JSON) at run time:
+/// its channels serve at once, its connectors connect, its operations are callable; it is
+/// kept in the data directory and loads with the others at the next start. Every problem is
+/// reported as `file#pointer: reason` (400); nothing changes unless all of it compiles.
+pub async fn add(
+    State(state): State<AppState>,
+    query: Result<Query<AddQuery>, axum::extract::rejection::QueryRejection>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let bytes = read_body(body, MAX_DOCUMENT_BYTES).await?;
+    let text = String::from_utf8(bytes.to_vec())
+        .map_err(|_| ApiError::bad_request("the document is not UTF-8 text"))?;
+    let name = query.name.unwrap_or_else(|| default_name(&text));
+    let added = state.registry.add(&name, text, query.dry_run).await?;
+    let status = if added.dry_run {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((
+        status,
+        Json(json!({
+            "api": added.document.id,
+            "document": added.document,
+            "channels": added.channels,
+            "operations": added.operations,
+            "warnings": added.warnings,
+            "dryRun": added.dry_run,
+        })),
+    )
+        .into_response())
+}
+
+fn default_name(text: &str) -> String {
+    let id = crate::yaml::from_str::<Value>(text)
+        .ok()
+        .and_then(|v| {
+            v.get("x-stepflow-id")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| "api".into());
+    format!("{id}.yaml")
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RemoveQuery {
+    /// Delete the removed channels' logs now instead of leaving them to retention.
+    #[serde(default)]
+    purge: bool,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+/// `DELETE /api/v1/specs/{id}`: removes a document added over the API. WebSocket clients of
+/// its channels are closed with 1001 `channel removed`, SSE streams end with `event: removed`.
+pub async fn remove(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    query: Result<Query<RemoveQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let removed = state
+        .registry
+        .remove(&id, query.purge, query.dry_run)
+        .await?;
+    Ok(Json(json!(removed)))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ReplaceQuery {
+    /// `false` refuses a change with breaking changes (409 with the diff).
+    #[serde(default = "yes")]
+    allow_breaking: bool,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `PUT /api/v1/specs/{id}`: replaces a document added over the API, applied by diff. The
+/// answer is the diff: channels, operations and servers added, removed and changed, and the
+/// breaking changes between the old and the new payload schemas.
+pub async fn replace(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    query: Result<Query<ReplaceQuery>, axum::extract::rejection::QueryRejection>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let bytes = read_body(body, MAX_DOCUMENT_BYTES).await?;
+    let text = String::from_utf8(bytes.to_vec())
+        .map_err(|_| ApiError::bad_request("the document is not UTF-8 text"))?;
+    let replaced = state
+        .registry
+        .replace(&id, text, query.allow_breaking, query.dry_run)
+        .await?;
+    Ok(Json(json!(replaced)))
+}
