@@ -544,8 +544,10 @@ async fn a_replacement_under_load_is_applied_by_diff_and_unchanged_clients_notic
         *copied.entry(seq).or_default() += 1;
     }
     let duplicates: u32 = copied.values().map(|n| n - 1).sum();
+    // The log holds what the broker redelivered at the reconnect (at most its 20 in flight),
+    // and the lane copies what the log holds: the same bound.
     assert!(
-        duplicates <= 5,
+        duplicates <= 20,
         "{duplicates} duplicates in the bridge's copies"
     );
     eprintln!("bridge copies: {COUNT} seqs, {duplicates} duplicates");

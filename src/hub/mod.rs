@@ -207,20 +207,24 @@ impl Hub {
     /// cursors; the next message meets the new definition); a new one starts; one no longer
     /// in `table` is removed (its clients' streams end).
     pub fn replace_api(&self, api: &str, table: &RoutingTable) -> Result<Replaced, ChangeError> {
-        let mut replaced = Replaced::default();
-        {
-            let mut guard = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        // The comparison (every definition serialised) runs on a snapshot, outside the lock:
+        // lookups of other routes never wait for it. The lock is taken only to publish the
+        // new set, and the work is redone if another change got there first.
+        loop {
+            let current = self.snapshot();
             if let Some(taken) = table.routes().iter().find(|r| {
-                guard
+                current
                     .by_id
                     .get(&r.id)
                     .is_some_and(|live| live.route().api != api)
             }) {
                 return Err(ChangeError::Duplicate(taken.id.clone()));
             }
-            let mut next = Vec::with_capacity(guard.order.len() + table.len());
+            let mut replaced = Replaced::default();
+            let mut swaps = Vec::new();
+            let mut next = Vec::with_capacity(current.order.len() + table.len());
             let mut placed = false;
-            for live in &guard.order {
+            for live in &current.order {
                 if live.route().api != api {
                     next.push(live.clone());
                     continue;
@@ -232,22 +236,30 @@ impl Hub {
                 if !placed {
                     placed = true;
                     for route in table.routes() {
-                        next.push(self.reuse_or_start(&guard, route, &mut replaced));
+                        next.push(self.reuse_or_start(&current, route, &mut replaced, &mut swaps));
                     }
                 }
             }
             if !placed {
                 for route in table.routes() {
-                    next.push(self.reuse_or_start(&guard, route, &mut replaced));
+                    next.push(self.reuse_or_start(&current, route, &mut replaced, &mut swaps));
                 }
             }
             let by_id = next.iter().map(|r| (r.id().clone(), r.clone())).collect();
+            let mut guard = self.routes.write().unwrap_or_else(|p| p.into_inner());
+            if !Arc::ptr_eq(&guard, &current) {
+                continue;
+            }
+            for (live, route) in swaps {
+                live.swap(route);
+            }
             *guard = Arc::new(RouteSet { order: next, by_id });
+            drop(guard);
+            for route in &replaced.removed {
+                route.removed.cancel();
+            }
+            return Ok(replaced);
         }
-        for route in &replaced.removed {
-            route.removed.cancel();
-        }
-        Ok(replaced)
     }
 
     fn reuse_or_start(
@@ -255,13 +267,14 @@ impl Hub {
         current: &RouteSet,
         route: &Arc<Route>,
         replaced: &mut Replaced,
+        swaps: &mut Vec<(Arc<LiveRoute>, Arc<Route>)>,
     ) -> Arc<LiveRoute> {
         match current.by_id.get(&route.id) {
             Some(live) => {
                 if live.route().same_definition(route) {
                     replaced.unchanged.push(route.id.clone());
                 } else {
-                    live.swap(route.clone());
+                    swaps.push((live.clone(), route.clone()));
                     replaced.changed.push(route.id.clone());
                 }
                 live.clone()
