@@ -78,6 +78,17 @@ async fn assert_closed_as_removed(ws: &mut WsStream) {
     assert_eq!(close.reason.as_str(), "channel removed");
 }
 
+/// Document `id` in a `GET /api/v1/specs` answer.
+fn spec_in(specs: &Value, id: &str) -> Value {
+    specs["specs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == id)
+        .cloned()
+        .unwrap_or_else(|| panic!("no '{id}' in {specs}"))
+}
+
 fn channel_ids(listing: &Value) -> Vec<String> {
     listing["channels"]
         .as_array()
@@ -157,13 +168,7 @@ async fn an_asyncapi_document_added_at_run_time_serves_survives_a_restart_and_go
 
     // Listed with its facts, and returned as it was sent.
     let specs = daemon.get_json("/api/v1/specs").await.unwrap();
-    let listed = specs["specs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["id"] == live.as_str())
-        .cloned()
-        .unwrap_or_else(|| panic!("{specs}"));
+    let listed = spec_in(&specs, &live);
     assert_eq!(listed["source"], "api");
     assert_eq!(listed["kind"], "asyncapi");
     assert_eq!(listed["specVersion"], "3.0.0");
@@ -174,13 +179,7 @@ async fn an_asyncapi_document_added_at_run_time_serves_survives_a_restart_and_go
         listed["addedAt"].as_str().unwrap().ends_with('Z'),
         "{listed}"
     );
-    let kept_listed = specs["specs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["id"] == kept.as_str())
-        .unwrap();
-    assert_eq!(kept_listed["source"], "file");
+    assert_eq!(spec_in(&specs, &kept)["source"], "file");
     let r = reqwest::get(daemon.url(&format!("/api/v1/specs/{live}")))
         .await
         .unwrap();
@@ -574,13 +573,7 @@ async fn a_replacement_under_load_is_applied_by_diff_and_unchanged_clients_notic
     assert!(r.status().is_success(), "{}", r.text().await.unwrap());
     // The listing tells the new version.
     let specs = daemon.get_json("/api/v1/specs").await.unwrap();
-    let listed = specs["specs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["id"] == api.as_str())
-        .cloned()
-        .unwrap();
+    let listed = spec_in(&specs, &api);
     assert_eq!(listed["version"], "2.0.0");
     assert_eq!(listed["channels"], 3);
 }

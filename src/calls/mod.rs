@@ -494,11 +494,7 @@ impl Operations {
 
     /// Whether an operation of document `api` is known.
     pub fn has_api(&self, api: &str) -> bool {
-        let prefix = format!("{api}.");
-        self.by_id
-            .read()
-            .map(|m| m.keys().any(|id| id.starts_with(&prefix)))
-            .unwrap_or(false)
+        self.count_api(api) > 0
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Operation>> {

@@ -122,6 +122,13 @@ pub struct Replaced {
     pub removed: Vec<Arc<LiveRoute>>,
 }
 
+impl RouteSet {
+    fn push(&mut self, route: Arc<LiveRoute>) {
+        self.by_id.insert(route.id().clone(), route.clone());
+        self.order.push(route);
+    }
+}
+
 /// Why routes could not be added.
 #[derive(Debug, thiserror::Error)]
 pub enum ChangeError {
@@ -147,9 +154,10 @@ impl Hub {
     ) -> Self {
         let mut set = RouteSet::default();
         for route in table.routes() {
-            let live = Arc::new(LiveRoute::new(route.clone(), config.live_capacity));
-            set.by_id.insert(route.id.clone(), live.clone());
-            set.order.push(live);
+            set.push(Arc::new(LiveRoute::new(
+                route.clone(),
+                config.live_capacity,
+            )));
         }
         Self {
             routes: RwLock::new(Arc::new(set)),
@@ -193,9 +201,10 @@ impl Hub {
         };
         let mut added = Vec::with_capacity(table.len());
         for route in table.routes() {
-            let live = Arc::new(LiveRoute::new(route.clone(), self.config.live_capacity));
-            next.order.push(live.clone());
-            next.by_id.insert(route.id.clone(), live);
+            next.push(Arc::new(LiveRoute::new(
+                route.clone(),
+                self.config.live_capacity,
+            )));
             added.push(route.id.clone());
         }
         *guard = Arc::new(next);
