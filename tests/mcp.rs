@@ -438,6 +438,10 @@ async fn python_and_typescript_agents_list_publish_call_and_read() {
     py.finish().await.unwrap();
     assert!(gw.metric("tools/call", "tool_error").await >= 2.0);
     assert!(gw.metric("tools/list", "ok").await >= 2.0);
+    assert!(
+        !gw.daemon.log().contains(FULL_KEY),
+        "the log holds the agents' API key"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -607,4 +611,9 @@ async fn a_key_sees_and_uses_only_what_its_scopes_allow_and_the_endpoint_guards_
         .unwrap();
     assert_eq!(r.status(), 200);
     assert!(gw.metric("tools/list", "ok").await >= 1.0);
+    // Neither key the agents presented reaches the daemon's log.
+    let log = gw.daemon.log();
+    for key in [FULL_KEY, READER_KEY] {
+        assert!(!log.contains(key), "the log holds an API key");
+    }
 }
