@@ -153,6 +153,9 @@ pub struct FileConfig {
     /// The MCP endpoint for AI agents (`/mcp`).
     #[serde(default)]
     pub mcp: crate::server::mcp::McpFileConfig,
+    /// Reloading the specs directories when their files change.
+    #[serde(default)]
+    pub watch: crate::registry::watch::WatchConfig,
 }
 
 /// The resolved configuration.
@@ -177,6 +180,7 @@ pub struct Config {
     pub auth: crate::auth::AuthSetting,
     pub tls: Option<crate::auth::TlsFileConfig>,
     pub mcp: crate::server::mcp::McpFileConfig,
+    pub watch: crate::registry::watch::WatchConfig,
 }
 
 impl Config {
@@ -266,6 +270,7 @@ impl Config {
             auth: file.auth,
             tls: file.tls,
             mcp: file.mcp,
+            watch: file.watch,
         })
     }
 

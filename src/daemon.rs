@@ -214,6 +214,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             config: Arc::new(config.clone()),
         }),
         added_dir: config.data_dir.join(ADDED_SPECS_DIR),
+        file_dirs: config.specs.clone(),
         shutdown: connector_shutdown.clone(),
         changes: catalogue_changes.clone(),
     }));
@@ -257,6 +258,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         )),
     };
     let http = tokio::spawn(server::run(listener, tls, state));
+    reload_on_changes(&registry, &config, http_shutdown.clone());
     let cursor_flusher = tokio::spawn(
         subscriptions
             .clone()
@@ -362,6 +364,44 @@ fn authentication(config: &Config) -> Result<Auth, Error> {
                 "authentication on"
             );
             Ok(auth)
+        }
+    }
+}
+
+/// SIGHUP, and the file watcher unless the configuration turns it off, reload the specs
+/// directories into the running registry.
+fn reload_on_changes(registry: &Arc<SpecRegistry>, config: &Config, shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::hangup()) {
+        Ok(mut hangup) => {
+            let registry = registry.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        received = hangup.recv() => {
+                            if received.is_none() { break }
+                            tracing::info!(signal = "SIGHUP", "reloading the specs directories");
+                            registry.reload_files(crate::registry::Trigger::Signal).await;
+                        }
+                    }
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot install the SIGHUP handler"),
+    }
+    if config.watch.enabled {
+        let paths: Vec<_> = config
+            .specs
+            .iter()
+            .filter(|p| p.exists())
+            .cloned()
+            .collect();
+        if let Err(e) =
+            crate::registry::watch::start(registry.clone(), paths, &config.watch, shutdown)
+        {
+            tracing::warn!(error = %e, "cannot watch the specs directories: SIGHUP still reloads them");
         }
     }
 }

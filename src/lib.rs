@@ -15,6 +15,7 @@
 pub mod auth;
 pub mod bridge;
 pub mod calls;
+pub mod client;
 pub mod config;
 pub mod connectors;
 pub mod credentials;

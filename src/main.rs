@@ -16,6 +16,14 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 pub static JEMALLOC_CONF: &u8 = &b"narenas:2,dirty_decay_ms:250,muzzy_decay_ms:0\0"[0];
 use std::process::ExitCode;
 
+/// `println!` that survives its reader going away: `stepflow routes --json | head` ends
+/// quietly when `head` has read enough, instead of panicking on the closed pipe.
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::print_line(format_args!($($arg)*)) };
+}
+
+mod remote;
+
 use clap::{Parser, Subcommand};
 use stepflow::config::{Config, RunArgs};
 use stepflow::connectors;
@@ -59,6 +67,58 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The documents a running gateway serves: list, get, add, replace, remove.
+    Specs {
+        #[command(flatten)]
+        remote: remote::Remote,
+        #[command(subcommand)]
+        command: remote::SpecsCommand,
+    },
+    /// Reload a running gateway's specs directories now (as SIGHUP does), and print the result.
+    Reload {
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
+    /// Publish one message on a writable channel of a running gateway.
+    Publish {
+        #[command(flatten)]
+        remote: remote::Remote,
+        /// The channel id (`{api}.{channel}`).
+        channel: String,
+        /// An address parameter, `name=value` (repeatable).
+        #[arg(long = "param", short = 'p', value_parser = remote::parse_param)]
+        params: Vec<(String, String)>,
+        /// The payload: JSON text, or `@FILE` to read it from a file (`@-` for stdin).
+        #[arg(long, short)]
+        data: String,
+    },
+    /// Follow a channel of a running gateway: each message as it arrives.
+    Tail {
+        #[command(flatten)]
+        remote: remote::Remote,
+        channel: String,
+        /// Start at this offset of the channel's log (default: new messages only).
+        #[arg(long)]
+        from: Option<u64>,
+        /// Stop after this many messages.
+        #[arg(long, short = 'n')]
+        count: Option<u64>,
+    },
+    /// Print a window of a channel's log from a running gateway.
+    Replay {
+        #[command(flatten)]
+        remote: remote::Remote,
+        channel: String,
+        /// The first offset.
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        /// How many messages (at most 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Read the channel's dead letters instead.
+        #[arg(long)]
+        dead_letters: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -89,6 +149,63 @@ fn main() -> ExitCode {
         Command::Keys {
             command: KeysCommand::Generate { id, scopes },
         } => generate_key(&id, &scopes),
+        Command::Specs { remote, command } => remote::run(&remote, remote::Action::Specs(command)),
+        Command::Reload { remote } => remote::run(&remote, remote::Action::Reload),
+        Command::Publish {
+            remote,
+            channel,
+            params,
+            data,
+        } => remote::run(
+            &remote,
+            remote::Action::Publish {
+                channel,
+                params,
+                data,
+            },
+        ),
+        Command::Tail {
+            remote,
+            channel,
+            from,
+            count,
+        } => remote::run(
+            &remote,
+            remote::Action::Tail {
+                channel,
+                from,
+                count,
+            },
+        ),
+        Command::Replay {
+            remote,
+            channel,
+            from,
+            limit,
+            dead_letters,
+        } => remote::run(
+            &remote,
+            remote::Action::Replay {
+                channel,
+                from,
+                limit,
+                dead_letters,
+            },
+        ),
+    }
+}
+
+/// Writes one line to stdout. A reader that went away ends the command (exit 0: it had what
+/// it wanted); any other write failure is reported (exit 1).
+fn print_line(args: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = writeln!(stdout, "{args}") {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("stepflow: cannot write the output: {e}");
+        std::process::exit(1);
     }
 }
 
@@ -109,12 +226,12 @@ fn generate_key(id: &str, scopes: &[String]) -> ExitCode {
         .map(|s| format!("'{s}'"))
         .collect::<Vec<_>>()
         .join(", ");
-    println!("# The key (give it to the client; it is not stored anywhere):");
-    println!("# {key}");
-    println!("# The entry for auth.api_keys in the config file:");
-    println!("- id: {id}");
-    println!("  key_sha256: {hash}");
-    println!("  scopes: [{scopes}]");
+    out!("# The key (give it to the client; it is not stored anywhere):");
+    out!("# {key}");
+    out!("# The entry for auth.api_keys in the config file:");
+    out!("- id: {id}");
+    out!("  key_sha256: {hash}");
+    out!("  scopes: [{scopes}]");
     ExitCode::SUCCESS
 }
 
@@ -203,7 +320,7 @@ fn load_and_compile(
 
 fn print_errors(errors: &[SpecError]) {
     for e in errors {
-        println!("{e}");
+        out!("{e}");
     }
     let files: std::collections::BTreeSet<_> = errors.iter().map(|e| e.file()).collect();
     eprintln!(
@@ -232,7 +349,7 @@ fn validate(paths: &[PathBuf], show_warnings: bool, bridges: Option<&Path>) -> E
         }
     }
     if valid.is_empty() && errors.is_empty() {
-        println!("no AsyncAPI or OpenAPI documents found");
+        out!("no AsyncAPI or OpenAPI documents found");
         return ExitCode::FAILURE;
     }
     let files_with_errors: std::collections::BTreeSet<PathBuf> =
@@ -245,7 +362,7 @@ fn validate(paths: &[PathBuf], show_warnings: bool, bridges: Option<&Path>) -> E
             .iter()
             .filter(|w| w.location.file == api.source.file)
             .count();
-        println!(
+        out!(
             "ok {} ({}, \"{}\" {}, id {}): {} routes ({} readable, {} writable), {} operations, {} servers{}",
             api.source.file.display(),
             api.kind,
@@ -271,7 +388,7 @@ fn validate(paths: &[PathBuf], show_warnings: bool, bridges: Option<&Path>) -> E
             .filter(|e| e.file() == file.as_path())
             .collect();
         for e in &own {
-            println!("{e}");
+            out!("{e}");
         }
         eprintln!(
             "invalid {}: {} error{}",
@@ -298,7 +415,7 @@ fn validate(paths: &[PathBuf], show_warnings: bool, bridges: Option<&Path>) -> E
                 match stepflow::bridge::load(dir, table, &has_operation) {
                     Ok(bridges) => {
                         for b in &bridges {
-                            println!(
+                            out!(
                                 "ok bridge {} ({}): {} → {}",
                                 b.name,
                                 b.file.display(),
@@ -325,7 +442,7 @@ fn validate(paths: &[PathBuf], show_warnings: bool, bridges: Option<&Path>) -> E
     }
     if show_warnings {
         for w in &warnings {
-            println!("{w}");
+            out!("{w}");
         }
     } else if !warnings.is_empty() {
         eprintln!("{} warnings (see them with --warnings)", warnings.len());
@@ -354,7 +471,7 @@ fn routes(paths: &[PathBuf], json: bool) -> ExitCode {
     if json {
         let list: Vec<&Route> = routes.iter().map(|r| &**r).collect();
         match serde_json::to_string_pretty(&list) {
-            Ok(text) => println!("{text}"),
+            Ok(text) => out!("{text}"),
             Err(e) => {
                 eprintln!("cannot render the routing table as JSON: {e}");
                 return ExitCode::FAILURE;
@@ -410,13 +527,13 @@ fn routes(paths: &[PathBuf], json: bool) -> ExitCode {
                 line.push_str(&format!("{cell:<w$}  ", w = widths[i]));
             }
         }
-        println!("{}", line.trim_end());
+        out!("{}", line.trim_end());
     };
     print_row(header);
     for row in &rows {
         print_row([&row[0], &row[1], &row[2], &row[3], &row[4]]);
     }
-    println!("{} routes", routes.len());
+    out!("{} routes", routes.len());
     ExitCode::SUCCESS
 }
 

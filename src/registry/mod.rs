@@ -10,11 +10,13 @@
 //! against this build's connectors and starting them is the daemon's, behind [`Connectors`].
 
 pub mod breaking;
+pub mod reloads;
+pub mod watch;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 use tokio::sync::Mutex;
@@ -27,6 +29,8 @@ use crate::hub::Hub;
 use crate::routing::{ChannelId, Compiled, Route};
 use crate::spec::{self, Api, DocumentKind, SpecError};
 use breaking::DocumentDiff;
+use reloads::History;
+pub use reloads::{Outcome, Reload, Trigger};
 
 /// How long a removed document's connectors get to disconnect before the removal answers.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -155,6 +159,9 @@ pub struct SpecRegistry {
     pinned: Vec<ChannelId>,
     connectors: Box<dyn Connectors>,
     added_dir: PathBuf,
+    /// The specs directories (and files) of the configuration, reloaded by [`Self::reload_files`].
+    file_dirs: Vec<PathBuf>,
+    history: History,
     /// Parent of every document's connector token: the daemon's shutdown stops them all.
     shutdown: CancellationToken,
     /// One lock for every change, so two changes never interleave.
@@ -170,6 +177,7 @@ pub struct RegistryParts {
     pub pinned: Vec<ChannelId>,
     pub connectors: Box<dyn Connectors>,
     pub added_dir: PathBuf,
+    pub file_dirs: Vec<PathBuf>,
     pub shutdown: CancellationToken,
     pub changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
@@ -183,6 +191,8 @@ impl SpecRegistry {
             pinned: parts.pinned,
             connectors: parts.connectors,
             added_dir: parts.added_dir,
+            file_dirs: parts.file_dirs,
+            history: History::default(),
             shutdown: parts.shutdown,
             entries: Mutex::new(BTreeMap::new()),
             changes: parts.changes,
@@ -229,6 +239,11 @@ impl SpecRegistry {
         entries.values().map(|e| e.info.clone()).collect()
     }
 
+    /// The last changes tried, newest first.
+    pub fn reloads(&self) -> Vec<Reload> {
+        self.history.recent()
+    }
+
     /// The document as registered: its original text.
     pub async fn get(&self, id: &str) -> Result<DocumentText, RegistryError> {
         let (info, path) = {
@@ -253,6 +268,25 @@ impl SpecRegistry {
     /// directory: compiled first, refused whole on any problem; then its routes serve, its
     /// operations are callable and its connectors connect.
     pub async fn add(
+        &self,
+        name: &str,
+        text: String,
+        dry_run: bool,
+    ) -> Result<Added, RegistryError> {
+        let started = Instant::now();
+        let result = self.add_document(name, text, dry_run).await;
+        if !dry_run {
+            let mut reload = api_reload(&result, started);
+            if let Ok(added) = &result {
+                reload.added.push(added.document.id.clone());
+                reload.channels_added = added.channels.len();
+            }
+            self.history.record(reload);
+        }
+        result
+    }
+
+    async fn add_document(
         &self,
         name: &str,
         text: String,
@@ -300,30 +334,14 @@ impl SpecRegistry {
                 tracing::error!(path = %path.display(), error = %e, "cannot keep an added document");
                 RegistryError::Storage
             })?;
-        let channels = match self.hub.add(&compiled.table) {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = tokio::fs::remove_file(&path).await;
-                return Err(RegistryError::Conflict(e.to_string()));
-            }
-        };
-        let operations = self.operations.add(&api);
-        let entry = self.entry(&api, path.clone(), Source::Api);
-        if let Err(reason) = self
-            .connectors
-            .start(&self.hub, &api, &entry.shutdown, &entry.tracker)
-        {
-            entry.shutdown.cancel();
-            self.hub.remove_api(&api.id);
-            self.operations.remove_api(&api.id);
-            self.hub.connections().forget(&api.id);
-            let _ = tokio::fs::remove_file(&path).await;
-            let (server, reason) = reason;
-            return Err(RegistryError::BadRequest(format!(
-                "cannot start server {server}: {reason}"
-            )));
-        }
-        entry.tracker.close();
+        let (entry, channels, operations) =
+            match self.install(&api, &compiled, path.clone(), Source::Api) {
+                Ok(installed) => installed,
+                Err(e) => {
+                    let _ = tokio::fs::remove_file(&path).await;
+                    return Err(e);
+                }
+            };
         let info = entry.info.clone();
         entries.insert(api.id.clone(), entry);
         drop(entries);
@@ -342,6 +360,37 @@ impl SpecRegistry {
             warnings,
             dry_run: false,
         })
+    }
+
+    /// Puts a compiled document into service: its routes join the hub, its operations become
+    /// callable, its connectors start. Undone whole when a connector cannot start.
+    fn install(
+        &self,
+        api: &Api,
+        compiled: &Compiled,
+        path: PathBuf,
+        source: Source,
+    ) -> Result<(Entry, Vec<ChannelId>, Vec<ChannelId>), RegistryError> {
+        let channels = self
+            .hub
+            .add(&compiled.table)
+            .map_err(|e| RegistryError::Conflict(e.to_string()))?;
+        let operations = self.operations.add(api);
+        let entry = self.entry(api, path, source);
+        if let Err((server, reason)) =
+            self.connectors
+                .start(&self.hub, api, &entry.shutdown, &entry.tracker)
+        {
+            entry.shutdown.cancel();
+            self.hub.remove_api(&api.id);
+            self.operations.remove_api(&api.id);
+            self.hub.connections().forget(&api.id);
+            return Err(RegistryError::BadRequest(format!(
+                "cannot start server {server}: {reason}"
+            )));
+        }
+        entry.tracker.close();
+        Ok((entry, channels, operations))
     }
 
     async fn compile(
@@ -385,6 +434,32 @@ impl SpecRegistry {
         allow_breaking: bool,
         dry_run: bool,
     ) -> Result<Replacement, RegistryError> {
+        let started = Instant::now();
+        let result = self
+            .replace_document(id, text, allow_breaking, dry_run)
+            .await;
+        if !dry_run {
+            let mut reload = api_reload(&result, started);
+            match &result {
+                Ok(replaced) => {
+                    reload.replaced.push(id.to_owned());
+                    count_channels(&mut reload, &replaced.diff);
+                }
+                Err(RegistryError::Breaking(diff)) => count_channels(&mut reload, diff),
+                Err(_) => {}
+            }
+            self.history.record(reload);
+        }
+        result
+    }
+
+    async fn replace_document(
+        &self,
+        id: &str,
+        text: String,
+        allow_breaking: bool,
+        dry_run: bool,
+    ) -> Result<Replacement, RegistryError> {
         let mut entries = self.entries.lock().await;
         let Some(entry) = entries.get_mut(id) else {
             return Err(RegistryError::NotFound(id.to_owned()));
@@ -402,15 +477,8 @@ impl SpecRegistry {
                 api.id
             )));
         }
-        let old_routes: Vec<Arc<Route>> = self
-            .hub
-            .routes()
-            .map(|r| r.route())
-            .filter(|r| r.api == id)
-            .collect();
-        let diff = breaking::diff(&entry.api, &old_routes, &api, compiled.table.routes());
-        let removed = diff.channels.removed.clone();
-        let users = self.users(&|c| removed.iter().any(|r| r == c));
+        let (diff, reconnect) = self.compare(entry, &api, &compiled);
+        let users = self.users_of_removed(id, &diff);
         if !users.is_empty() {
             return Err(RegistryError::Conflict(format!(
                 "the change removes channels in use: {}",
@@ -420,7 +488,6 @@ impl SpecRegistry {
         if !allow_breaking && !diff.breaking.is_empty() {
             return Err(RegistryError::Breaking(Box::new(diff)));
         }
-        let reconnect = needs_reconnect(&diff, &old_routes, compiled.table.routes());
         if dry_run {
             return Ok(Replacement {
                 document: info(&api, &entry.path, Source::Api, compiled.table.len()),
@@ -434,6 +501,56 @@ impl SpecRegistry {
             tracing::error!(path = %entry.path.display(), error = %e, "cannot keep a replaced document");
             RegistryError::Storage
         })?;
+        self.swap(entry, api, &compiled, &diff, reconnect).await?;
+        let document = entry.info.clone();
+        drop(entries);
+        self.changes.send_modify(|v| *v += 1);
+        Ok(Replacement {
+            document,
+            diff,
+            reconnected: reconnect,
+            dry_run: false,
+            warnings,
+        })
+    }
+
+    /// The diff between what `entry` serves and `api`, and whether its connectors must
+    /// reconnect for it.
+    fn compare(&self, entry: &Entry, api: &Api, compiled: &Compiled) -> (DocumentDiff, bool) {
+        let old_routes: Vec<Arc<Route>> = self
+            .hub
+            .routes()
+            .map(|r| r.route())
+            .filter(|r| r.api == entry.info.id)
+            .collect();
+        let diff = breaking::diff(&entry.api, &old_routes, api, compiled.table.routes());
+        let reconnect = needs_reconnect(&diff, &old_routes, compiled.table.routes());
+        (diff, reconnect)
+    }
+
+    /// Bridges and triggers that use a channel or an operation `diff` removes from `id`.
+    fn users_of_removed(&self, id: &str, diff: &DocumentDiff) -> Vec<String> {
+        let operations: Vec<String> = diff
+            .operations
+            .removed
+            .iter()
+            .map(|o| format!("{id}.{o}"))
+            .collect();
+        self.users(&|c| {
+            diff.channels.removed.iter().any(|r| r == c) || operations.iter().any(|o| o == c)
+        })
+    }
+
+    /// Applies a checked replacement to the running gateway.
+    async fn swap(
+        &self,
+        entry: &mut Entry,
+        api: Api,
+        compiled: &Compiled,
+        diff: &DocumentDiff,
+        reconnect: bool,
+    ) -> Result<(), RegistryError> {
+        let id = entry.info.id.clone();
         if reconnect {
             // Intake stops before the routes change, so no message is taken for a route that
             // is about to go; the log keeps what the broker redelivers after the reconnect.
@@ -445,14 +562,14 @@ impl SpecRegistry {
             {
                 tracing::warn!(document = %id, "connectors of a replaced document did not stop in time");
             }
-            self.hub.forget_publishers(id);
-            self.hub.connections().forget(id);
+            self.hub.forget_publishers(&id);
+            self.hub.connections().forget(&id);
         }
         let replaced = self
             .hub
-            .replace_api(id, &compiled.table)
+            .replace_api(&id, &compiled.table)
             .map_err(|e| RegistryError::Conflict(e.to_string()))?;
-        self.operations.remove_api(id);
+        self.operations.remove_api(&id);
         self.operations.add(&api);
         if reconnect {
             entry.shutdown = self.shutdown.child_token();
@@ -466,11 +583,9 @@ impl SpecRegistry {
             }
             entry.tracker.close();
         }
-        entry.info = info(&api, &entry.path, Source::Api, compiled.table.len());
+        entry.path = api.source.file.clone();
+        entry.info = info(&api, &entry.path, entry.info.source, compiled.table.len());
         entry.api = Arc::new(api);
-        let document = entry.info.clone();
-        drop(entries);
-        self.changes.send_modify(|v| *v += 1);
         tracing::info!(
             document = %id,
             added = replaced.added.len(),
@@ -481,19 +596,32 @@ impl SpecRegistry {
             reconnected = reconnect,
             "document replaced"
         );
-        Ok(Replacement {
-            document,
-            diff,
-            reconnected: reconnect,
-            dry_run: false,
-            warnings,
-        })
+        Ok(())
     }
 
     /// Removes a document added over the API: its clients' streams end, its connectors
     /// disconnect, its operations go. Its logs stay until retention removes them, or go now
     /// with `purge`. Refused while a bridge or a call trigger uses one of its channels.
     pub async fn remove(
+        &self,
+        id: &str,
+        purge: bool,
+        dry_run: bool,
+    ) -> Result<Removed, RegistryError> {
+        let started = Instant::now();
+        let result = self.remove_document(id, purge, dry_run).await;
+        if !dry_run {
+            let mut reload = api_reload(&result, started);
+            if let Ok(removed) = &result {
+                reload.removed.push(id.to_owned());
+                reload.channels_removed = removed.channels.len();
+            }
+            self.history.record(reload);
+        }
+        result
+    }
+
+    async fn remove_document(
         &self,
         id: &str,
         purge: bool,
@@ -509,8 +637,7 @@ impl SpecRegistry {
                 entry.info.file
             )));
         }
-        let prefix = format!("{id}.");
-        let users = self.users(&|c| c.starts_with(&prefix));
+        let users = self.users_of_document(id);
         if !users.is_empty() {
             return Err(RegistryError::Conflict(format!(
                 "document '{id}' is in use: {}",
@@ -534,6 +661,24 @@ impl SpecRegistry {
         let Some(entry) = entries.remove(id) else {
             return Err(RegistryError::NotFound(id.to_owned()));
         };
+        let removed = self.uninstall(entry, purge).await;
+        if let Err(e) = tokio::fs::remove_file(&self.added_dir.join(&removed.document.file)).await {
+            tracing::error!(document = %id, error = %e, "cannot delete a removed document's file: it loads again at the next start");
+        }
+        drop(entries);
+        self.changes.send_modify(|v| *v += 1);
+        Ok(removed)
+    }
+
+    fn users_of_document(&self, id: &str) -> Vec<String> {
+        let prefix = format!("{id}.");
+        self.users(&|c| c.starts_with(&prefix))
+    }
+
+    /// Takes a document out of service: intake stops, its routes close their clients, its
+    /// operations go, and with `purge` its logs.
+    async fn uninstall(&self, entry: Entry, purge: bool) -> Removed {
+        let id = entry.info.id.clone();
         // Intake stops first, so nothing is appended to a log that is about to be purged.
         entry.shutdown.cancel();
         entry.tracker.close();
@@ -543,9 +688,9 @@ impl SpecRegistry {
         {
             tracing::warn!(document = %id, tasks = entry.tracker.len(), "connectors of a removed document did not stop in time");
         }
-        let routes = self.hub.remove_api(id);
-        let operations = self.operations.remove_api(id);
-        self.hub.connections().forget(id);
+        let routes = self.hub.remove_api(&id);
+        let operations = self.operations.remove_api(&id);
+        self.hub.connections().forget(&id);
         let mut purged_messages = 0;
         if purge {
             for route in &routes {
@@ -559,19 +704,187 @@ impl SpecRegistry {
                 }
             }
         }
-        if let Err(e) = tokio::fs::remove_file(&entry.path).await {
-            tracing::error!(document = %id, error = %e, "cannot delete a removed document's file: it loads again at the next start");
-        }
-        drop(entries);
-        self.changes.send_modify(|v| *v += 1);
         tracing::info!(document = %id, channels = routes.len(), operations, purge, "document removed");
-        Ok(Removed {
+        Removed {
             document: entry.info,
             channels: routes.iter().map(|r| r.id().clone()).collect(),
             operations,
             purged_messages,
             dry_run: false,
-        })
+        }
+    }
+
+    /// Reloads the specs directories (the file watcher and SIGHUP): every file is loaded and
+    /// compiled with the documents added over the API, as a restart would; then new documents
+    /// are added, changed ones replaced by diff, and documents whose file is gone removed
+    /// (their logs stay for retention). Refused whole, with nothing running changed, when
+    /// anything does not compile or a bridge or trigger would lose its channel.
+    pub async fn reload_files(&self, trigger: Trigger) -> Reload {
+        let started = Instant::now();
+        let mut entries = self.entries.lock().await;
+        let mut reload = self.reload_files_locked(&mut entries, trigger).await;
+        drop(entries);
+        reload.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+        if matches!(reload.outcome, Outcome::Applied | Outcome::Failed) {
+            self.changes.send_modify(|v| *v += 1);
+        }
+        self.history.record(reload.clone());
+        reload
+    }
+
+    async fn reload_files_locked(
+        &self,
+        entries: &mut BTreeMap<String, Entry>,
+        trigger: Trigger,
+    ) -> Reload {
+        let refused = |errors: Vec<String>| {
+            let mut reload = Reload::new(trigger, Outcome::Refused);
+            reload.errors = errors;
+            reload
+        };
+        let dirs = self.file_dirs.clone();
+        let report = match tokio::task::spawn_blocking(move || spec::load_all(&dirs)).await {
+            Ok(report) => report,
+            Err(e) => return refused(vec![format!("loader failed: {e}")]),
+        };
+        let mut errors = strings(&report.errors);
+        let files = report.apis;
+        let file_ids: std::collections::HashSet<String> =
+            files.iter().map(|a| a.id.clone()).collect();
+        // Compiled as one table with the documents added over the API, as a restart would:
+        // ids and channels taken twice are found here.
+        let mut everything = files.clone();
+        everything.extend(
+            entries
+                .values()
+                .filter(|e| e.info.source == Source::Api)
+                .map(|e| (*e.api).clone()),
+        );
+        if let Err(e) = self.connectors.compile(&everything) {
+            errors.extend(strings(&e));
+        }
+        if errors.is_empty() && everything.is_empty() {
+            errors.push("no API document would remain: the specs directories are empty".into());
+        }
+        for api in &files {
+            if let Some(entry) = entries.get(&api.id)
+                && entry.info.source == Source::Api
+            {
+                errors.push(format!(
+                    "{}: id '{}' is taken by a document added over the API",
+                    api.source.file.display(),
+                    api.id
+                ));
+            }
+        }
+        if !errors.is_empty() {
+            errors.dedup();
+            return refused(errors);
+        }
+
+        // The plan: what each document's change is, checked before anything is applied.
+        let mut additions = Vec::new();
+        let mut replacements = Vec::new();
+        let mut renamed = Vec::new();
+        for api in files {
+            match entries.get(&api.id) {
+                None => match self.connectors.compile(std::slice::from_ref(&api)) {
+                    Ok(compiled) => additions.push((api, compiled)),
+                    Err(e) => errors.extend(strings(&e)),
+                },
+                Some(entry) if comparable(&entry.api) == comparable(&api) => {
+                    if entry.path != api.source.file {
+                        renamed.push((api.id.clone(), api.source.file.clone()));
+                    }
+                }
+                Some(entry) => match self.connectors.compile(std::slice::from_ref(&api)) {
+                    Ok(compiled) => {
+                        let (diff, reconnect) = self.compare(entry, &api, &compiled);
+                        errors.extend(self.users_of_removed(&api.id, &diff));
+                        replacements.push((api, compiled, diff, reconnect));
+                    }
+                    Err(e) => errors.extend(strings(&e)),
+                },
+            }
+        }
+        let removals: Vec<String> = entries
+            .values()
+            .filter(|e| e.info.source == Source::File && !file_ids.contains(&e.info.id))
+            .map(|e| e.info.id.clone())
+            .collect();
+        for id in &removals {
+            errors.extend(
+                self.users_of_document(id)
+                    .into_iter()
+                    .map(|u| format!("document '{id}' (its file is gone) is in use: {u}")),
+            );
+        }
+        if !errors.is_empty() {
+            errors.dedup();
+            let mut reload = refused(errors);
+            reload.breaking = replacements
+                .iter()
+                .map(|(_, _, d, _)| d.breaking.len())
+                .sum();
+            return reload;
+        }
+        if additions.is_empty() && replacements.is_empty() && removals.is_empty() {
+            for (id, path) in renamed {
+                if let Some(entry) = entries.get_mut(&id) {
+                    entry.info.file = file_name(&path);
+                    entry.path = path;
+                }
+            }
+            return Reload::new(trigger, Outcome::Unchanged);
+        }
+
+        // Applied: removals first (they free ids and addresses), then replacements, then
+        // additions. A step that fails is reported; the others still apply.
+        let mut reload = Reload::new(trigger, Outcome::Applied);
+        for id in removals {
+            if let Some(entry) = entries.remove(&id) {
+                let removed = self.uninstall(entry, false).await;
+                reload.channels_removed += removed.channels.len();
+                reload.removed.push(id);
+            }
+        }
+        for (api, compiled, diff, reconnect) in replacements {
+            let id = api.id.clone();
+            let Some(entry) = entries.get_mut(&id) else {
+                continue;
+            };
+            match self.swap(entry, api, &compiled, &diff, reconnect).await {
+                Ok(()) => {
+                    count_channels(&mut reload, &diff);
+                    reload.breaking += diff.breaking.len();
+                    reload.replaced.push(id);
+                }
+                Err(e) => reload.errors.push(format!("document '{id}': {e}")),
+            }
+        }
+        for (id, path) in renamed {
+            if let Some(entry) = entries.get_mut(&id) {
+                entry.info.file = file_name(&path);
+                entry.path = path;
+            }
+        }
+        for (api, compiled) in additions {
+            let path = api.source.file.clone();
+            match self.install(&api, &compiled, path, Source::File) {
+                Ok((entry, channels, _)) => {
+                    reload.channels_added += channels.len();
+                    reload.added.push(api.id.clone());
+                    entries.insert(api.id.clone(), entry);
+                }
+                Err(e) => reload
+                    .errors
+                    .push(format!("{}: {e}", api.source.file.display())),
+            }
+        }
+        if !reload.errors.is_empty() {
+            reload.outcome = Outcome::Failed;
+        }
+        reload
     }
 
     /// Bridges and triggers that use a channel or an operation for which `ours` holds.
@@ -622,6 +935,50 @@ impl SpecRegistry {
     }
 }
 
+/// A change over the API as the history keeps it.
+fn api_reload<T>(result: &Result<T, RegistryError>, started: Instant) -> Reload {
+    let mut reload = match result {
+        Ok(_) => Reload::new(Trigger::Api, Outcome::Applied),
+        Err(RegistryError::Storage) => Reload::new(Trigger::Api, Outcome::Failed),
+        Err(_) => Reload::new(Trigger::Api, Outcome::Refused),
+    };
+    if let Err(e) = result {
+        reload.errors = match e {
+            RegistryError::Invalid(errors) => errors.clone(),
+            RegistryError::Breaking(diff) => diff
+                .breaking
+                .iter()
+                .map(|c| format!("{}: {}", c.path, c.detail))
+                .collect(),
+            other => vec![other.to_string()],
+        };
+    }
+    reload.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+    reload
+}
+
+fn count_channels(reload: &mut Reload, diff: &DocumentDiff) {
+    reload.channels_added += diff.channels.added.len();
+    reload.channels_changed += diff.channels.changed.len();
+    reload.channels_removed += diff.channels.removed.len();
+    reload.breaking = reload.breaking.max(diff.breaking.len());
+}
+
+/// A document as compared between two reloads: everything but where it was read from.
+fn comparable(api: &Api) -> serde_json::Value {
+    let mut value = serde_json::to_value(api).unwrap_or(serde_json::Value::Null);
+    if let Some(object) = value.as_object_mut() {
+        object.remove("source");
+    }
+    value
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 fn info(api: &Api, path: &Path, source: Source, channels: usize) -> DocumentInfo {
     let written = std::fs::metadata(path)
         .and_then(|m| m.modified())
@@ -637,10 +994,7 @@ fn info(api: &Api, path: &Path, source: Source, channels: usize) -> DocumentInfo
         title: api.title.clone(),
         version: api.version.clone(),
         source,
-        file: path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
+        file: file_name(path),
         channels,
         operations: api.operations.len(),
         added_at: chrono::DateTime::<chrono::Utc>::from(written)

@@ -70,6 +70,7 @@ pub fn route_need(
         | "/api/v1/bridges"
         | "/api/v1/specs"
         | "/api/v1/specs/{id}"
+        | "/api/v1/reloads"
         | "/api/v1/operations"
         | "/api/v1/operations/{id}/calls"
         | "/api/v1/connections"

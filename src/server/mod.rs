@@ -92,6 +92,10 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/specs/{id}",
             get(specs::get).put(specs::replace).delete(specs::remove),
         )
+        .route(
+            "/api/v1/reloads",
+            get(specs::reloads).post(specs::reload_files),
+        )
         .route("/api/v1/operations", get(calls::list))
         .route("/api/v1/operations/{id}/call", post(calls::call))
         .route("/api/v1/operations/{id}/calls", get(calls::log))

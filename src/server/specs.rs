@@ -1,4 +1,5 @@
-//! `/api/v1/specs`: the live registry over HTTP (list, get, add, remove documents).
+//! `/api/v1/specs` and `/api/v1/reloads`: the live registry over HTTP (list, get, add,
+//! replace, remove documents; reload the specs directories; the last results).
 
 use axum::Json;
 use axum::body::Body;
@@ -170,4 +171,25 @@ pub async fn replace(
         .replace(&id, text, query.allow_breaking, query.dry_run)
         .await?;
     Ok(Json(json!(replaced)))
+}
+
+/// `GET /api/v1/reloads`: the last changes tried (API, file watcher, SIGHUP), newest first,
+/// with how each ended and why one was refused.
+pub async fn reloads(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({ "reloads": state.registry.reloads() }))
+}
+
+/// `POST /api/v1/reloads`: reloads the specs directories now, as SIGHUP does; 200 with the
+/// result when it applied or nothing changed, 400 when it was refused, 500 when a step failed.
+pub async fn reload_files(State(state): State<AppState>) -> Response {
+    let reload = state
+        .registry
+        .reload_files(crate::registry::Trigger::Api)
+        .await;
+    let status = match reload.outcome {
+        crate::registry::Outcome::Applied | crate::registry::Outcome::Unchanged => StatusCode::OK,
+        crate::registry::Outcome::Refused => StatusCode::BAD_REQUEST,
+        crate::registry::Outcome::Failed => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    (status, Json(json!(reload))).into_response()
 }

@@ -182,6 +182,19 @@ impl Daemon {
         }
     }
 
+    /// Sends `signal` (`HUP`, `TERM`, ...) to the running process.
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        let child = self.child.as_ref().ok_or_else(|| anyhow!("not running"))?;
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(child.id().to_string())
+            .status()?;
+        if !status.success() {
+            bail!("kill -{signal} failed");
+        }
+        Ok(())
+    }
+
     /// SIGKILL: no cleanup at all.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
