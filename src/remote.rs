@@ -362,7 +362,7 @@ async fn specs(client: &Client, json: bool, command: SpecsCommand) -> Result<Exi
                     text(&document["specVersion"]),
                     text(&document["version"]),
                     answer["channels"].as_array().map_or(0, Vec::len),
-                    answer["operations"].as_array().map_or(0, Vec::len),
+                    document["operations"],
                 );
                 for channel in answer["channels"].as_array().into_iter().flatten() {
                     out!("  + {}", text(channel));
@@ -439,7 +439,7 @@ async fn specs(client: &Client, json: bool, command: SpecsCommand) -> Result<Exi
                     if dry_run { "would remove" } else { "removed" },
                     id,
                     answer["channels"].as_array().map_or(0, Vec::len),
-                    answer["operations"],
+                    answer["document"]["operations"],
                     if purge && !dry_run {
                         format!(", {} message(s) purged", answer["purgedMessages"])
                     } else {
