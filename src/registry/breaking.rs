@@ -141,8 +141,10 @@ fn compare(old: &Value, new: &Value, path: String, out: &mut Vec<SchemaChange>) 
         }
     }
     for name in new_required.difference(&old_required) {
-        // A new field that is required was reported above, as its addition.
-        if old_props.contains_key(name) || new_props.is_empty() {
+        // A new declared field that is required was reported above, as its addition; a name
+        // required without being declared is a new demand on producers all the same.
+        let added_above = new_props.contains_key(name) && !old_props.contains_key(name);
+        if !added_above {
             push(
                 out,
                 &format!("{path}/required"),
@@ -564,6 +566,16 @@ mod tests {
         assert_eq!(
             kinds(&reading(), &optional),
             vec![(ChangeKind::FieldAdded, false, "/properties/battery".into())]
+        );
+    }
+
+    #[test]
+    fn requiring_an_undeclared_field_is_breaking() {
+        let mut stricter = reading();
+        stricter["required"] = json!(["temperature", "battery"]);
+        assert_eq!(
+            kinds(&reading(), &stricter),
+            vec![(ChangeKind::RequiredAdded, true, "/required".into())]
         );
     }
 

@@ -856,7 +856,6 @@ impl SpecRegistry {
             match self.swap(entry, api, &compiled, &diff, reconnect).await {
                 Ok(()) => {
                     count_channels(&mut reload, &diff);
-                    reload.breaking += diff.breaking.len();
                     reload.replaced.push(id);
                 }
                 Err(e) => reload.errors.push(format!("document '{id}': {e}")),
@@ -961,7 +960,7 @@ fn count_channels(reload: &mut Reload, diff: &DocumentDiff) {
     reload.channels_added += diff.channels.added.len();
     reload.channels_changed += diff.channels.changed.len();
     reload.channels_removed += diff.channels.removed.len();
-    reload.breaking = reload.breaking.max(diff.breaking.len());
+    reload.breaking += diff.breaking.len();
 }
 
 /// A document as compared between two reloads: everything but where it was read from.
