@@ -210,7 +210,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         operations: operations.clone(),
         bridges: bridges.clone(),
         pinned,
-        connectors: Box::new(BuildConnectors {
+        connectors: Arc::new(BuildConnectors {
             config: Arc::new(config.clone()),
         }),
         added_dir: config.data_dir.join(ADDED_SPECS_DIR),

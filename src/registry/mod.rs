@@ -26,7 +26,7 @@ use tokio_util::task::TaskTracker;
 use crate::bridge::{Bridge, Target};
 use crate::calls::Operations;
 use crate::hub::Hub;
-use crate::routing::{ChannelId, Compiled, Route};
+use crate::routing::{ChannelId, Compiled, Route, RoutingTable};
 use crate::spec::{self, Api, DocumentKind, SpecError};
 use breaking::DocumentDiff;
 use reloads::History;
@@ -157,7 +157,7 @@ pub struct SpecRegistry {
     bridges: Arc<Vec<Arc<Bridge>>>,
     /// Channels configured call triggers read or answer on: their documents cannot go.
     pinned: Vec<ChannelId>,
-    connectors: Box<dyn Connectors>,
+    connectors: Arc<dyn Connectors>,
     added_dir: PathBuf,
     /// The specs directories (and files) of the configuration, reloaded by [`Self::reload_files`].
     file_dirs: Vec<PathBuf>,
@@ -175,7 +175,7 @@ pub struct RegistryParts {
     pub operations: Arc<Operations>,
     pub bridges: Arc<Vec<Arc<Bridge>>>,
     pub pinned: Vec<ChannelId>,
-    pub connectors: Box<dyn Connectors>,
+    pub connectors: Arc<dyn Connectors>,
     pub added_dir: PathBuf,
     pub file_dirs: Vec<PathBuf>,
     pub shutdown: CancellationToken,
@@ -335,7 +335,7 @@ impl SpecRegistry {
                 RegistryError::Storage
             })?;
         let (entry, channels, operations) =
-            match self.install(&api, &compiled, path.clone(), Source::Api) {
+            match self.install(&api, &compiled.table, path.clone(), Source::Api) {
                 Ok(installed) => installed,
                 Err(e) => {
                     let _ = tokio::fs::remove_file(&path).await;
@@ -367,13 +367,13 @@ impl SpecRegistry {
     fn install(
         &self,
         api: &Api,
-        compiled: &Compiled,
+        table: &RoutingTable,
         path: PathBuf,
         source: Source,
     ) -> Result<(Entry, Vec<ChannelId>, Vec<ChannelId>), RegistryError> {
         let channels = self
             .hub
-            .add(&compiled.table)
+            .add(table)
             .map_err(|e| RegistryError::Conflict(e.to_string()))?;
         let operations = self.operations.add(api);
         let entry = self.entry(api, path, source);
@@ -398,27 +398,27 @@ impl SpecRegistry {
         path: &Path,
         text: &str,
     ) -> Result<(Api, Compiled, Vec<String>), RegistryError> {
+        // Loading and compiling are CPU work (hundreds of ms for a large document): off the
+        // runtime's threads.
         let (path, text) = (path.to_owned(), text.to_owned());
+        let connectors = self.connectors.clone();
         let compiled = tokio::task::spawn_blocking(move || {
             let loaded = spec::load_text(&path, &text).map_err(|f| f.errors)?;
             let api = loaded.apis.into_iter().next().ok_or_else(Vec::new)?;
-            Ok::<_, Vec<SpecError>>((api, strings(&loaded.warnings)))
+            let table = connectors.compile(std::slice::from_ref(&api))?;
+            let mut warnings = strings(&loaded.warnings);
+            warnings.extend(table.warnings.iter().map(|w| w.to_string()));
+            Ok::<_, Vec<SpecError>>((api, table, warnings))
         })
         .await
         .map_err(|e| RegistryError::BadRequest(format!("loader failed: {e}")))?;
-        let (api, mut warnings) = compiled.map_err(|errors| {
+        compiled.map_err(|errors| {
             RegistryError::Invalid(if errors.is_empty() {
                 vec!["the text holds no API document".into()]
             } else {
                 strings(&errors)
             })
-        })?;
-        let table = self
-            .connectors
-            .compile(std::slice::from_ref(&api))
-            .map_err(|errors| RegistryError::Invalid(strings(&errors)))?;
-        warnings.extend(table.warnings.iter().map(|w| w.to_string()));
-        Ok((api, table, warnings))
+        })
     }
 
     /// Replaces a document added over the API by diff: unchanged channels keep everything
@@ -477,7 +477,7 @@ impl SpecRegistry {
                 api.id
             )));
         }
-        let (diff, reconnect) = self.compare(entry, &api, &compiled);
+        let (diff, reconnect) = self.compare(entry, &api, &compiled.table);
         let users = self.users_of_removed(id, &diff);
         if !users.is_empty() {
             return Err(RegistryError::Conflict(format!(
@@ -501,7 +501,8 @@ impl SpecRegistry {
             tracing::error!(path = %entry.path.display(), error = %e, "cannot keep a replaced document");
             RegistryError::Storage
         })?;
-        self.swap(entry, api, &compiled, &diff, reconnect).await?;
+        self.swap(entry, api, &compiled.table, &diff, reconnect)
+            .await?;
         let document = entry.info.clone();
         drop(entries);
         self.changes.send_modify(|v| *v += 1);
@@ -516,15 +517,15 @@ impl SpecRegistry {
 
     /// The diff between what `entry` serves and `api`, and whether its connectors must
     /// reconnect for it.
-    fn compare(&self, entry: &Entry, api: &Api, compiled: &Compiled) -> (DocumentDiff, bool) {
+    fn compare(&self, entry: &Entry, api: &Api, table: &RoutingTable) -> (DocumentDiff, bool) {
         let old_routes: Vec<Arc<Route>> = self
             .hub
             .routes()
             .map(|r| r.route())
             .filter(|r| r.api == entry.info.id)
             .collect();
-        let diff = breaking::diff(&entry.api, &old_routes, api, compiled.table.routes());
-        let reconnect = needs_reconnect(&diff, &old_routes, compiled.table.routes());
+        let diff = breaking::diff(&entry.api, &old_routes, api, table.routes());
+        let reconnect = needs_reconnect(&diff, &old_routes, table.routes());
         (diff, reconnect)
     }
 
@@ -546,7 +547,7 @@ impl SpecRegistry {
         &self,
         entry: &mut Entry,
         api: Api,
-        compiled: &Compiled,
+        table: &RoutingTable,
         diff: &DocumentDiff,
         reconnect: bool,
     ) -> Result<(), RegistryError> {
@@ -567,7 +568,7 @@ impl SpecRegistry {
         }
         let replaced = self
             .hub
-            .replace_api(&id, &compiled.table)
+            .replace_api(&id, table)
             .map_err(|e| RegistryError::Conflict(e.to_string()))?;
         self.operations.remove_api(&id);
         self.operations.add(&api);
@@ -584,7 +585,7 @@ impl SpecRegistry {
             entry.tracker.close();
         }
         entry.path = api.source.file.clone();
-        entry.info = info(&api, &entry.path, entry.info.source, compiled.table.len());
+        entry.info = info(&api, &entry.path, entry.info.source, table.len());
         entry.api = Arc::new(api);
         tracing::info!(
             document = %id,
@@ -742,27 +743,38 @@ impl SpecRegistry {
             reload.errors = errors;
             reload
         };
+        // Loaded and compiled off the runtime's threads, as one table with the documents
+        // added over the API, as a restart would: ids and channels taken twice are found here.
         let dirs = self.file_dirs.clone();
-        let report = match tokio::task::spawn_blocking(move || spec::load_all(&dirs)).await {
-            Ok(report) => report,
+        let connectors = self.connectors.clone();
+        let added: Vec<Api> = entries
+            .values()
+            .filter(|e| e.info.source == Source::Api)
+            .map(|e| (*e.api).clone())
+            .collect();
+        let loaded = tokio::task::spawn_blocking(move || {
+            let report = spec::load_all(&dirs);
+            let mut everything = report.apis.clone();
+            everything.extend(added);
+            let compiled = connectors.compile(&everything);
+            (report, everything, compiled)
+        })
+        .await;
+        let (report, everything, compiled) = match loaded {
+            Ok(loaded) => loaded,
             Err(e) => return refused(vec![format!("loader failed: {e}")]),
         };
         let mut errors = strings(&report.errors);
         let files = report.apis;
         let file_ids: std::collections::HashSet<String> =
             files.iter().map(|a| a.id.clone()).collect();
-        // Compiled as one table with the documents added over the API, as a restart would:
-        // ids and channels taken twice are found here.
-        let mut everything = files.clone();
-        everything.extend(
-            entries
-                .values()
-                .filter(|e| e.info.source == Source::Api)
-                .map(|e| (*e.api).clone()),
-        );
-        if let Err(e) = self.connectors.compile(&everything) {
-            errors.extend(strings(&e));
-        }
+        let table = match compiled {
+            Ok(compiled) => compiled.table,
+            Err(e) => {
+                errors.extend(strings(&e));
+                RoutingTable::default()
+            }
+        };
         if errors.is_empty() && everything.is_empty() {
             errors.push("no API document would remain: the specs directories are empty".into());
         }
@@ -788,23 +800,21 @@ impl SpecRegistry {
         let mut renamed = Vec::new();
         for api in files {
             match entries.get(&api.id) {
-                None => match self.connectors.compile(std::slice::from_ref(&api)) {
-                    Ok(compiled) => additions.push((api, compiled)),
-                    Err(e) => errors.extend(strings(&e)),
-                },
+                None => {
+                    let own = table.of_api(&api.id);
+                    additions.push((api, own));
+                }
                 Some(entry) if comparable(&entry.api) == comparable(&api) => {
                     if entry.path != api.source.file {
                         renamed.push((api.id.clone(), api.source.file.clone()));
                     }
                 }
-                Some(entry) => match self.connectors.compile(std::slice::from_ref(&api)) {
-                    Ok(compiled) => {
-                        let (diff, reconnect) = self.compare(entry, &api, &compiled);
-                        errors.extend(self.users_of_removed(&api.id, &diff));
-                        replacements.push((api, compiled, diff, reconnect));
-                    }
-                    Err(e) => errors.extend(strings(&e)),
-                },
+                Some(entry) => {
+                    let own = table.of_api(&api.id);
+                    let (diff, reconnect) = self.compare(entry, &api, &own);
+                    errors.extend(self.users_of_removed(&api.id, &diff));
+                    replacements.push((api, own, diff, reconnect));
+                }
             }
         }
         let removals: Vec<String> = entries
@@ -848,12 +858,12 @@ impl SpecRegistry {
                 reload.removed.push(id);
             }
         }
-        for (api, compiled, diff, reconnect) in replacements {
+        for (api, own, diff, reconnect) in replacements {
             let id = api.id.clone();
             let Some(entry) = entries.get_mut(&id) else {
                 continue;
             };
-            match self.swap(entry, api, &compiled, &diff, reconnect).await {
+            match self.swap(entry, api, &own, &diff, reconnect).await {
                 Ok(()) => {
                     count_channels(&mut reload, &diff);
                     reload.replaced.push(id);
@@ -867,9 +877,9 @@ impl SpecRegistry {
                 entry.path = path;
             }
         }
-        for (api, compiled) in additions {
+        for (api, own) in additions {
             let path = api.source.file.clone();
-            match self.install(&api, &compiled, path, Source::File) {
+            match self.install(&api, &own, path, Source::File) {
                 Ok((entry, channels, _)) => {
                     reload.channels_added += channels.len();
                     reload.added.push(api.id.clone());

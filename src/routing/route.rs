@@ -226,4 +226,15 @@ impl RoutingTable {
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()
     }
+
+    /// The routes of document `api` as a table of their own (the routes are shared, not
+    /// compiled again).
+    pub fn of_api(&self, api: &str) -> RoutingTable {
+        let mut table = RoutingTable::default();
+        for route in self.routes.iter().filter(|r| r.api == api) {
+            table.by_id.insert(route.id.clone(), table.routes.len());
+            table.routes.push(route.clone());
+        }
+        table
+    }
 }
