@@ -205,17 +205,7 @@ fn refusal(status: StatusCode, text: &str) -> ClientError {
 }
 
 /// Percent-encodes one path segment (a channel or document id).
-pub fn segment(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for b in text.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
+pub use crate::upstream::percent_encode as segment;
 
 #[cfg(test)]
 mod tests {

@@ -7,45 +7,9 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use futures::StreamExt;
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-fn mosquitto_pub(topic: &str, payload: &Value) {
-    let status = std::process::Command::new("mosquitto_pub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            "1883",
-            "-q",
-            "1",
-            "-t",
-            topic,
-            "-m",
-        ])
-        .arg(payload.to_string())
-        .status()
-        .expect("mosquitto_pub (Debian package mosquitto-clients)");
-    assert!(status.success(), "mosquitto_pub {topic}: {status}");
-}
-
-/// Publishes with mosquitto_pub until the SSE client sees the message: the upstream
-/// subscription of a just-added document is made a moment after the document is.
-async fn publish_until_seen(sse: &mut SseClient, topic: &str, payload: &Value) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        mosquitto_pub(topic, payload);
-        match sse.next_message(Duration::from_millis(700)).await {
-            Ok((_, frame)) => return frame,
-            Err(_) if tokio::time::Instant::now() < deadline => continue,
-            Err(e) => panic!("no message on {topic}: {e}"),
-        }
-    }
-}
 
 async fn post_spec(daemon: &Daemon, name: &str, text: &str) -> reqwest::Response {
     reqwest::Client::new()
@@ -63,19 +27,6 @@ async fn delete(daemon: &Daemon, path: &str) -> reqwest::Response {
         .send()
         .await
         .unwrap()
-}
-
-/// The client of a removed channel is closed with 1001 `channel removed`.
-async fn assert_closed_as_removed(ws: &mut WsStream) {
-    let close = loop {
-        match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
-            Some(Ok(Message::Close(frame))) => break frame.unwrap(),
-            Some(Ok(_)) => continue,
-            other => panic!("no close frame: {other:?}"),
-        }
-    };
-    assert_eq!(close.code, CloseCode::Away);
-    assert_eq!(close.reason.as_str(), "channel removed");
 }
 
 /// Document `id` in a `GET /api/v1/specs` answer.
@@ -318,31 +269,6 @@ operations:
   {extra_operation}
 "#
     )
-}
-
-/// A file document with a writable `mirror` channel a bridge copies telemetry to.
-fn sink(dir: &std::path::Path, api: &str, p: &str) -> std::path::PathBuf {
-    let path = dir.join(format!("{api}.yaml"));
-    std::fs::write(
-        &path,
-        format!(
-            r#"asyncapi: 3.0.0
-x-stepflow-id: {api}
-info: {{title: Sink, version: 1.0.0}}
-servers:
-  broker: {{host: '127.0.0.1:1883', protocol: mqtt}}
-channels:
-  mirror:
-    address: '{p}/mirror/{{deviceId}}'
-    messages:
-      copy: {{payload: {{type: object}}}}
-operations:
-  sendMirror: {{action: send, channel: {{$ref: '#/channels/mirror'}}, bindings: {{mqtt: {{qos: 1}}}}}}
-"#
-        ),
-    )
-    .unwrap();
-    path
 }
 
 async fn put_spec(daemon: &Daemon, path: &str, text: &str) -> reqwest::Response {

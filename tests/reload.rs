@@ -9,68 +9,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-use futures::StreamExt;
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-fn mosquitto_pub(topic: &str, payload: &Value) {
-    let status = std::process::Command::new("mosquitto_pub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            "1883",
-            "-q",
-            "1",
-            "-t",
-            topic,
-            "-m",
-        ])
-        .arg(payload.to_string())
-        .status()
-        .expect("mosquitto_pub (Debian package mosquitto-clients)");
-    assert!(status.success(), "mosquitto_pub {topic}: {status}");
-}
-
-/// Publishes with mosquitto_pub until the SSE client sees a message: the upstream
-/// subscription of a just-loaded document is made a moment after it is served.
-async fn publish_until_seen(sse: &mut SseClient, topic: &str, payload: &Value) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        mosquitto_pub(topic, payload);
-        match sse.next_message(Duration::from_millis(700)).await {
-            Ok((_, frame)) => return frame,
-            Err(_) if tokio::time::Instant::now() < deadline => continue,
-            Err(e) => panic!("no message on {topic}: {e}"),
-        }
-    }
-}
-
-/// A file document with a writable `mirror` channel the bridge copies telemetry to.
-fn sink(dir: &Path, api: &str, p: &str) {
-    std::fs::write(
-        dir.join(format!("{api}.yaml")),
-        format!(
-            r#"asyncapi: 3.0.0
-x-stepflow-id: {api}
-info: {{title: Sink, version: 1.0.0}}
-servers:
-  broker: {{host: '127.0.0.1:1883', protocol: mqtt}}
-channels:
-  mirror:
-    address: '{p}/mirror/{{deviceId}}'
-    messages:
-      copy: {{payload: {{type: object}}}}
-operations:
-  sendMirror: {{action: send, channel: {{$ref: '#/channels/mirror'}}, bindings: {{mqtt: {{qos: 1}}}}}}
-"#
-        ),
-    )
-    .unwrap();
-}
 
 /// Writes through a temporary file and a rename, as editors and config management do.
 fn write_file(path: &Path, text: &str) {
@@ -111,18 +52,6 @@ fn has_document(specs: &Value, id: &str) -> bool {
         .unwrap()
         .iter()
         .any(|s| s["id"] == id)
-}
-
-async fn closed_as_removed(ws: &mut WsStream) {
-    let close = loop {
-        match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
-            Some(Ok(Message::Close(frame))) => break frame.unwrap(),
-            Some(Ok(_)) => continue,
-            other => panic!("no close frame: {other:?}"),
-        }
-    };
-    assert_eq!(close.code, CloseCode::Away);
-    assert_eq!(close.reason.as_str(), "channel removed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,7 +204,7 @@ async fn the_file_watcher_applies_edits_by_diff_and_refuses_broken_ones_whole() 
     let reload = next_reload(&daemon, 6).await;
     assert_eq!(reload["outcome"], "applied", "{reload}");
     assert_eq!(reload["removed"], json!([live]), "{reload}");
-    closed_as_removed(&mut ws).await;
+    assert_closed_as_removed(&mut ws).await;
     let event = loop {
         let e = sse.next(WAIT).await.unwrap();
         if e.event != "message" {

@@ -210,3 +210,24 @@ impl Drop for OwnRedis {
         self.stop();
     }
 }
+
+/// Publishes one QoS 1 message with `mosquitto_pub` (Debian package mosquitto-clients) on the
+/// machine's Mosquitto.
+pub fn mosquitto_pub(topic: &str, payload: &serde_json::Value) {
+    let status = std::process::Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            "1883",
+            "-q",
+            "1",
+            "-t",
+            topic,
+            "-m",
+        ])
+        .arg(payload.to_string())
+        .status()
+        .expect("mosquitto_pub (Debian package mosquitto-clients)");
+    assert!(status.success(), "mosquitto_pub {topic}: {status}");
+}

@@ -150,3 +150,42 @@ impl SseClient {
         }
     }
 }
+
+/// Publishes with mosquitto_pub until the SSE client sees the message: the upstream
+/// subscription of a just-added document is made a moment after the document is.
+pub async fn publish_until_seen(
+    sse: &mut SseClient,
+    topic: &str,
+    payload: &serde_json::Value,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        mosquitto_pub(topic, payload);
+        match sse.next_message(Duration::from_millis(700)).await {
+            Ok((_, frame)) => return frame,
+            Err(_) if tokio::time::Instant::now() < deadline => continue,
+            Err(e) => panic!("no message on {topic}: {e}"),
+        }
+    }
+}
+
+/// The client of a removed channel is closed with 1001 `channel removed`.
+pub async fn assert_closed_as_removed(ws: &mut WsStream) {
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Close(frame))) => {
+                break frame.unwrap();
+            }
+            Some(Ok(_)) => continue,
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    assert_eq!(
+        close.code,
+        tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Away
+    );
+    assert_eq!(close.reason.as_str(), "channel removed");
+}

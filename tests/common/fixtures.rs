@@ -101,3 +101,28 @@ operations:
     .unwrap();
     path
 }
+
+/// A file document with a writable `mirror` channel a bridge copies telemetry to.
+pub fn sink(dir: &std::path::Path, api: &str, p: &str) -> std::path::PathBuf {
+    let path = dir.join(format!("{api}.yaml"));
+    std::fs::write(
+        &path,
+        format!(
+            r#"asyncapi: 3.0.0
+x-stepflow-id: {api}
+info: {{title: Sink, version: 1.0.0}}
+servers:
+  broker: {{host: '127.0.0.1:1883', protocol: mqtt}}
+channels:
+  mirror:
+    address: '{p}/mirror/{{deviceId}}'
+    messages:
+      copy: {{payload: {{type: object}}}}
+operations:
+  sendMirror: {{action: send, channel: {{$ref: '#/channels/mirror'}}, bindings: {{mqtt: {{qos: 1}}}}}}
+"#
+        ),
+    )
+    .unwrap();
+    path
+}
