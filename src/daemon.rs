@@ -2,6 +2,7 @@
 //! server; stop them in order on SIGTERM/SIGINT within the shutdown deadline.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -11,13 +12,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{Auth, AuthSetting};
+use crate::bridge::running::RunningBridges;
 use crate::bridge::{self, Bridge};
 use crate::calls::Operations;
 use crate::calls::replies::BrokerCalls;
 use crate::config::Config;
 use crate::hub::{Hub, HubConfig};
 use crate::registry::{RegistryParts, SpecRegistry};
-use crate::routing::UpstreamBinding;
+use crate::routing::{RoutingTable, UpstreamBinding};
 use crate::server::{self, AppState};
 use crate::spec::{self, SpecError};
 use crate::store::{Store, StoreConfig};
@@ -46,6 +48,8 @@ pub enum Error {
 
 /// The data directory's folder of documents added at run time.
 pub const ADDED_SPECS_DIR: &str = "specs";
+/// Where bridges put over the API are kept, under the data directory.
+pub const ADDED_BRIDGES_DIR: &str = "bridges";
 
 /// Runs until `shutdown` is cancelled (by a signal in the binary).
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
@@ -176,22 +180,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     )
     .await?;
 
-    let bridges: Vec<Arc<Bridge>> = match config.bridges.clone() {
-        Some(dir) => {
-            let known = operations.clone();
-            let table = table.clone();
-            tokio::task::spawn_blocking(move || {
-                bridge::load(&dir, &table, &|id| known.log_of(id).is_some())
-            })
-            .await
-            .map_err(|e| Error::Config(format!("bridge loader failed: {e}")))?
-            .map_err(Error::Specs)?
-            .into_iter()
-            .map(Arc::new)
-            .collect()
-        }
-        None => Vec::new(),
-    };
+    let bridges = load_bridges(&config, &table, &operations).await?;
     // Cursors before connectors: nothing that arrives from now on can be missed by a lane.
     bridge::lane::prepare_cursors(&store, &hub, &bridges).await?;
     tracing::info!(
@@ -199,7 +188,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         lanes = bridges.iter().map(|b| b.lanes.len()).sum::<usize>(),
         "bridges compiled"
     );
-    let bridges = Arc::new(bridges);
+    let running_bridges = Arc::new(RunningBridges::new(
+        hub.clone(),
+        operations.clone(),
+        lane_shutdown.clone(),
+    ));
     let subscriptions = Subscriptions::load(store.clone()).await?;
 
     let connector_shutdown = CancellationToken::new();
@@ -208,7 +201,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let registry = Arc::new(SpecRegistry::new(RegistryParts {
         hub: hub.clone(),
         operations: operations.clone(),
-        bridges: bridges.clone(),
+        bridges: running_bridges.clone(),
+        bridge_dir: config.bridges.clone(),
+        added_bridges_dir: config.data_dir.join(ADDED_BRIDGES_DIR),
         pinned,
         connectors: Arc::new(BuildConnectors {
             config: Arc::new(config.clone()),
@@ -222,13 +217,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         .start(&apis)
         .await
         .map_err(|(server, reason)| Error::Connector { server, reason })?;
-    bridge::lane::start(
-        hub.clone(),
-        operations.clone(),
-        &bridges,
-        lane_shutdown.clone(),
-        &lanes,
-    );
+    running_bridges.apply(bridges, &Default::default()).await?;
     lanes.close();
 
     let listener = TcpListener::bind(config.listen)
@@ -243,7 +232,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let state = AppState {
         hub: hub.clone(),
         operations,
-        bridges: bridges.clone(),
+        bridges: running_bridges.clone(),
         subscriptions: subscriptions.clone(),
         registry: registry.clone(),
         metrics: metrics.clone(),
@@ -304,9 +293,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     http_shutdown.cancel();
     // 2. Stop the bridge lanes (they publish through the connectors), keeping their cursors.
     lane_shutdown.cancel();
-    if tokio::time::timeout_at(deadline, lanes.wait())
-        .await
-        .is_err()
+    if tokio::time::timeout_at(deadline, async {
+        lanes.wait().await;
+        running_bridges.stopped().await;
+    })
+    .await
+    .is_err()
     {
         tracing::warn!("bridge lanes did not stop before the deadline");
     }
@@ -395,6 +387,7 @@ fn reload_on_changes(registry: &Arc<SpecRegistry>, config: &Config, shutdown: Ca
         let paths: Vec<_> = config
             .specs
             .iter()
+            .chain(&config.bridges)
             .filter(|p| p.exists())
             .cloned()
             .collect();
@@ -404,6 +397,33 @@ fn reload_on_changes(registry: &Arc<SpecRegistry>, config: &Config, shutdown: Ca
             tracing::warn!(error = %e, "cannot watch the specs directories: SIGHUP still reloads them");
         }
     }
+}
+
+/// The bridges of the bridges directory and those put over the API (in the data directory),
+/// compiled against the table loaded at start.
+async fn load_bridges(
+    config: &Config,
+    table: &Arc<RoutingTable>,
+    operations: &Arc<Operations>,
+) -> Result<Vec<Arc<Bridge>>, Error> {
+    let dirs: Vec<PathBuf> = config
+        .bridges
+        .iter()
+        .cloned()
+        .chain(Some(config.data_dir.join(ADDED_BRIDGES_DIR)).filter(|d| d.exists()))
+        .collect();
+    let (known, table) = (operations.clone(), table.clone());
+    let compiled = tokio::task::spawn_blocking(move || {
+        let mut files = Vec::new();
+        for dir in &dirs {
+            files.extend(bridge::read_dir(dir).map_err(|e| vec![e])?);
+        }
+        bridge::compile(&files, &table, &|id| known.log_of(id).is_some())
+    })
+    .await
+    .map_err(|e| Error::Config(format!("bridge loader failed: {e}")))?
+    .map_err(Error::Specs)?;
+    Ok(compiled.into_iter().map(Arc::new).collect())
 }
 
 /// Channels the configured call triggers read from or reply on.

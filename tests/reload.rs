@@ -5,39 +5,12 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// Writes through a temporary file and a rename, as editors and config management do.
-fn write_file(path: &Path, text: &str) {
-    let temporary = path.with_extension("swp");
-    std::fs::write(&temporary, text).unwrap();
-    std::fs::rename(&temporary, path).unwrap();
-}
-
-/// Waits until the newest entry of `GET /api/v1/reloads` is a new one (past `seen`) and
-/// returns it.
-async fn next_reload(daemon: &Daemon, seen: usize) -> Value {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let reloads = daemon.get_json("/api/v1/reloads").await.unwrap();
-        let list = reloads["reloads"].as_array().unwrap();
-        if list.len() > seen {
-            return list[0].clone();
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no reload after {seen}: {reloads}\n{}",
-            daemon.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 async fn reload_count(daemon: &Daemon) -> usize {
     daemon.get_json("/api/v1/reloads").await.unwrap()["reloads"]
@@ -94,7 +67,7 @@ async fn the_file_watcher_applies_edits_by_diff_and_refuses_broken_ones_whole() 
     let text = std::fs::read_to_string(iot_spec(staging.path(), &live, &lp, 1)).unwrap();
     let live_file = specs.join(format!("{live}.yaml"));
     write_file(&live_file, &text);
-    let reload = next_reload(&daemon, 0).await;
+    let reload = daemon.next_reload(0).await;
     assert_eq!(reload["trigger"], "watch", "{reload}");
     assert_eq!(reload["outcome"], "applied", "{reload}");
     assert_eq!(reload["added"], json!([live]), "{reload}");
@@ -121,7 +94,7 @@ async fn the_file_watcher_applies_edits_by_diff_and_refuses_broken_ones_whole() 
         &live_file,
         &text.replace("action: receive", "action: sideways"),
     );
-    let reload = next_reload(&daemon, 1).await;
+    let reload = daemon.next_reload(1).await;
     assert_eq!(reload["outcome"], "refused", "{reload}");
     let errors = reload["errors"].to_string();
     assert!(
@@ -146,7 +119,7 @@ async fn the_file_watcher_applies_edits_by_diff_and_refuses_broken_ones_whole() 
     let (_, frame) = sse.next_message(WAIT).await.unwrap();
     assert_eq!(frame["payload"]["temperature"], 21.5, "still served");
     write_file(&live_file, &text);
-    let reload = next_reload(&daemon, 2).await;
+    let reload = daemon.next_reload(2).await;
     assert_eq!(reload["outcome"], "unchanged", "{reload}");
 
     // 3. An edit that removes the channel the bridge reads: refused, naming the bridge.
@@ -159,14 +132,14 @@ async fn the_file_watcher_applies_edits_by_diff_and_refuses_broken_ones_whole() 
         .replacen("  telemetry:\n", "  gone:\n", 1);
     assert_ne!(without_telemetry, kept_text);
     write_file(&kept_file, &without_telemetry);
-    let reload = next_reload(&daemon, 3).await;
+    let reload = daemon.next_reload(3).await;
     assert_eq!(reload["outcome"], "refused", "{reload}");
     assert!(
         reload["errors"].to_string().contains("bridge 'mirror'"),
         "{reload}"
     );
     write_file(&kept_file, &kept_text);
-    let reload = next_reload(&daemon, 4).await;
+    let reload = daemon.next_reload(4).await;
     assert_eq!(reload["outcome"], "unchanged", "{reload}");
 
     // 4. A schema change: the same clients, the next message validated against it.
@@ -176,7 +149,7 @@ async fn the_file_watcher_applies_edits_by_diff_and_refuses_broken_ones_whole() 
     );
     assert_ne!(stricter, text);
     write_file(&live_file, &stricter);
-    let reload = next_reload(&daemon, 5).await;
+    let reload = daemon.next_reload(5).await;
     assert_eq!(reload["outcome"], "applied", "{reload}");
     assert_eq!(reload["replaced"], json!([live]), "{reload}");
     assert_eq!(reload["channelsChanged"], 1, "{reload}");
@@ -201,7 +174,7 @@ async fn the_file_watcher_applies_edits_by_diff_and_refuses_broken_ones_whole() 
 
     // 5. The file removed: its clients are closed, its channels go.
     std::fs::remove_file(&live_file).unwrap();
-    let reload = next_reload(&daemon, 6).await;
+    let reload = daemon.next_reload(6).await;
     assert_eq!(reload["outcome"], "applied", "{reload}");
     assert_eq!(reload["removed"], json!([live]), "{reload}");
     assert_closed_as_removed(&mut ws).await;
@@ -256,7 +229,7 @@ async fn sighup_and_post_reloads_reload_when_the_watcher_is_off() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(reload_count(&daemon).await, 0, "the watcher is off");
     daemon.signal("HUP").unwrap();
-    let reload = next_reload(&daemon, 0).await;
+    let reload = daemon.next_reload(0).await;
     assert_eq!(reload["trigger"], "signal", "{reload}");
     assert_eq!(reload["outcome"], "applied", "{reload}");
     assert_eq!(reload["added"], json!([live]), "{reload}");
@@ -333,7 +306,7 @@ async fn the_polling_watcher_picks_up_a_new_file() {
     assert!(daemon.log().contains("polling=true"), "{}", daemon.log());
     let live = unique("live");
     iot_spec(&specs, &live, &unique("l"), 1);
-    let reload = next_reload(&daemon, 0).await;
+    let reload = daemon.next_reload(0).await;
     assert_eq!(reload["outcome"], "applied", "{reload}");
     assert_eq!(reload["added"], json!([live]), "{reload}");
 }

@@ -27,6 +27,7 @@
 
 pub mod lane;
 pub mod mapping;
+pub mod running;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -118,6 +119,9 @@ pub struct Bridge {
     pub file: PathBuf,
     pub source: ChannelId,
     pub lanes: Vec<Arc<Lane>>,
+    /// The bridge as written (its mapping under `bridges:`): what a change is compared on, and
+    /// what `GET /api/v1/bridges/{name}` returns.
+    pub definition: Value,
 }
 
 /// Headers a dead letter of a bridge carries, so a replay knows where it was going.
@@ -132,46 +136,58 @@ pub fn load(
     table: &RoutingTable,
     has_operation: &dyn Fn(&str) -> bool,
 ) -> Result<Vec<Bridge>, Vec<SpecError>> {
+    let files = read_dir(dir).map_err(|e| vec![e])?;
+    compile(&files, table, has_operation)
+}
+
+/// The bridge files of `dir` with their text, sorted by name. Blocking.
+pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, SpecError> {
+    let unreadable = |at: &Path, e: std::io::Error| {
+        SpecError::new(
+            Location::new(at, ""),
+            SpecErrorKind::Unreadable {
+                reason: e.to_string(),
+            },
+        )
+    };
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| unreadable(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| is_bridge_file(p))
+        .collect();
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|path| match std::fs::read_to_string(&path) {
+            Ok(text) => Ok((path, text)),
+            Err(e) => Err(unreadable(&path, e)),
+        })
+        .collect()
+}
+
+/// Whether `path` names a bridge file (`.yaml`, `.yml`, `.json`).
+pub fn is_bridge_file(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
+}
+
+/// Compiles the bridges of `files` (path and text, in order) against the routing table; every
+/// problem of every file is collected, and a name defined twice is one of them.
+pub fn compile(
+    files: &[(PathBuf, String)],
+    table: &RoutingTable,
+    has_operation: &dyn Fn(&str) -> bool,
+) -> Result<Vec<Bridge>, Vec<SpecError>> {
     let mut errors = Vec::new();
     let mut bridges: Vec<Bridge> = Vec::new();
-    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
-        Ok(entries) => entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.extension()
-                    .and_then(|e| e.to_str())
-                    .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
-            })
-            .collect(),
-        Err(e) => {
-            return Err(vec![SpecError::new(
-                Location::new(dir, ""),
-                SpecErrorKind::Unreadable {
-                    reason: e.to_string(),
-                },
-            )]);
-        }
-    };
-    files.sort();
-    for file in files {
-        let text = match std::fs::read_to_string(&file) {
-            Ok(t) => t,
-            Err(e) => {
-                errors.push(SpecError::new(
-                    Location::new(&file, ""),
-                    SpecErrorKind::Unreadable {
-                        reason: e.to_string(),
-                    },
-                ));
-                continue;
-            }
-        };
+    for (file, text) in files {
         let mut compiler = Compiler {
             table,
             has_operation,
             errors: &mut errors,
         };
-        for bridge in compiler.file(&file, &text) {
+        for bridge in compiler.file(file, text) {
             if let Some(first) = bridges.iter().find(|b| b.name == bridge.name) {
                 errors.push(SpecError::new(
                     Location::new(&bridge.file, format!("/bridges/{}", bridge.name)),
@@ -469,13 +485,24 @@ impl Compiler<'_> {
             file: file.to_path_buf(),
             source: source.id.clone(),
             lanes,
+            definition: Value::Object(def.clone()),
         })
     }
 
     fn unknown_channel(&self, id: &str) -> String {
-        let known: Vec<&str> = self.table.routes().iter().map(|r| r.id.as_ref()).collect();
+        // A table of a thousand routes would make a thousand-name message: name a few.
+        const SHOWN: usize = 20;
+        let routes = self.table.routes();
+        let mut known: Vec<&str> = routes.iter().take(SHOWN).map(|r| r.id.as_ref()).collect();
+        let more = routes.len().saturating_sub(SHOWN);
+        let more = if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        };
+        known.sort_unstable();
         format!(
-            "no channel '{id}' (channels are `{{api}}.{{channel}}`: {})",
+            "no channel '{id}' (channels are `{{api}}.{{channel}}`: {}{more})",
             known.join(", ")
         )
     }
@@ -743,7 +770,7 @@ fn is_writable_target(route: &Route) -> bool {
 pub fn describe(bridge: &Bridge) -> Value {
     serde_json::json!({
         "name": bridge.name,
-        "file": bridge.file.display().to_string(),
+        "file": bridge.file.file_name().map(|n| n.to_string_lossy()),
         "from": bridge.source,
         "targets": bridge.lanes.iter().map(|l| serde_json::json!({
             "target": l.target,

@@ -10,10 +10,11 @@
 //! against this build's connectors and starting them is the daemon's, behind [`Connectors`].
 
 pub mod breaking;
+mod bridges;
 pub mod reloads;
 pub mod watch;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -23,7 +24,8 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bridge::{Bridge, Target};
+use crate::bridge::Target;
+use crate::bridge::running::RunningBridges;
 use crate::calls::Operations;
 use crate::hub::Hub;
 use crate::routing::{ChannelId, Compiled, Route, RoutingTable};
@@ -120,6 +122,8 @@ pub enum RegistryError {
     Conflict(String),
     #[error("no document '{0}'")]
     NotFound(String),
+    #[error("no bridge '{0}'")]
+    NoBridge(String),
     #[error("{0}")]
     BadRequest(String),
     #[error("cannot keep the document in the data directory")]
@@ -154,7 +158,11 @@ struct Entry {
 pub struct SpecRegistry {
     hub: Arc<Hub>,
     operations: Arc<Operations>,
-    bridges: Arc<Vec<Arc<Bridge>>>,
+    bridges: Arc<RunningBridges>,
+    /// The bridges directory of the configuration, reloaded with the specs directories.
+    bridge_dir: Option<PathBuf>,
+    /// Where bridges put over the API are kept.
+    added_bridges_dir: PathBuf,
     /// Channels configured call triggers read or answer on: their documents cannot go.
     pinned: Vec<ChannelId>,
     connectors: Arc<dyn Connectors>,
@@ -173,7 +181,9 @@ pub struct SpecRegistry {
 pub struct RegistryParts {
     pub hub: Arc<Hub>,
     pub operations: Arc<Operations>,
-    pub bridges: Arc<Vec<Arc<Bridge>>>,
+    pub bridges: Arc<RunningBridges>,
+    pub bridge_dir: Option<PathBuf>,
+    pub added_bridges_dir: PathBuf,
     pub pinned: Vec<ChannelId>,
     pub connectors: Arc<dyn Connectors>,
     pub added_dir: PathBuf,
@@ -188,6 +198,8 @@ impl SpecRegistry {
             hub: parts.hub,
             operations: parts.operations,
             bridges: parts.bridges,
+            bridge_dir: parts.bridge_dir,
+            added_bridges_dir: parts.added_bridges_dir,
             pinned: parts.pinned,
             connectors: parts.connectors,
             added_dir: parts.added_dir,
@@ -488,6 +500,25 @@ impl SpecRegistry {
         if !allow_breaking && !diff.breaking.is_empty() {
             return Err(RegistryError::Breaking(Box::new(diff)));
         }
+        // The bridges, compiled against the table as it will be: a lane that converts to a
+        // changed channel's schema, or needs a parameter it no longer has, is found now.
+        let prospective = RoutingTable::from_routes(
+            self.hub
+                .routes()
+                .map(|r| r.route())
+                .filter(|r| r.api != id)
+                .chain(compiled.table.routes().iter().cloned()),
+        );
+        let bridges = self
+            .compile_bridges(None, prospective, None)
+            .await
+            .map_err(RegistryError::Invalid)?;
+        let changed_channels: HashSet<ChannelId> = diff
+            .channels
+            .changed
+            .iter()
+            .map(|c| c.as_str().into())
+            .collect();
         if dry_run {
             return Ok(Replacement {
                 document: info(&api, &entry.path, Source::Api, compiled.table.len()),
@@ -503,6 +534,7 @@ impl SpecRegistry {
         })?;
         self.swap(entry, api, &compiled.table, &diff, reconnect)
             .await?;
+        self.apply_bridges(bridges, &changed_channels).await?;
         let document = entry.info.clone();
         drop(entries);
         self.changes.send_modify(|v| *v += 1);
@@ -531,15 +563,21 @@ impl SpecRegistry {
 
     /// Bridges and triggers that use a channel or an operation `diff` removes from `id`.
     fn users_of_removed(&self, id: &str, diff: &DocumentDiff) -> Vec<String> {
+        self.users_of_removed_by(id, diff, Users::All)
+    }
+
+    /// As [`Self::users_of_removed`], of one kind or both.
+    fn users_of_removed_by(&self, id: &str, diff: &DocumentDiff, which: Users) -> Vec<String> {
         let operations: Vec<String> = diff
             .operations
             .removed
             .iter()
             .map(|o| format!("{id}.{o}"))
             .collect();
-        self.users(&|c| {
-            diff.channels.removed.iter().any(|r| r == c) || operations.iter().any(|o| o == c)
-        })
+        self.users(
+            &|c| diff.channels.removed.iter().any(|r| r == c) || operations.iter().any(|o| o == c),
+            which,
+        )
     }
 
     /// Applies a checked replacement to the running gateway.
@@ -672,8 +710,12 @@ impl SpecRegistry {
     }
 
     fn users_of_document(&self, id: &str) -> Vec<String> {
+        self.users_of_document_by(id, Users::All)
+    }
+
+    fn users_of_document_by(&self, id: &str, which: Users) -> Vec<String> {
         let prefix = format!("{id}.");
-        self.users(&|c| c.starts_with(&prefix))
+        self.users(&|c| c.starts_with(&prefix), which)
     }
 
     /// Takes a document out of service: intake stops, its routes close their clients, its
@@ -798,6 +840,9 @@ impl SpecRegistry {
         let mut additions = Vec::new();
         let mut replacements = Vec::new();
         let mut renamed = Vec::new();
+        // Bridges compiled against the new table are consistent with it; the running ones
+        // that would lose a channel are named only when the new set does not compile.
+        let mut bridge_users = Vec::new();
         for api in files {
             match entries.get(&api.id) {
                 None => {
@@ -812,7 +857,14 @@ impl SpecRegistry {
                 Some(entry) => {
                     let own = table.of_api(&api.id);
                     let (diff, reconnect) = self.compare(entry, &api, &own);
-                    errors.extend(self.users_of_removed(&api.id, &diff));
+                    errors.extend(self.users_of_removed_by(&api.id, &diff, Users::Triggers));
+                    bridge_users.extend(
+                        self.users_of_removed_by(&api.id, &diff, Users::Bridges)
+                            .into_iter()
+                            .map(|u| {
+                                format!("document '{}' would take away what {u} uses", api.id)
+                            }),
+                    );
                     replacements.push((api, own, diff, reconnect));
                 }
             }
@@ -823,12 +875,32 @@ impl SpecRegistry {
             .map(|e| e.info.id.clone())
             .collect();
         for id in &removals {
-            errors.extend(
-                self.users_of_document(id)
+            let gone = |users: Vec<String>| {
+                users
                     .into_iter()
-                    .map(|u| format!("document '{id}' (its file is gone) is in use: {u}")),
-            );
+                    .map(|u| format!("document '{id}' (its file is gone) is in use: {u}"))
+                    .collect::<Vec<_>>()
+            };
+            errors.extend(gone(self.users_of_document_by(id, Users::Triggers)));
+            bridge_users.extend(gone(self.users_of_document_by(id, Users::Bridges)));
         }
+        let changed_channels: HashSet<ChannelId> = replacements
+            .iter()
+            .flat_map(|(_, _, diff, _)| {
+                diff.channels
+                    .changed
+                    .iter()
+                    .map(|c| ChannelId::from(c.as_str()))
+            })
+            .collect();
+        let bridges = match self.compile_bridges(None, table, Some(&everything)).await {
+            Ok(bridges) => Some(bridges),
+            Err(bridge_errors) => {
+                errors.extend(bridge_users);
+                errors.extend(bridge_errors);
+                None
+            }
+        };
         if !errors.is_empty() {
             errors.dedup();
             let mut reload = refused(errors);
@@ -838,7 +910,13 @@ impl SpecRegistry {
                 .sum();
             return reload;
         }
-        if additions.is_empty() && replacements.is_empty() && removals.is_empty() {
+        let bridges = bridges.unwrap_or_default();
+        let bridge_changes = self.bridges.plan(&bridges, &changed_channels);
+        if additions.is_empty()
+            && replacements.is_empty()
+            && removals.is_empty()
+            && bridge_changes.is_empty()
+        {
             for (id, path) in renamed {
                 if let Some(entry) = entries.get_mut(&id) {
                     entry.info.file = file_name(&path);
@@ -890,16 +968,27 @@ impl SpecRegistry {
                     .push(format!("{}: {e}", api.source.file.display())),
             }
         }
+        // Bridges last: their channels are in place now.
+        match self.apply_bridges(bridges, &changed_channels).await {
+            Ok(changes) => reload.bridges = changes,
+            Err(e) => reload.errors.push(format!("bridges: {e}")),
+        }
         if !reload.errors.is_empty() {
             reload.outcome = Outcome::Failed;
         }
         reload
     }
 
-    /// Bridges and triggers that use a channel or an operation for which `ours` holds.
-    fn users(&self, ours: &dyn Fn(&str) -> bool) -> Vec<String> {
+    /// Bridges and triggers (`which`) that use a channel or an operation for which `ours`
+    /// holds.
+    fn users(&self, ours: &dyn Fn(&str) -> bool, which: Users) -> Vec<String> {
         let mut users = Vec::new();
-        for bridge in self.bridges.iter() {
+        let bridges = if which == Users::Triggers {
+            Default::default()
+        } else {
+            self.bridges.current()
+        };
+        for bridge in bridges.iter() {
             for lane in &bridge.lanes {
                 let target = match &lane.target {
                     Target::Channel(c) => &**c,
@@ -915,12 +1004,14 @@ impl SpecRegistry {
                 }
             }
         }
-        users.extend(
-            self.pinned
-                .iter()
-                .filter(|c| ours(c))
-                .map(|c| format!("a call trigger on '{c}'")),
-        );
+        if which != Users::Bridges {
+            users.extend(
+                self.pinned
+                    .iter()
+                    .filter(|c| ours(c))
+                    .map(|c| format!("a call trigger on '{c}'")),
+            );
+        }
         users.dedup();
         users
     }
@@ -942,6 +1033,14 @@ impl SpecRegistry {
         let entries = self.entries.lock().await;
         entries.values().map(|e| e.tracker.len()).sum()
     }
+}
+
+/// Which users of a channel a check looks for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Users {
+    All,
+    Bridges,
+    Triggers,
 }
 
 /// A change over the API as the history keeps it.

@@ -7,6 +7,8 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
+use crate::bridge::running::BridgeChanges;
+
 /// Changes attempted, by what started them and how they ended.
 pub const RELOADS: &str = "stepflow_reloads_total";
 
@@ -17,9 +19,9 @@ const KEPT: usize = 50;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Trigger {
-    /// `POST`/`PUT`/`DELETE /api/v1/specs`.
+    /// `POST`/`PUT`/`DELETE /api/v1/specs` and `/api/v1/bridges/{name}`, `POST /api/v1/reloads`.
     Api,
-    /// A file of the specs directories changed.
+    /// A file of the specs or bridges directories changed.
     Watch,
     /// SIGHUP.
     Signal,
@@ -79,6 +81,8 @@ pub struct Reload {
     pub channels_removed: usize,
     /// Breaking changes the change carried (applied or not).
     pub breaking: usize,
+    /// Bridges added, changed and removed (names); unchanged ones are not listed.
+    pub bridges: BridgeChanges,
     /// Why it was refused or failed: `file#pointer: reason`, or the reason in words.
     pub errors: Vec<String>,
     /// How long compiling, checking and applying took.
@@ -98,6 +102,7 @@ impl Reload {
             channels_changed: 0,
             channels_removed: 0,
             breaking: 0,
+            bridges: BridgeChanges::default(),
             errors: Vec::new(),
             duration_ms: 0.0,
         }
@@ -125,6 +130,9 @@ impl History {
                 added = ?reload.added,
                 replaced = ?reload.replaced,
                 removed = ?reload.removed,
+                bridges_added = ?reload.bridges.added,
+                bridges_changed = ?reload.bridges.changed,
+                bridges_removed = ?reload.bridges.removed,
                 breaking = reload.breaking,
                 duration_ms = reload.duration_ms,
                 "registry change applied"

@@ -227,6 +227,19 @@ impl RoutingTable {
         self.routes.is_empty()
     }
 
+    /// A table of routes already compiled (the hub's, with one document's swapped for its
+    /// replacement, say); the first of two routes with one id wins.
+    pub fn from_routes(routes: impl IntoIterator<Item = Arc<Route>>) -> RoutingTable {
+        let mut table = RoutingTable::default();
+        for route in routes {
+            if !table.by_id.contains_key(&route.id) {
+                table.by_id.insert(route.id.clone(), table.routes.len());
+                table.routes.push(route);
+            }
+        }
+        table
+    }
+
     /// The routes of document `api` as a table of their own (the routes are shared, not
     /// compiled again).
     pub fn of_api(&self, api: &str) -> RoutingTable {

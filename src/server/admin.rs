@@ -1,4 +1,4 @@
-//! The admin surface for delivery state: durable subscriptions, bridges with their cursors, and
+//! The admin surface for delivery state: durable subscriptions and
 //! dead letters (replay into the route or to the bridge target they missed, purge).
 
 use axum::Json;
@@ -105,31 +105,6 @@ pub async fn delete_subscription(
     }
 }
 
-pub async fn list_bridges(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let mut out = Vec::new();
-    for b in state.bridges.iter() {
-        let mut view = bridge::describe(b);
-        let stats = state
-            .hub
-            .route(&b.source)
-            .map(|route| state.hub.store().log_stats(&route.log));
-        if let Some(targets) = view["targets"].as_array_mut() {
-            for (lane, target) in b.lanes.iter().zip(targets) {
-                let cursor = bridge::lane::cursor(state.hub.store(), lane).await?;
-                let position = match (cursor, &stats) {
-                    (Some(c), Some(stats)) => crate::store::ReaderPosition::of(c, stats),
-                    _ => crate::store::ReaderPosition::default(),
-                };
-                target["cursor"] = json!(cursor);
-                target["lag"] = json!(position.lag);
-                target["expired"] = json!(position.expired);
-            }
-        }
-        out.push(view);
-    }
-    Ok(Json(json!({ "bridges": out })))
-}
-
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplayRequest {
@@ -167,7 +142,7 @@ pub async fn replay_dead_letters(
         let outcome = match bridge::lane::replay_dead_letter(
             &state.hub,
             &state.operations,
-            &state.bridges,
+            &state.bridges.current(),
             &message,
         )
         .await

@@ -68,6 +68,7 @@ pub fn route_need(
         | "/api/v1/subscriptions"
         | "/api/v1/subscriptions/{name}"
         | "/api/v1/bridges"
+        | "/api/v1/bridges/{name}"
         | "/api/v1/specs"
         | "/api/v1/specs/{id}"
         | "/api/v1/reloads"

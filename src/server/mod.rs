@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod api;
 pub mod auth;
+pub mod bridges;
 pub mod calls;
 pub mod error;
 pub mod mcp;
@@ -32,7 +33,8 @@ use crate::telemetry::HTTP_REQUESTS;
 pub struct AppState {
     pub hub: Arc<Hub>,
     pub operations: Arc<crate::calls::Operations>,
-    pub bridges: Arc<Vec<Arc<crate::bridge::Bridge>>>,
+    /// The bridges running now, changed at run time over `/api/v1/bridges/{name}`.
+    pub bridges: Arc<crate::bridge::running::RunningBridges>,
     pub subscriptions: crate::subscriptions::Subscriptions,
     /// The documents being served, changed at run time over `/api/v1/specs`.
     pub registry: Arc<crate::registry::SpecRegistry>,
@@ -86,7 +88,11 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/subscriptions/{name}",
             get(admin::get_subscription).delete(admin::delete_subscription),
         )
-        .route("/api/v1/bridges", get(admin::list_bridges))
+        .route("/api/v1/bridges", get(bridges::list))
+        .route(
+            "/api/v1/bridges/{name}",
+            get(bridges::get).put(bridges::put).delete(bridges::remove),
+        )
         .route("/api/v1/specs", get(specs::list).post(specs::add))
         .route(
             "/api/v1/specs/{id}",

@@ -27,7 +27,7 @@ impl From<RegistryError> for ApiError {
             RegistryError::Conflict(_) => {
                 ApiError::new(StatusCode::CONFLICT, ErrorCode::Conflict, message)
             }
-            RegistryError::NotFound(_) => ApiError::not_found(message),
+            RegistryError::NotFound(_) | RegistryError::NoBridge(_) => ApiError::not_found(message),
             RegistryError::BadRequest(_) => ApiError::bad_request(message),
             RegistryError::Storage => ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,

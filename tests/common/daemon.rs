@@ -236,6 +236,25 @@ impl Daemon {
         self.wait_ready(Duration::from_secs(20)).await
     }
 
+    /// Waits until the newest entry of `GET /api/v1/reloads` is a new one (past `seen`) and
+    /// returns it.
+    pub async fn next_reload(&self, seen: usize) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let reloads = self.get_json("/api/v1/reloads").await.unwrap();
+            let list = reloads["reloads"].as_array().unwrap();
+            if list.len() > seen {
+                return list[0].clone();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no reload after {seen}: {reloads}\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub async fn get_json(&self, path: &str) -> Result<serde_json::Value> {
         let r = reqwest::get(self.url(path)).await?;
         Ok(r.json().await?)

@@ -126,3 +126,10 @@ operations:
     .unwrap();
     path
 }
+
+/// Writes through a temporary file and a rename, as editors and config management do.
+pub fn write_file(path: &Path, text: &str) {
+    let temporary = path.with_extension("swp");
+    std::fs::write(&temporary, text).unwrap();
+    std::fs::rename(&temporary, path).unwrap();
+}
