@@ -62,6 +62,8 @@ pub fn route_need(
         "/ws/operations" => Need::Authenticated,
         // Each tool call names its channel or operation: the MCP handler checks per call.
         "/mcp" => Need::Authenticated,
+        // Lists what the caller's scopes allow: the handler filters.
+        "/api/v1/asyncapi.json" => Need::Authenticated,
         "/api/v1/channels"
         | "/api/v1/channels/{id}"
         | "/api/v1/channels/{id}/dead-letters"

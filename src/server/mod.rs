@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod asyncapi;
 pub mod auth;
 pub mod bridges;
 pub mod calls;
@@ -102,6 +103,7 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/reloads",
             get(specs::reloads).post(specs::reload_files),
         )
+        .route("/api/v1/asyncapi.json", get(asyncapi::document))
         .route("/api/v1/operations", get(calls::list))
         .route("/api/v1/operations/{id}/call", post(calls::call))
         .route("/api/v1/operations/{id}/calls", get(calls::log))
