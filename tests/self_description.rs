@@ -39,13 +39,18 @@ fn parse_with_reference_parser(document: &Value) -> Value {
     serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
 }
 
-async fn asyncapi(daemon: &Daemon, key: &str) -> Value {
-    let r = reqwest::Client::new()
-        .get(daemon.url("/api/v1/asyncapi.json"))
+/// `GET path` with `key` as the bearer token.
+async fn get_as(daemon: &Daemon, path: &str, key: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .get(daemon.url(path))
         .bearer_auth(key)
         .send()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+async fn asyncapi(daemon: &Daemon, key: &str) -> Value {
+    let r = get_as(daemon, "/api/v1/asyncapi.json", key).await;
     assert_eq!(r.status(), 200);
     r.json().await.unwrap()
 }
@@ -87,12 +92,8 @@ async fn the_asyncapi_self_description_passes_the_reference_parser_and_follows_t
     let parsed = parse_with_reference_parser(&document);
     let channels = document["channels"].as_object().unwrap();
     assert_eq!(parsed["channels"], channels.len(), "{parsed}");
-    let listed: Value = reqwest::Client::new()
-        .get(daemon.url("/api/v1/channels"))
-        .bearer_auth(ADMIN_KEY)
-        .send()
+    let listed: Value = get_as(&daemon, "/api/v1/channels", ADMIN_KEY)
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -177,4 +178,139 @@ async fn the_asyncapi_self_description_passes_the_reference_parser_and_follows_t
     assert_eq!(r.status(), 200);
     let removed = asyncapi(&daemon, ADMIN_KEY).await;
     assert_eq!(keys(&removed["channels"]), keys(&document["channels"]));
+}
+
+/// Whether a Python module imports; the test fails naming how to install it when not.
+fn require_python_module(module: &str, package: &str) {
+    let ok = Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "the Python package {package} is missing: run `python3 -m pip install {package}`"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_passes_an_independent_validator_and_schemathesis_finds_nothing() {
+    require_mosquitto();
+    require_python_module("openapi_spec_validator", "openapi-spec-validator");
+    require_python_module("schemathesis", "schemathesis");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("stepflow.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "auth:\n  api_keys:\n    - id: admin\n      key: {ADMIN_KEY}\n      scopes: ['*']\n"
+        ),
+    )
+    .unwrap();
+    let (api, p) = (unique("iot"), unique("p"));
+    let specs = dir.path().join("specs");
+    std::fs::create_dir_all(&specs).unwrap();
+    iot_spec(&specs, &api, &p, 1);
+    let root = env!("CARGO_MANIFEST_DIR");
+    let daemon = Daemon::start(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--specs",
+        specs.to_str().unwrap(),
+        "--specs",
+        &format!("{root}/asyncapi-specs/device-registry.openapi.yaml"),
+    ])
+    .await
+    .unwrap();
+    let r = reqwest::get(daemon.url("/api/v1/openapi.json"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "behind the same authentication layer");
+    let r = get_as(&daemon, "/api/v1/openapi.json", ADMIN_KEY).await;
+    assert_eq!(r.status(), 200);
+    let document: Value = r.json().await.unwrap();
+    assert_eq!(document["openapi"], "3.1.0");
+    let paths = document["paths"].as_object().unwrap();
+    for (path, method) in [
+        ("/api/v1/bridges/{name}", "put"),
+        ("/api/v1/specs/{id}", "delete"),
+        ("/api/v1/channels/{id}/messages", "post"),
+        ("/api/v1/asyncapi.json", "get"),
+        ("/sse/{id}", "get"),
+    ] {
+        assert!(paths[path].get(method).is_some(), "{method} {path}");
+    }
+    assert_eq!(
+        paths["/healthz"]["get"]["security"],
+        serde_json::json!([{}]),
+        "the probes are public, as the authentication rules say"
+    );
+    let file = dir.path().join("openapi.json");
+    std::fs::write(&file, document.to_string()).unwrap();
+    let out = Command::new("python3")
+        .args(["-m", "openapi_spec_validator"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openapi-spec-validator: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Every operation but the endless streams, fuzzed from the document against the live
+    // daemon. `positive_data_acceptance` is left out: a "valid" document or bridge is one that
+    // compiles against the running table, which no JSON Schema can say, so a schema-valid
+    // body is often rightly refused with 400.
+    let url = daemon.url("/api/v1/openapi.json");
+    let out = tokio::process::Command::new("python3")
+        .args(["-m", "schemathesis.cli", "run", &url])
+        .args(["-H", &format!("Authorization: Bearer {ADMIN_KEY}")])
+        .args([
+            "--checks",
+            "all",
+            "--exclude-checks",
+            "positive_data_acceptance",
+        ])
+        .args(["--exclude-path-regex", "^/(ws|sse)/"])
+        .args([
+            "--max-examples",
+            "30",
+            "--seed",
+            "1",
+            "--request-timeout",
+            "10",
+        ])
+        .arg("--no-color")
+        // Its reports and example database go to the test's directory, not the checkout.
+        .current_dir(dir.path())
+        .output()
+        .await
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "schemathesis found failures:\n{report}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(report.contains("passed"), "{report}");
+    assert!(
+        !daemon.log().contains("panicked"),
+        "no panic:\n{}",
+        daemon.log()
+    );
+    let metrics = get_as(&daemon, "/metrics", ADMIN_KEY)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("stepflow_http_requests_total{route=\"/api/v1/bridges/{name}\""),
+        "the fuzzed requests are counted: {metrics}"
+    );
+    let errors: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("stepflow_http_requests_total") && l.contains("status=\"5xx\""))
+        .collect();
+    assert!(errors.is_empty(), "5xx answers: {errors:?}");
 }

@@ -63,7 +63,7 @@ pub struct Problem {
 }
 
 /// A call's request, as clients send it.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct CallRequest {
     pub path: Map<String, Value>,

@@ -14,7 +14,10 @@ use std::time::Instant;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::{Outcome, RegistryError, Source, SpecRegistry, api_reload, strings, write_atomically};
+use super::{
+    Outcome, RegistryError, Source, SpecRegistry, api_reload, strings, worth_recording,
+    write_atomically,
+};
 use crate::bridge::running::BridgeChanges;
 use crate::bridge::{self, Bridge};
 use crate::routing::{ChannelId, RoutingTable};
@@ -57,7 +60,7 @@ impl SpecRegistry {
     ) -> Result<BridgeChange, RegistryError> {
         let started = Instant::now();
         let result = self.put_bridge_locked(name, definition, dry_run).await;
-        if !dry_run {
+        if worth_recording(dry_run, &result) {
             let mut reload = api_reload(&result, started);
             if let Ok(change) = &result {
                 reload.bridges = change.changes.clone();
@@ -136,7 +139,7 @@ impl SpecRegistry {
     ) -> Result<BridgeChange, RegistryError> {
         let started = Instant::now();
         let result = self.remove_bridge_locked(name, dry_run).await;
-        if !dry_run {
+        if worth_recording(dry_run, &result) {
             let mut reload = api_reload(&result, started);
             if let Ok(change) = &result {
                 reload.bridges = change.changes.clone();

@@ -287,7 +287,7 @@ impl SpecRegistry {
     ) -> Result<Added, RegistryError> {
         let started = Instant::now();
         let result = self.add_document(name, text, dry_run).await;
-        if !dry_run {
+        if worth_recording(dry_run, &result) {
             let mut reload = api_reload(&result, started);
             if let Ok(added) = &result {
                 reload.added.push(added.document.id.clone());
@@ -450,7 +450,7 @@ impl SpecRegistry {
         let result = self
             .replace_document(id, text, allow_breaking, dry_run)
             .await;
-        if !dry_run {
+        if worth_recording(dry_run, &result) {
             let mut reload = api_reload(&result, started);
             match &result {
                 Ok(replaced) => {
@@ -649,7 +649,7 @@ impl SpecRegistry {
     ) -> Result<Removed, RegistryError> {
         let started = Instant::now();
         let result = self.remove_document(id, purge, dry_run).await;
-        if !dry_run {
+        if worth_recording(dry_run, &result) {
             let mut reload = api_reload(&result, started);
             if let Ok(removed) = &result {
                 reload.removed.push(id.to_owned());
@@ -1041,6 +1041,16 @@ enum Users {
     All,
     Bridges,
     Triggers,
+}
+
+/// Whether a change over the API goes into the history (and its metric and log line): a dry
+/// run changes nothing, and a request for something that is not there tried no change.
+fn worth_recording<T>(dry_run: bool, result: &Result<T, RegistryError>) -> bool {
+    !dry_run
+        && !matches!(
+            result,
+            Err(RegistryError::NotFound(_) | RegistryError::NoBridge(_))
+        )
 }
 
 /// A change over the API as the history keeps it.

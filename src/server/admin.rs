@@ -29,7 +29,7 @@ impl From<SubscriptionError> for ApiError {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewSubscription {
     name: String,
@@ -52,6 +52,7 @@ async fn view(state: &AppState, def: &SubscriptionDef) -> Result<Value, ApiError
     Ok(v)
 }
 
+#[utoipa::path(post, path = "/api/v1/subscriptions", operation_id = "admin_create_subscription", tag = "subscriptions", request_body(content = NewSubscription, content_type = "application/json"), responses((status = 201, description = "Created", body = Value), (status = 200, description = "The same definition exists", body = Value), (status = "default", description = "An error: `{error: {code, message, details}}`", body = crate::server::openapi::ErrorBody)))]
 pub async fn create_subscription(
     State(state): State<AppState>,
     body: axum::body::Bytes,
@@ -75,6 +76,7 @@ pub async fn create_subscription(
     Ok((status, Json(view(&state, &def).await?)).into_response())
 }
 
+#[utoipa::path(get, path = "/api/v1/subscriptions", operation_id = "admin_list_subscriptions", tag = "subscriptions", responses((status = 200, description = "Every durable subscription", body = Value), (status = "default", description = "An error: `{error: {code, message, details}}`", body = crate::server::openapi::ErrorBody)))]
 pub async fn list_subscriptions(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let mut out = Vec::new();
     for def in state.subscriptions.list() {
@@ -83,6 +85,7 @@ pub async fn list_subscriptions(State(state): State<AppState>) -> Result<Json<Va
     Ok(Json(json!({ "subscriptions": out })))
 }
 
+#[utoipa::path(get, path = "/api/v1/subscriptions/{name}", operation_id = "admin_get_subscription", tag = "subscriptions", params(("name" = String, Path, description = "The subscription's name")), responses((status = 200, description = "The subscription with its cursor and lag", body = Value), (status = "default", description = "An error: `{error: {code, message, details}}`", body = crate::server::openapi::ErrorBody)))]
 pub async fn get_subscription(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -94,6 +97,7 @@ pub async fn get_subscription(
     Ok(Json(view(&state, &def).await?))
 }
 
+#[utoipa::path(delete, path = "/api/v1/subscriptions/{name}", operation_id = "admin_delete_subscription", tag = "subscriptions", params(("name" = String, Path, description = "The subscription's name")), responses((status = 204, description = "Deleted"), (status = "default", description = "An error: `{error: {code, message, details}}`", body = crate::server::openapi::ErrorBody)))]
 pub async fn delete_subscription(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -105,7 +109,7 @@ pub async fn delete_subscription(
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReplayRequest {
     from: Option<u64>,
@@ -117,6 +121,7 @@ pub struct ReplayRequest {
 /// sends on (a trigger's reply), upstream; others into the route (checked against its schema
 /// first, so a still-invalid message stays where it is). Replayed ones leave
 /// the dead-letter log; the others stay, with the reason in the response.
+#[utoipa::path(post, path = "/api/v1/channels/{id}/dead-letters/replay", operation_id = "admin_replay_dead_letters", tag = "channels", params(("id" = String, Path, description = "A channel id, `{api}.{channel}`")), request_body(content = Option<ReplayRequest>, content_type = "application/json", description = "Optional: which dead letters (default: the first 1000)"), responses((status = 200, description = "`{replayed, replayedOffsets, failed, remaining}`", body = Value), (status = "default", description = "An error: `{error: {code, message, details}}`", body = crate::server::openapi::ErrorBody)))]
 pub async fn replay_dead_letters(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -204,6 +209,7 @@ pub async fn replay_dead_letters(
     })))
 }
 
+#[utoipa::path(delete, path = "/api/v1/channels/{id}/dead-letters", operation_id = "admin_purge_dead_letters", tag = "channels", params(("id" = String, Path, description = "A channel id, `{api}.{channel}`")), responses((status = 200, description = "`{purged}`", body = Value), (status = "default", description = "An error: `{error: {code, message, details}}`", body = crate::server::openapi::ErrorBody)))]
 pub async fn purge_dead_letters(
     State(state): State<AppState>,
     Path(id): Path<String>,

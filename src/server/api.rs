@@ -55,6 +55,7 @@ pub fn channel_view(route: &Route, subscribers: usize, connections: &Connections
     })
 }
 
+#[utoipa::path(get, path = "/api/v1/channels", operation_id = "api_list_channels", tag = "channels", responses((status = 200, description = "Every route", body = Value), (status = "default", description = "An error: `{error: {code, message, details}}`", body = crate::server::openapi::ErrorBody)))]
 pub async fn list_channels(State(state): State<AppState>) -> Json<Value> {
     let channels: Vec<Value> = state
         .hub
@@ -71,6 +72,7 @@ pub fn route_or_404(state: &AppState, id: &str) -> Result<Arc<LiveRoute>, ApiErr
         .ok_or_else(|| ApiError::not_found(format!("no channel '{id}'")))
 }
 
+#[utoipa::path(get, path = "/api/v1/channels/{id}", operation_id = "api_get_channel", tag = "channels", params(("id" = String, Path, description = "A channel id, `{api}.{channel}`")), responses((status = 200, description = "The route, its log and its upstreams", body = Value), (status = "default", description = "An error: `{error: {code, message, details}}`", body = crate::server::openapi::ErrorBody)))]
 pub async fn get_channel(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -106,6 +108,7 @@ pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     })
 }
 
+#[utoipa::path(post, path = "/api/v1/channels/{id}/messages", operation_id = "api_publish", tag = "channels", params(("id" = String, Path, description = "A channel id, `{api}.{channel}`")), request_body(content = Value, content_type = "application/json"), responses((status = 202, description = "Acknowledged upstream and in the log: `{offset, address}`", body = Value), (status = "default", description = "An error: `{error: {code, message, details}}`", body = crate::server::openapi::ErrorBody)))]
 pub async fn publish(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -218,6 +221,7 @@ async fn replay(
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
+#[utoipa::path(get, path = "/api/v1/channels/{id}/messages", operation_id = "api_replay_messages", tag = "channels", params(("id" = String, Path, description = "A channel id, `{api}.{channel}`"), ("from" = Option<u64>, Query, description = "The first offset"), ("limit" = Option<u64>, Query, description = "At most this many")), responses((status = 200, description = "`{messages, next}`", body = Value), (status = "default", description = "An error: `{error: {code, message, details}}`", body = crate::server::openapi::ErrorBody)))]
 pub async fn replay_messages(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -226,6 +230,7 @@ pub async fn replay_messages(
     replay(&state, &id, query, false).await
 }
 
+#[utoipa::path(get, path = "/api/v1/channels/{id}/dead-letters", operation_id = "api_replay_dead_letters", tag = "channels", params(("id" = String, Path, description = "A channel id, `{api}.{channel}`"), ("from" = Option<u64>, Query, description = "The first offset"), ("limit" = Option<u64>, Query, description = "At most this many")), responses((status = 200, description = "`{messages, next}`", body = Value), (status = "default", description = "An error: `{error: {code, message, details}}`", body = crate::server::openapi::ErrorBody)))]
 pub async fn replay_dead_letters(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -234,10 +239,12 @@ pub async fn replay_dead_letters(
     replay(&state, &id, query, true).await
 }
 
+#[utoipa::path(get, path = "/api/v1/connections", operation_id = "api_connections", tag = "status", responses((status = 200, description = "Every upstream connection", body = Value), (status = "default", description = "An error: `{error: {code, message, details}}`", body = crate::server::openapi::ErrorBody)))]
 pub async fn connections(State(state): State<AppState>) -> Json<Value> {
     Json(json!({ "connections": state.hub.connections().snapshot() }))
 }
 
+#[utoipa::path(get, path = "/api/v1/stats", operation_id = "api_stats", tag = "status", responses((status = 200, description = "Logs, store and process", body = Value), (status = "default", description = "An error: `{error: {code, message, details}}`", body = crate::server::openapi::ErrorBody)))]
 pub async fn stats(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let mut channels = Vec::new();
     for route in state.hub.routes() {
@@ -262,10 +269,12 @@ pub async fn stats(State(state): State<AppState>) -> Result<Json<Value>, ApiErro
     })))
 }
 
+#[utoipa::path(get, path = "/healthz", operation_id = "api_healthz", tag = "status", responses((status = 200, description = "The process runs", body = String, content_type = "text/plain"), (status = "default", description = "An error: `{error: {code, message, details}}`", body = crate::server::openapi::ErrorBody)))]
 pub async fn healthz() -> &'static str {
     "ok"
 }
 
+#[utoipa::path(get, path = "/readyz", operation_id = "api_readyz", tag = "status", responses((status = 200, description = "Ready", body = Value), (status = 503, description = "Not ready: the body says what is missing", body = Value), (status = "default", description = "An error: `{error: {code, message, details}}`", body = crate::server::openapi::ErrorBody)))]
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let connections = state.hub.connections().snapshot();
     let log = state.hub.store().health();
@@ -285,6 +294,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
+#[utoipa::path(get, path = "/metrics", operation_id = "api_metrics", tag = "status", description = "Open or behind credentials, as `auth.metrics` says", responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain"), (status = "default", description = "An error: `{error: {code, message, details}}`", body = crate::server::openapi::ErrorBody)))]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     (
         [(

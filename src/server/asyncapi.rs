@@ -20,6 +20,7 @@ use crate::routing::Route;
 use crate::server::mcp::catalogue::payload_schema;
 
 /// `GET /api/v1/asyncapi.json`.
+#[utoipa::path(get, path = "/api/v1/asyncapi.json", operation_id = "asyncapi_document", tag = "self", responses((status = 200, description = "An AsyncAPI 3.0 document", body = Value), (status = "default", description = "An error: `{error: {code, message, details}}`", body = crate::server::openapi::ErrorBody)))]
 pub async fn document(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,

@@ -18,6 +18,7 @@ use crate::bridge::{self, Bridge};
 const MAX_BRIDGE_BYTES: usize = 1024 * 1024;
 
 /// `GET /api/v1/bridges`: every running bridge, each lane with its cursor and lag.
+#[utoipa::path(get, path = "/api/v1/bridges", operation_id = "bridges_list", tag = "bridges", responses((status = 200, description = "Every running bridge", body = Value), (status = "default", description = "An error: `{error: {code, message, details}}`", body = crate::server::openapi::ErrorBody)))]
 pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let mut out = Vec::new();
     for b in state.bridges.current().iter() {
@@ -27,6 +28,7 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError
 }
 
 /// `GET /api/v1/bridges/{name}`: one bridge, with its definition as written.
+#[utoipa::path(get, path = "/api/v1/bridges/{name}", operation_id = "bridges_get", tag = "bridges", params(("name" = String, Path, description = "The bridge's name")), responses((status = 200, description = "The bridge with its definition and cursors", body = Value), (status = "default", description = "An error: `{error: {code, message, details}}`", body = crate::server::openapi::ErrorBody)))]
 pub async fn get(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -74,6 +76,7 @@ pub struct ChangeQuery {
 /// other bridge against the running table first; a problem is 400 with `file#pointer: reason`
 /// and changes nothing. An unchanged bridge keeps running; a changed one resumes from its
 /// lanes' cursors. Kept in the data directory; loads with the others at the next start.
+#[utoipa::path(put, path = "/api/v1/bridges/{name}", operation_id = "bridges_put", tag = "bridges", params(("name" = String, Path, description = "The bridge's name"), ("dry_run" = Option<bool>, Query, description = "Answer what would change and change nothing")), request_body(content((String = "application/yaml"), (Value = "application/json"))), responses((status = 201, description = "Created", body = Value), (status = 200, description = "Replaced, unchanged, or a dry run", body = Value), (status = "default", description = "An error: `{error: {code, message, details}}`", body = crate::server::openapi::ErrorBody)))]
 pub async fn put(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -104,6 +107,7 @@ pub async fn put(
 }
 
 /// `DELETE /api/v1/bridges/{name}`: stops a bridge put over the API and forgets its cursors.
+#[utoipa::path(delete, path = "/api/v1/bridges/{name}", operation_id = "bridges_remove", tag = "bridges", params(("name" = String, Path, description = "The bridge's name"), ("dry_run" = Option<bool>, Query, description = "Answer what would change and change nothing")), responses((status = 200, description = "Removed, or a dry run", body = Value), (status = "default", description = "An error: `{error: {code, message, details}}`", body = crate::server::openapi::ErrorBody)))]
 pub async fn remove(
     State(state): State<AppState>,
     Path(name): Path<String>,

@@ -46,6 +46,7 @@ impl From<CallError> for ApiError {
     }
 }
 
+#[utoipa::path(get, path = "/api/v1/operations", operation_id = "calls_list", tag = "operations", responses((status = 200, description = "Every request-reply operation", body = Value), (status = "default", description = "An error: `{error: {code, message, details}}`", body = crate::server::openapi::ErrorBody)))]
 pub async fn list(State(state): State<AppState>) -> Json<Value> {
     let mut operations: Vec<Value> = state
         .operations
@@ -72,6 +73,7 @@ pub async fn list(State(state): State<AppState>) -> Json<Value> {
     Json(json!({ "operations": operations }))
 }
 
+#[utoipa::path(post, path = "/api/v1/operations/{id}/call", operation_id = "calls_call", tag = "operations", params(("id" = String, Path, description = "An operation id, `{api}.{operationId}`")), request_body(content = crate::calls::CallRequest, content_type = "application/json"), responses((status = 200, description = "The upstream's answer (any status it gave is passed on)", body = Value), (status = "default", description = "An error: `{error: {code, message, details}}`", body = crate::server::openapi::ErrorBody)))]
 pub async fn call(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -113,6 +115,7 @@ fn upstream_response(r: CallResponse) -> Response {
     response
 }
 
+#[utoipa::path(get, path = "/api/v1/operations/{id}/calls", operation_id = "calls_log", tag = "operations", params(("id" = String, Path, description = "An operation id, `{api}.{operationId}`"), ("from" = Option<u64>, Query, description = "The first offset"), ("limit" = Option<u64>, Query, description = "At most this many")), responses((status = 200, description = "The call log", body = Value), (status = "default", description = "An error: `{error: {code, message, details}}`", body = crate::server::openapi::ErrorBody)))]
 pub async fn log(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -148,6 +151,7 @@ struct CallFrame {
 /// Replies a socket may have waiting at most; a client that sends more calls waits.
 const PENDING_REPLIES: usize = 256;
 
+#[utoipa::path(get, path = "/ws/operations", operation_id = "calls_websocket", tag = "operations", responses((status = 101, description = "Upgraded to a WebSocket of call frames"), (status = "default", description = "An error: `{error: {code, message, details}}`", body = crate::server::openapi::ErrorBody)))]
 pub async fn websocket(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,

@@ -11,7 +11,7 @@ use crate::store;
 use crate::upstream::PublishError;
 
 /// Error codes clients can rely on (a closed list).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     NotFound,

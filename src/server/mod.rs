@@ -9,6 +9,7 @@ pub mod bridges;
 pub mod calls;
 pub mod error;
 pub mod mcp;
+pub mod openapi;
 pub mod specs;
 pub mod stream;
 pub mod tls;
@@ -20,11 +21,14 @@ use axum::Router;
 use axum::extract::{MatchedPath, Request};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::get;
 use metrics::counter;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::hub::Hub;
 use crate::telemetry::HTTP_REQUESTS;
@@ -66,55 +70,15 @@ pub fn router(state: AppState) -> Router {
                 get(mcp::protected_resource),
             );
     }
+    // Every route of the API is registered with its description: the OpenAPI document is
+    // what the router serves, by construction.
+    let (api_routes, description) = described_routes().split_for_parts();
+    let mut description = serde_json::to_value(&description).unwrap_or_default();
+    openapi::mark_public_operations(&mut description, &state.auth);
+    let described = openapi::Described(Arc::new(description));
     router
-        .route("/api/v1/channels", get(api::list_channels))
-        .route("/api/v1/channels/{id}", get(api::get_channel))
-        .route(
-            "/api/v1/channels/{id}/messages",
-            get(api::replay_messages).post(api::publish),
-        )
-        .route(
-            "/api/v1/channels/{id}/dead-letters",
-            get(api::replay_dead_letters).delete(admin::purge_dead_letters),
-        )
-        .route(
-            "/api/v1/channels/{id}/dead-letters/replay",
-            post(admin::replay_dead_letters),
-        )
-        .route(
-            "/api/v1/subscriptions",
-            get(admin::list_subscriptions).post(admin::create_subscription),
-        )
-        .route(
-            "/api/v1/subscriptions/{name}",
-            get(admin::get_subscription).delete(admin::delete_subscription),
-        )
-        .route("/api/v1/bridges", get(bridges::list))
-        .route(
-            "/api/v1/bridges/{name}",
-            get(bridges::get).put(bridges::put).delete(bridges::remove),
-        )
-        .route("/api/v1/specs", get(specs::list).post(specs::add))
-        .route(
-            "/api/v1/specs/{id}",
-            get(specs::get).put(specs::replace).delete(specs::remove),
-        )
-        .route(
-            "/api/v1/reloads",
-            get(specs::reloads).post(specs::reload_files),
-        )
-        .route("/api/v1/asyncapi.json", get(asyncapi::document))
-        .route("/api/v1/operations", get(calls::list))
-        .route("/api/v1/operations/{id}/call", post(calls::call))
-        .route("/api/v1/operations/{id}/calls", get(calls::log))
-        .route("/ws/operations", get(calls::websocket))
-        .route("/api/v1/connections", get(api::connections))
-        .route("/api/v1/stats", get(api::stats))
-        .route("/ws/{id}", get(stream::websocket))
-        .route("/sse/{id}", get(stream::sse))
-        .route("/healthz", get(api::healthz))
-        .route("/readyz", get(api::readyz))
-        .route("/metrics", get(api::metrics))
+        .merge(api_routes)
+        .layer(axum::Extension(described))
         .fallback(api::fallback)
         .method_not_allowed_fallback(method_not_allowed)
         // Every route, the fallback included, passes the authentication layer; the request
@@ -124,6 +88,39 @@ pub fn router(state: AppState) -> Router {
         // The body limit is enforced by the handlers (with a 413 in our error format).
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)
+}
+
+/// The gateway's HTTP API, each handler with its `#[utoipa::path]`.
+fn described_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(api::list_channels))
+        .routes(routes!(api::get_channel))
+        .routes(routes!(api::replay_messages, api::publish))
+        .routes(routes!(api::replay_dead_letters, admin::purge_dead_letters))
+        .routes(routes!(admin::replay_dead_letters))
+        .routes(routes!(
+            admin::list_subscriptions,
+            admin::create_subscription
+        ))
+        .routes(routes!(admin::get_subscription, admin::delete_subscription))
+        .routes(routes!(bridges::list))
+        .routes(routes!(bridges::get, bridges::put, bridges::remove))
+        .routes(routes!(specs::list, specs::add))
+        .routes(routes!(specs::get, specs::replace, specs::remove))
+        .routes(routes!(specs::reloads, specs::reload_files))
+        .routes(routes!(asyncapi::document))
+        .routes(routes!(openapi::document))
+        .routes(routes!(calls::list))
+        .routes(routes!(calls::call))
+        .routes(routes!(calls::log))
+        .routes(routes!(calls::websocket))
+        .routes(routes!(api::connections))
+        .routes(routes!(api::stats))
+        .routes(routes!(stream::websocket))
+        .routes(routes!(stream::sse))
+        .routes(routes!(api::healthz))
+        .routes(routes!(api::readyz))
+        .routes(routes!(api::metrics))
 }
 
 async fn method_not_allowed() -> error::ApiError {

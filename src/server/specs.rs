@@ -43,11 +43,13 @@ impl From<RegistryError> for ApiError {
 }
 
 /// `GET /api/v1/specs`: every registered document.
+#[utoipa::path(get, path = "/api/v1/specs", operation_id = "specs_list", tag = "registry", responses((status = 200, description = "Every registered document", body = Value), (status = "default", description = "An error: `{error: {code, message, details}}`", body = crate::server::openapi::ErrorBody)))]
 pub async fn list(State(state): State<AppState>) -> Json<Value> {
     Json(json!({ "specs": state.registry.list().await }))
 }
 
 /// `GET /api/v1/specs/{id}`: the document's text as registered, with its content type.
+#[utoipa::path(get, path = "/api/v1/specs/{id}", operation_id = "specs_get", tag = "registry", params(("id" = String, Path, description = "The document's id")), responses((status = 200, description = "The document as registered", content((String = "application/yaml"), (Value = "application/json"))), (status = "default", description = "An error: `{error: {code, message, details}}`", body = crate::server::openapi::ErrorBody)))]
 pub async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -74,6 +76,7 @@ pub struct AddQuery {
 /// its channels serve at once, its connectors connect, its operations are callable; it is
 /// kept in the data directory and loads with the others at the next start. Every problem is
 /// reported as `file#pointer: reason` (400); nothing changes unless all of it compiles.
+#[utoipa::path(post, path = "/api/v1/specs", operation_id = "specs_add", tag = "registry", params(("name" = Option<String>, Query, description = "The file name to keep it under"), ("dry_run" = Option<bool>, Query, description = "Answer what would change and change nothing")), request_body(content((String = "application/yaml"), (Value = "application/json"))), responses((status = 201, description = "Added", body = Value), (status = 200, description = "A dry run", body = Value), (status = "default", description = "An error: `{error: {code, message, details}}`", body = crate::server::openapi::ErrorBody)))]
 pub async fn add(
     State(state): State<AppState>,
     query: Result<Query<AddQuery>, axum::extract::rejection::QueryRejection>,
@@ -127,6 +130,7 @@ pub struct RemoveQuery {
 
 /// `DELETE /api/v1/specs/{id}`: removes a document added over the API. WebSocket clients of
 /// its channels are closed with 1001 `channel removed`, SSE streams end with `event: removed`.
+#[utoipa::path(delete, path = "/api/v1/specs/{id}", operation_id = "specs_remove", tag = "registry", params(("id" = String, Path, description = "The document's id"), ("purge" = Option<bool>, Query, description = "Delete its logs now"), ("dry_run" = Option<bool>, Query, description = "Answer what would change and change nothing")), responses((status = 200, description = "Removed, or a dry run", body = Value), (status = "default", description = "An error: `{error: {code, message, details}}`", body = crate::server::openapi::ErrorBody)))]
 pub async fn remove(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -156,6 +160,7 @@ fn yes() -> bool {
 /// `PUT /api/v1/specs/{id}`: replaces a document added over the API, applied by diff. The
 /// answer is the diff: channels, operations and servers added, removed and changed, and the
 /// breaking changes between the old and the new payload schemas.
+#[utoipa::path(put, path = "/api/v1/specs/{id}", operation_id = "specs_replace", tag = "registry", params(("id" = String, Path, description = "The document's id"), ("allow_breaking" = Option<bool>, Query, description = "Apply a change with breaking changes"), ("dry_run" = Option<bool>, Query, description = "Answer what would change and change nothing")), request_body(content((String = "application/yaml"), (Value = "application/json"))), responses((status = 200, description = "Replaced, or a dry run: the diff", body = Value), (status = "default", description = "An error: `{error: {code, message, details}}`", body = crate::server::openapi::ErrorBody)))]
 pub async fn replace(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -175,12 +180,14 @@ pub async fn replace(
 
 /// `GET /api/v1/reloads`: the last changes tried (API, file watcher, SIGHUP), newest first,
 /// with how each ended and why one was refused.
+#[utoipa::path(get, path = "/api/v1/reloads", operation_id = "specs_reloads", tag = "registry", responses((status = 200, description = "The last changes tried", body = Value), (status = "default", description = "An error: `{error: {code, message, details}}`", body = crate::server::openapi::ErrorBody)))]
 pub async fn reloads(State(state): State<AppState>) -> Json<Value> {
     Json(json!({ "reloads": state.registry.reloads() }))
 }
 
 /// `POST /api/v1/reloads`: reloads the specs directories now, as SIGHUP does; 200 with the
 /// result when it applied or nothing changed, 400 when it was refused, 500 when a step failed.
+#[utoipa::path(post, path = "/api/v1/reloads", operation_id = "specs_reload_files", tag = "registry", responses((status = 200, description = "Applied or unchanged", body = Value), (status = "default", description = "An error: `{error: {code, message, details}}`", body = crate::server::openapi::ErrorBody)))]
 pub async fn reload_files(State(state): State<AppState>) -> Response {
     let reload = state
         .registry

@@ -73,6 +73,7 @@ fn delivered(route: &LiveRoute, message: &Delivered, live: bool, transport: Tran
     route.metrics.message_delivered(transport, latency);
 }
 
+#[utoipa::path(get, path = "/ws/{id}", operation_id = "stream_websocket", tag = "channels", params(("id" = String, Path, description = "A channel id, `{api}.{channel}`"), ("from" = Option<u64>, Query, description = "Replay from this offset, then live"), ("subscription" = Option<String>, Query, description = "A durable subscription to attach to")), responses((status = 101, description = "Upgraded to a WebSocket of frames"), (status = "default", description = "An error: `{error: {code, message, details}}`", body = crate::server::openapi::ErrorBody)))]
 pub async fn websocket(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -417,6 +418,7 @@ async fn publish_frame(
     }
 }
 
+#[utoipa::path(get, path = "/sse/{id}", operation_id = "stream_sse", tag = "channels", params(("id" = String, Path, description = "A channel id, `{api}.{channel}`"), ("from" = Option<u64>, Query, description = "Replay from this offset, then live"), ("subscription" = Option<String>, Query, description = "A durable subscription to attach to")), responses((status = 200, description = "An event stream of frames", body = String, content_type = "text/event-stream"), (status = "default", description = "An error: `{error: {code, message, details}}`", body = crate::server::openapi::ErrorBody)))]
 pub async fn sse(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
