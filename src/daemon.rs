@@ -150,11 +150,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         server: "HTTP client".into(),
         reason: e.to_string(),
     })?;
-    let brokers = BrokerCalls::build(hub.clone(), |route| {
+    let timeouts = config.clone();
+    let brokers = BrokerCalls::build(hub.clone(), move |route| {
         route
             .upstreams
             .first()
-            .and_then(|u| config.server_override(&route.api, &u.server).timeout)
+            .and_then(|u| timeouts.server_override(&route.api, &u.server).timeout)
             .unwrap_or(crate::calls::DEFAULT_TIMEOUT)
     });
     let operations = Arc::new(operations.with_brokers(brokers, shutdown.clone()));

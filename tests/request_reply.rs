@@ -138,32 +138,16 @@ async fn check_calls(daemon: &Daemon, api: &str, timeout: Duration) {
     assert_eq!(codes, vec![json!(200), Value::Null], "{log}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn request_reply_over_mqtt_with_the_correlation_id_in_the_payload() {
-    require_mosquitto();
-    let dir = tempfile::tempdir().unwrap();
-    let api = unique("rrm");
-    let p = unique("t");
-    let path = spec(
-        dir.path(),
-        &api,
-        "{host: '127.0.0.1:1883', protocol: mqtt}",
-        (&format!("{p}/devices/{{deviceId}}/status"), ""),
-        (&format!("{p}/status/replies"), ""),
-        "$message.payload#/correlationId",
-        None,
-    );
-    let config = dir.path().join("stepflow.yaml");
-    std::fs::write(&config, "servers:\n  broker:\n    timeout_ms: 1500\n").unwrap();
-    let daemon = Daemon::start(&[
-        "--specs",
-        path.to_str().unwrap(),
-        "--config",
-        config.to_str().unwrap(),
-    ])
-    .await
-    .unwrap();
-
+/// An MQTT device that answers `{p}/devices/+/status` requests on `{p}/status/replies` (all
+/// but device `silent`), after first publishing a reply nobody asked for. What it saw wrong is
+/// returned for the test to check: an assertion inside a task that is aborted at the end would
+/// report nothing.
+async fn answer_status_requests(
+    p: &str,
+) -> (
+    tokio::task::JoinHandle<()>,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
     let mut responder = MqttClient::connect(1883, &unique("responder"))
         .await
         .unwrap();
@@ -183,8 +167,6 @@ async fn request_reply_over_mqtt_with_the_correlation_id_in_the_payload() {
         )
         .await
         .unwrap();
-    // What the responder saw wrong, checked by the test itself: an assertion inside a task that
-    // is aborted at the end would report nothing.
     let mismatches = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let seen = mismatches.clone();
     let answering = tokio::spawn(async move {
@@ -222,6 +204,107 @@ async fn request_reply_over_mqtt_with_the_correlation_id_in_the_payload() {
                 .unwrap();
         }
     });
+    (answering, mismatches)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_added_at_run_time_is_callable_over_its_broker_until_it_is_removed() {
+    require_mosquitto();
+    let dir = tempfile::tempdir().unwrap();
+    let specs = dir.path().join("specs");
+    std::fs::create_dir_all(&specs).unwrap();
+    iot_spec(&specs, &unique("iot"), &unique("i"), 1);
+    let config = dir.path().join("stepflow.yaml");
+    std::fs::write(&config, "servers:\n  broker:\n    timeout_ms: 1500\n").unwrap();
+    let daemon = Daemon::start(&[
+        "--specs",
+        specs.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ])
+    .await
+    .unwrap();
+    let (api, p) = (unique("rrlive"), unique("t"));
+    let staging = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(spec(
+        staging.path(),
+        &api,
+        "{host: '127.0.0.1:1883', protocol: mqtt}",
+        (&format!("{p}/devices/{{deviceId}}/status"), ""),
+        (&format!("{p}/status/replies"), ""),
+        "$message.payload#/correlationId",
+        None,
+    ))
+    .unwrap();
+    let r = reqwest::Client::new()
+        .post(daemon.url(&format!("/api/v1/specs?name={api}.yaml")))
+        .body(text)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let added: Value = r.json().await.unwrap();
+    let op = format!("{api}.requestStatus");
+    assert!(
+        added["operations"].as_array().unwrap().contains(&json!(op)),
+        "{added}"
+    );
+    let listed = daemon.get_json("/api/v1/operations").await.unwrap();
+    assert!(listed.to_string().contains(&op), "{listed}");
+
+    let (answering, mismatches) = answer_status_requests(&p).await;
+    check_calls(&daemon, &api, Duration::from_millis(1500)).await;
+    assert!(!answering.is_finished(), "the responder stopped early");
+
+    // Removed: the operation goes with its document.
+    let r = reqwest::Client::new()
+        .delete(daemon.url(&format!("/api/v1/specs/{api}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let r = call_operation(
+        &daemon,
+        &op,
+        json!({"path": {"deviceId": "d1"}, "body": {"device": "d1"}}),
+    )
+    .await;
+    assert_eq!(r.status(), 404, "{}", r.text().await.unwrap());
+    answering.abort();
+    assert!(
+        mismatches.lock().unwrap().is_empty(),
+        "{:?}",
+        mismatches.lock().unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_reply_over_mqtt_with_the_correlation_id_in_the_payload() {
+    require_mosquitto();
+    let dir = tempfile::tempdir().unwrap();
+    let api = unique("rrm");
+    let p = unique("t");
+    let path = spec(
+        dir.path(),
+        &api,
+        "{host: '127.0.0.1:1883', protocol: mqtt}",
+        (&format!("{p}/devices/{{deviceId}}/status"), ""),
+        (&format!("{p}/status/replies"), ""),
+        "$message.payload#/correlationId",
+        None,
+    );
+    let config = dir.path().join("stepflow.yaml");
+    std::fs::write(&config, "servers:\n  broker:\n    timeout_ms: 1500\n").unwrap();
+    let daemon = Daemon::start(&[
+        "--specs",
+        path.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ])
+    .await
+    .unwrap();
+
+    let (answering, mismatches) = answer_status_requests(&p).await;
     check_calls(&daemon, &api, Duration::from_millis(1500)).await;
     // A missing address parameter is named where an OpenAPI call names it.
     let r = call_operation(

@@ -469,11 +469,19 @@ impl Operations {
                 }
             }
         }
+        // Broker request-reply operations come from the document's routes, already in the hub.
+        if let Some(brokers) = &self.brokers {
+            added.extend(brokers.add_api(&api.id));
+        }
         added
     }
 
-    /// Forgets the operations of document `api`; how many there were.
+    /// Forgets the operations of document `api` (its broker ones too); how many HTTP ones
+    /// there were.
     pub fn remove_api(&self, api: &str) -> usize {
+        if let Some(brokers) = &self.brokers {
+            brokers.remove_api(api);
+        }
         let prefix = format!("{api}.");
         let Ok(mut by_id) = self.by_id.write() else {
             return 0;
@@ -520,8 +528,8 @@ impl Operations {
     }
 
     /// The broker operations.
-    pub fn broker_operations(&self) -> impl Iterator<Item = &Arc<BrokerOperation>> {
-        self.brokers.iter().flat_map(|b| b.list())
+    pub fn broker_operations(&self) -> Vec<Arc<BrokerOperation>> {
+        self.brokers.iter().flat_map(|b| b.list()).collect()
     }
 
     fn target(&self, id: &str) -> Option<Target> {
@@ -531,7 +539,7 @@ impl Operations {
         self.brokers
             .as_ref()
             .and_then(|b| b.get(id))
-            .map(|op| Target::Broker(op.clone()))
+            .map(Target::Broker)
     }
 
     /// The call log of operation `id`, if there is such an operation.

@@ -10,12 +10,13 @@
 //! travels as the message property of that name; over Kafka headers are record headers.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use serde_json::Value;
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 
 use super::{CallError, CallRequest};
 use crate::hub::{Hub, LiveRoute, PublishRequest, SubscriptionEvent};
@@ -80,26 +81,58 @@ pub struct BrokerOperation {
 
 type Waiting = Arc<Mutex<HashMap<String, oneshot::Sender<Arc<Delivered>>>>>;
 
-/// Every broker request-reply operation, and the replies they wait for.
+/// A route's call timeout (from its server's config).
+type TimeoutOf = Box<dyn Fn(&Route) -> Duration + Send + Sync>;
+
+/// Every broker request-reply operation, and the replies they wait for. Documents come and go
+/// at run time: each one's operations are added and removed with it, and so are the readers
+/// of its reply channels.
 pub struct BrokerCalls {
     hub: Arc<Hub>,
-    by_id: HashMap<ChannelId, Arc<BrokerOperation>>,
+    by_id: RwLock<HashMap<ChannelId, Arc<BrokerOperation>>>,
     waiting: Waiting,
+    timeout_of: TimeoutOf,
+    /// The daemon's token, once [`Self::start`] ran: reply readers start only after it.
+    shutdown: OnceLock<CancellationToken>,
+    /// Each document's reply readers, stopped when its operations go.
+    readers: Mutex<HashMap<String, CancellationToken>>,
 }
 
 impl BrokerCalls {
     /// The `send` operations with a reply channel among `hub`'s routes; `timeout_of` gives a
     /// route's call timeout (from its server's config).
-    pub fn build(hub: Arc<Hub>, timeout_of: impl Fn(&Route) -> Duration) -> BrokerCalls {
-        let mut by_id = HashMap::new();
-        for live in hub.routes() {
+    pub fn build(
+        hub: Arc<Hub>,
+        timeout_of: impl Fn(&Route) -> Duration + Send + Sync + 'static,
+    ) -> BrokerCalls {
+        let calls = BrokerCalls {
+            hub,
+            by_id: RwLock::default(),
+            waiting: Arc::default(),
+            timeout_of: Box::new(timeout_of),
+            shutdown: OnceLock::new(),
+            readers: Mutex::default(),
+        };
+        let mut apis: Vec<String> = calls.hub.routes().map(|r| r.route().api.clone()).collect();
+        apis.sort();
+        apis.dedup();
+        for api in apis {
+            calls.insert_api(&api);
+        }
+        calls
+    }
+
+    /// The operations of document `api` among the hub's routes, replacing what it had.
+    fn insert_api(&self, api: &str) -> Vec<ChannelId> {
+        let mut added = Vec::new();
+        for live in self.hub.routes().filter(|r| r.route().api == api) {
             let route = &live.route();
             for rr in route
                 .request_reply
                 .iter()
                 .filter(|r| r.action == Action::Send && r.http.is_none())
             {
-                let Some(reply) = rr.reply_channel.as_ref().and_then(|c| hub.route(c)) else {
+                let Some(reply) = rr.reply_channel.as_ref().and_then(|c| self.hub.route(c)) else {
                     tracing::warn!(operation = %rr.operation, "the reply has no channel of its own (a dynamic address): not callable yet");
                     continue;
                 };
@@ -116,97 +149,108 @@ impl BrokerCalls {
                     continue;
                 };
                 let id: ChannelId = format!("{}.{}", route.api, rr.operation).into();
-                by_id.insert(
-                    id.clone(),
-                    Arc::new(BrokerOperation {
-                        id,
-                        request: route.id.clone(),
-                        reply: reply.clone(),
-                        request_location,
-                        reply_location,
-                        reply_address: rr
-                            .reply_address_location
-                            .as_deref()
-                            .and_then(Location::parse),
-                        timeout: timeout_of(route),
-                    }),
-                );
+                let operation = Arc::new(BrokerOperation {
+                    id: id.clone(),
+                    request: route.id.clone(),
+                    reply: reply.clone(),
+                    request_location,
+                    reply_location,
+                    reply_address: rr
+                        .reply_address_location
+                        .as_deref()
+                        .and_then(Location::parse),
+                    timeout: (self.timeout_of)(route),
+                });
+                if let Ok(mut by_id) = self.by_id.write() {
+                    by_id.insert(id.clone(), operation);
+                }
+                added.push(id);
             }
         }
-        BrokerCalls {
-            hub,
-            by_id,
-            waiting: Arc::default(),
+        added
+    }
+
+    /// Adds (or, for a replaced document, renews) document `api`'s operations, with readers
+    /// of its reply channels once the calls have started.
+    pub fn add_api(&self, api: &str) -> Vec<ChannelId> {
+        self.remove_api(api);
+        let added = self.insert_api(api);
+        if let Some(shutdown) = self.shutdown.get() {
+            self.start_readers(api, shutdown);
+        }
+        added
+    }
+
+    /// Forgets document `api`'s operations and stops the readers of its replies.
+    pub fn remove_api(&self, api: &str) {
+        let prefix = format!("{api}.");
+        if let Ok(mut by_id) = self.by_id.write() {
+            by_id.retain(|id, _| !id.starts_with(&prefix));
+        }
+        if let Some(stop) = self.readers.lock().ok().and_then(|mut r| r.remove(api)) {
+            stop.cancel();
         }
     }
 
-    pub fn get(&self, id: &str) -> Option<&Arc<BrokerOperation>> {
-        self.by_id.get(id)
+    pub fn get(&self, id: &str) -> Option<Arc<BrokerOperation>> {
+        self.by_id.read().ok()?.get(id).cloned()
     }
 
-    pub fn list(&self) -> impl Iterator<Item = &Arc<BrokerOperation>> {
-        self.by_id.values()
+    pub fn list(&self) -> Vec<Arc<BrokerOperation>> {
+        self.by_id
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
     }
 
-    /// Starts one reply reader per reply route (until `shutdown`).
-    pub fn start(&self, shutdown: tokio_util::sync::CancellationToken) {
+    /// Starts the reply readers of every document (until `shutdown`), and of every document
+    /// added later.
+    pub fn start(&self, shutdown: CancellationToken) {
+        let shutdown = self.shutdown.get_or_init(|| shutdown);
+        let mut apis: Vec<String> = self
+            .list()
+            .iter()
+            .map(|op| op.reply.route().api.clone())
+            .collect();
+        apis.sort();
+        apis.dedup();
+        for api in apis {
+            self.start_readers(&api, shutdown);
+        }
+    }
+
+    /// One reply reader per reply route of document `api`.
+    fn start_readers(&self, api: &str, shutdown: &CancellationToken) {
         let mut readers: HashMap<ChannelId, Vec<Location>> = HashMap::new();
-        for op in self.by_id.values() {
+        for op in self.list() {
+            if op.reply.route().api != api {
+                continue;
+            }
             let locations = readers.entry(op.reply.route().id.clone()).or_default();
             if !locations.contains(&op.reply_location) {
                 locations.push(op.reply_location.clone());
             }
         }
+        if readers.is_empty() {
+            return;
+        }
+        let stop = shutdown.child_token();
+        if let Ok(mut running) = self.readers.lock()
+            && let Some(previous) = running.insert(api.to_owned(), stop.clone())
+        {
+            previous.cancel();
+        }
         for (route_id, locations) in readers {
             let Some(route) = self.hub.route(&route_id) else {
                 continue;
             };
-            let hub = self.hub.clone();
-            let waiting = self.waiting.clone();
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                let mut subscription = match hub.subscribe(&route, None).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::error!(channel = %route.id(), error = %e, "cannot read replies");
-                        return;
-                    }
-                };
-                loop {
-                    let event = tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        e = subscription.next() => e,
-                    };
-                    let message = match event {
-                        Ok(Some(SubscriptionEvent::Message { message, .. })) => message,
-                        // Replies are read live; a reader that fell behind skips what it missed.
-                        Ok(Some(
-                            SubscriptionEvent::Lagged { .. } | SubscriptionEvent::Expired { .. },
-                        )) => continue,
-                        Ok(None) => return,
-                        Err(e) => {
-                            tracing::warn!(channel = %route.id(), error = %e, "reply stream interrupted");
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                            continue;
-                        }
-                    };
-                    let ids: Vec<String> =
-                        locations.iter().filter_map(|l| l.find(&message)).collect();
-                    let waiter = waiting
-                        .lock()
-                        .ok()
-                        .and_then(|mut w| ids.iter().find_map(|id| w.remove(id)));
-                    match waiter {
-                        Some(tx) => {
-                            let _ = tx.send(message);
-                        }
-                        None => {
-                            metrics::counter!(telemetry::CALL_REPLIES_UNMATCHED, "channel" => route.id().to_string()).increment(1);
-                            tracing::debug!(channel = %route.id(), correlation = ?ids, "a reply nobody waits for");
-                        }
-                    }
-                }
-            });
+            tokio::spawn(read_replies(
+                self.hub.clone(),
+                route,
+                locations,
+                self.waiting.clone(),
+                stop.clone(),
+            ));
         }
     }
 
@@ -292,6 +336,56 @@ impl BrokerCalls {
         match tokio::time::timeout(op.timeout, rx).await {
             Ok(Ok(reply)) => Ok(reply.frame().clone()),
             _ => Err(CallError::Timeout(op.timeout)),
+        }
+    }
+}
+
+/// Reads reply route `route` live and hands each reply to the call waiting for its id.
+async fn read_replies(
+    hub: Arc<Hub>,
+    route: Arc<LiveRoute>,
+    locations: Vec<Location>,
+    waiting: Waiting,
+    stop: CancellationToken,
+) {
+    let mut subscription = match hub.subscribe(&route, None).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(channel = %route.id(), error = %e, "cannot read replies");
+            return;
+        }
+    };
+    loop {
+        let event = tokio::select! {
+            _ = stop.cancelled() => return,
+            e = subscription.next() => e,
+        };
+        let message = match event {
+            Ok(Some(SubscriptionEvent::Message { message, .. })) => message,
+            // Replies are read live; a reader that fell behind skips what it missed.
+            Ok(Some(SubscriptionEvent::Lagged { .. } | SubscriptionEvent::Expired { .. })) => {
+                continue;
+            }
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(channel = %route.id(), error = %e, "reply stream interrupted");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let ids: Vec<String> = locations.iter().filter_map(|l| l.find(&message)).collect();
+        let waiter = waiting
+            .lock()
+            .ok()
+            .and_then(|mut w| ids.iter().find_map(|id| w.remove(id)));
+        match waiter {
+            Some(tx) => {
+                let _ = tx.send(message);
+            }
+            None => {
+                metrics::counter!(telemetry::CALL_REPLIES_UNMATCHED, "channel" => route.id().to_string()).increment(1);
+                tracing::debug!(channel = %route.id(), correlation = ?ids, "a reply nobody waits for");
+            }
         }
     }
 }

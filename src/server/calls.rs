@@ -60,7 +60,7 @@ pub async fn list(State(state): State<AppState>) -> Json<Value> {
                 "url": op.base_url,
             })
         })
-        .chain(state.operations.broker_operations().map(|op| {
+        .chain(state.operations.broker_operations().into_iter().map(|op| {
             json!({
                 "id": op.id.as_ref(),
                 "request": op.request.as_ref(),

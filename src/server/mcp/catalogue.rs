@@ -107,7 +107,7 @@ impl Catalogue {
 
         let mut calls: Vec<(ChannelId, Tool)> = Vec::new();
         let http = operations.list();
-        let brokers: Vec<_> = operations.broker_operations().cloned().collect();
+        let brokers = operations.broker_operations();
         let ids: Vec<String> = http
             .iter()
             .map(|o| o.id.to_string())
