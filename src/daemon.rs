@@ -460,18 +460,7 @@ impl crate::registry::Connectors for BuildConnectors {
         let config = &*self.config;
         for server in &api.servers {
             // A server is connected to only if a route reads from or writes to it.
-            let uses = hub.routes().any(|r| {
-                r.route().api == api.id
-                    && (r.route().direction.readable || r.route().direction.writable)
-                    && r.route().upstreams.iter().any(|u| {
-                        u.server == server.id
-                            && !matches!(
-                                u.binding,
-                                UpstreamBinding::NoConnector | UpstreamBinding::DynamicAddress
-                            )
-                    })
-            });
-            if !uses {
+            if !server_used(hub, api, &server.id) {
                 continue;
             }
             let key = ServerKey {
@@ -511,4 +500,40 @@ impl crate::registry::Connectors for BuildConnectors {
         }
         Ok(())
     }
+
+    fn follow(&self, hub: &Arc<Hub>, api: &crate::spec::Api) -> bool {
+        for server in &api.servers {
+            let Some(connector) = crate::connectors::REGISTRY.connector(server.protocol) else {
+                continue;
+            };
+            let key = ServerKey {
+                api: api.id.clone(),
+                server: server.id.clone(),
+            };
+            let running = hub.connections().url(&key).is_some();
+            if !running && !server_used(hub, api, &server.id) {
+                continue;
+            }
+            // A connector that cannot follow, or one that is not running yet, restarts.
+            if !connector.follows_routes() || !hub.follow_routes(&key) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Whether a route of `api` reads from or writes to server `server` through a connector.
+fn server_used(hub: &Hub, api: &crate::spec::Api, server: &str) -> bool {
+    hub.routes().any(|r| {
+        r.route().api == api.id
+            && (r.route().direction.readable || r.route().direction.writable)
+            && r.route().upstreams.iter().any(|u| {
+                u.server == server
+                    && !matches!(
+                        u.binding,
+                        UpstreamBinding::NoConnector | UpstreamBinding::DynamicAddress
+                    )
+            })
+    })
 }

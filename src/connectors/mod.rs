@@ -40,6 +40,13 @@ pub trait Connector: Send + Sync {
     /// Starts the tasks that serve one server's routes on `cx.tracker`. `Ok(false)` when the
     /// server's routes need no connection (HTTP operations are called per request).
     fn start(&self, cx: StartContext<'_>) -> Result<bool, String>;
+
+    /// Whether a running connector takes up a change of its document's routes in place
+    /// (registering a [`crate::hub::RouteFollower`]); otherwise a change of channels or
+    /// bindings restarts it.
+    fn follows_routes(&self) -> bool {
+        false
+    }
 }
 
 /// What a connector is started with.

@@ -141,8 +141,18 @@ pub struct Hub {
     routes: RwLock<Arc<RouteSet>>,
     store: Store,
     publishers: RwLock<HashMap<ServerKey, Arc<dyn Publisher>>>,
+    /// Connectors that take up a change of their document's routes without reconnecting.
+    followers: RwLock<HashMap<ServerKey, Arc<dyn RouteFollower>>>,
     connections: Connections,
     config: HubConfig,
+}
+
+/// A connector's intake that follows its document's routes in place: after a replacement it
+/// subscribes what is new and unsubscribes what went, on the connection it has, so the
+/// broker redelivers nothing and unchanged routes see no gap and no repeat.
+pub trait RouteFollower: Send + Sync {
+    /// Takes up the routes `hub` now has for this connector's server.
+    fn follow_routes(&self, hub: &Hub);
 }
 
 impl Hub {
@@ -163,6 +173,7 @@ impl Hub {
             routes: RwLock::new(Arc::new(set)),
             store,
             publishers: RwLock::new(HashMap::new()),
+            followers: RwLock::new(HashMap::new()),
             connections,
             config,
         }
@@ -295,10 +306,34 @@ impl Hub {
         }
     }
 
-    /// Forgets the publishers of document `api` (its connectors are restarting or gone).
+    /// Forgets the publishers (and route followers) of document `api` (its connectors are
+    /// restarting or gone).
     pub fn forget_publishers(&self, api: &str) {
         if let Ok(mut publishers) = self.publishers.write() {
             publishers.retain(|key, _| key.api != api);
+        }
+        if let Ok(mut followers) = self.followers.write() {
+            followers.retain(|key, _| key.api != api);
+        }
+    }
+
+    /// Connectors that can follow route changes register here per server.
+    pub fn register_follower(&self, key: ServerKey, follower: Arc<dyn RouteFollower>) {
+        if let Ok(mut map) = self.followers.write() {
+            map.insert(key, follower);
+        }
+    }
+
+    /// Has the connector of `key` take up its document's routes in place; false when it has
+    /// no follower (it must reconnect for them).
+    pub fn follow_routes(&self, key: &ServerKey) -> bool {
+        let follower = self.followers.read().ok().and_then(|m| m.get(key).cloned());
+        match follower {
+            Some(f) => {
+                f.follow_routes(self);
+                true
+            }
+            None => false,
         }
     }
 

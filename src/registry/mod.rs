@@ -51,6 +51,10 @@ pub trait Connectors: Send + Sync {
         shutdown: &CancellationToken,
         tracker: &TaskTracker,
     ) -> Result<(), (String, String)>;
+
+    /// Has the running connectors of `api` (whose routes the hub now has) take up their new
+    /// routes in place; false when one of them cannot, and they must restart.
+    fn follow(&self, hub: &Arc<Hub>, api: &Api) -> bool;
 }
 
 /// Where a document came from.
@@ -532,7 +536,8 @@ impl SpecRegistry {
             tracing::error!(path = %entry.path.display(), error = %e, "cannot keep a replaced document");
             RegistryError::Storage
         })?;
-        self.swap(entry, api, &compiled.table, &diff, reconnect)
+        let reconnect = self
+            .swap(entry, api, &compiled.table, &diff, reconnect)
             .await?;
         self.apply_bridges(bridges, &changed_channels).await?;
         let document = entry.info.clone();
@@ -588,8 +593,26 @@ impl SpecRegistry {
         table: &RoutingTable,
         diff: &DocumentDiff,
         reconnect: bool,
-    ) -> Result<(), RegistryError> {
+    ) -> Result<bool, RegistryError> {
         let id = entry.info.id.clone();
+        // Connectors that follow their routes take the change up in place when only channels
+        // and bindings changed (not the servers): nothing is redelivered, no route sees a gap.
+        // Tried on a table that already has the new routes; when one cannot, all restart.
+        let mut replaced = None;
+        if reconnect && diff.servers.is_empty() {
+            let swapped = self
+                .hub
+                .replace_api(&id, table)
+                .map_err(|e| RegistryError::Conflict(e.to_string()))?;
+            if self.connectors.follow(&self.hub, &api) {
+                self.operations.remove_api(&id);
+                self.operations.add(&api);
+                self.swapped(entry, api, table, diff, &swapped, false);
+                return Ok(false);
+            }
+            tracing::info!(document = %id, "a connector cannot follow the change in place: restarting them");
+            replaced = Some(swapped);
+        }
         if reconnect {
             // Intake stops before the routes change, so no message is taken for a route that
             // is about to go; the log keeps what the broker redelivers after the reconnect.
@@ -604,10 +627,13 @@ impl SpecRegistry {
             self.hub.forget_publishers(&id);
             self.hub.connections().forget(&id);
         }
-        let replaced = self
-            .hub
-            .replace_api(&id, table)
-            .map_err(|e| RegistryError::Conflict(e.to_string()))?;
+        let replaced = match replaced {
+            Some(replaced) => replaced,
+            None => self
+                .hub
+                .replace_api(&id, table)
+                .map_err(|e| RegistryError::Conflict(e.to_string()))?,
+        };
         self.operations.remove_api(&id);
         self.operations.add(&api);
         if reconnect {
@@ -622,20 +648,33 @@ impl SpecRegistry {
             }
             entry.tracker.close();
         }
+        self.swapped(entry, api, table, diff, &replaced, reconnect);
+        Ok(reconnect)
+    }
+
+    /// Records a swap in `entry`, logs it, and says whether the connectors reconnected.
+    fn swapped(
+        &self,
+        entry: &mut Entry,
+        api: Api,
+        table: &RoutingTable,
+        diff: &DocumentDiff,
+        replaced: &crate::hub::Replaced,
+        reconnected: bool,
+    ) {
         entry.path = api.source.file.clone();
         entry.info = info(&api, &entry.path, entry.info.source, table.len());
         entry.api = Arc::new(api);
         tracing::info!(
-            document = %id,
+            document = %entry.info.id,
             added = replaced.added.len(),
             changed = replaced.changed.len(),
             unchanged = replaced.unchanged.len(),
             removed = replaced.removed.len(),
             breaking = diff.breaking.len(),
-            reconnected = reconnect,
+            reconnected,
             "document replaced"
         );
-        Ok(())
     }
 
     /// Removes a document added over the API: its clients' streams end, its connectors
@@ -942,7 +981,7 @@ impl SpecRegistry {
                 continue;
             };
             match self.swap(entry, api, &own, &diff, reconnect).await {
-                Ok(()) => {
+                Ok(_) => {
                     count_channels(&mut reload, &diff);
                     reload.replaced.push(id);
                 }

@@ -9,7 +9,8 @@ pub(super) struct EventLoopTask {
     pub(super) pending: Arc<Mutex<PendingPublishes>>,
     /// Signalled when messages the log could not take must be redelivered.
     pub(super) reconnect: Arc<Notify>,
-    pub(super) filters: Vec<(String, QoS)>,
+    /// What the connection subscribes at each CONNACK (changed by the follower).
+    pub(super) following: Arc<Following>,
     /// With a clean session a dropped connection loses the broker's queue, so shedding is no
     /// way to slow the broker down.
     pub(super) clean_session: bool,
@@ -209,11 +210,11 @@ impl EventLoopTask {
                     if !ack.session_present {
                         self.pending().fail_all(&self.key.server);
                     }
-                    if !self.filters.is_empty() {
-                        let filters = self
-                            .filters
-                            .iter()
-                            .map(|(f, q)| rumqttc::SubscribeFilter::new(f.clone(), *q));
+                    let filters = self.following.filters();
+                    if !filters.is_empty() {
+                        let filters = filters
+                            .into_iter()
+                            .map(|(f, q)| rumqttc::SubscribeFilter::new(f, q));
                         if let Err(e) = self.client.try_subscribe_many(filters) {
                             tracing::error!(server = %self.key, error = %e, "cannot queue subscriptions");
                         }

@@ -5,7 +5,7 @@ use super::*;
 pub(super) struct Ingest {
     pub(super) hub: Arc<Hub>,
     pub(super) server: Arc<str>,
-    pub(super) routes: Vec<(Arc<LiveRoute>, Subscription)>,
+    pub(super) following: Arc<Following>,
     pub(super) progress: Arc<IntakeProgress>,
     pub(super) redelivery: Redelivery,
 }
@@ -21,7 +21,8 @@ impl Ingest {
             let mut appends = Vec::new();
             let mut matched = false;
             let mut logged = true;
-            for (route, sub) in &self.routes {
+            let routes = self.following.routes();
+            for (route, sub) in routes.iter() {
                 let Some(params) = sub.topic.extract(&publish.topic) else {
                     continue;
                 };

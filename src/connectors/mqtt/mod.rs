@@ -5,6 +5,10 @@
 //! once the log has flushed it. With a persistent session (`cleanSession: false`, the default)
 //! the broker keeps what arrives while the gateway is away and redelivers what it never acked.
 //!
+//! A replaced document's new routes are taken up on the running connection ([`MqttFollower`]):
+//! new filters subscribed, unwanted ones unsubscribed, the session and its in-flight messages
+//! left alone, so no route sees a redelivery.
+//!
 //! Sink: publishes writable routes' messages and completes each publish on its PUBACK, which
 //! rumqttc does not report per message: the event loop pairs `Outgoing::Publish(pkid)` events
 //! with publish requests in the order they were queued (see [`PendingPublishes`]).
@@ -30,7 +34,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -87,7 +91,122 @@ pub struct MqttConnector {
     url: String,
     optional: bool,
     config: MqttServerConfig,
-    routes: Vec<Arc<LiveRoute>>,
+    routes: Served,
+}
+
+/// The readable routes of `key` with an MQTT upstream on it, each with its subscription.
+fn readable_routes(hub: &Hub, key: &ServerKey) -> Served {
+    hub.routes()
+        .filter(|r| r.route().api == key.api && r.route().direction.readable)
+        .filter_map(|r| {
+            r.route()
+                .upstreams
+                .iter()
+                .find_map(|u| match u.binding.get::<MqttRoute>() {
+                    Some(m) if u.server == key.server => Some((
+                        r.clone(),
+                        Subscription {
+                            filter: m.filter.pattern.clone(),
+                            qos: qos(m.subscribe_qos),
+                            topic: m.topic.clone(),
+                        },
+                    )),
+                    _ => None,
+                })
+        })
+        .collect()
+}
+
+/// Readable routes with the subscription each comes from.
+type Served = Vec<(Arc<LiveRoute>, Subscription)>;
+
+/// The routes a connection serves and the filters it subscribes, changed in place when its
+/// document is replaced ([`MqttFollower`]); read by ingest per message and by the event loop
+/// at each CONNACK.
+#[derive(Default)]
+struct Following {
+    routes: RwLock<Arc<Served>>,
+    filters: Mutex<Vec<(String, QoS)>>,
+}
+
+impl Following {
+    fn new(routes: Served) -> Following {
+        Following {
+            filters: Mutex::new(subscriptions(&routes)),
+            routes: RwLock::new(Arc::new(routes)),
+        }
+    }
+
+    fn routes(&self) -> Arc<Served> {
+        self.routes
+            .read()
+            .map(|r| r.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    fn filters(&self) -> Vec<(String, QoS)> {
+        self.filters
+            .lock()
+            .map(|f| f.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+}
+
+/// Takes up a replaced document's routes on the running connection: new filters are
+/// subscribed (after their routes are in place, so nothing they bring is unmatched), filters
+/// no route wants any more are unsubscribed. The session and its in-flight messages stay.
+struct MqttFollower {
+    key: ServerKey,
+    client: AsyncClient,
+    following: Arc<Following>,
+}
+
+impl crate::hub::RouteFollower for MqttFollower {
+    fn follow_routes(&self, hub: &Hub) {
+        let routes = readable_routes(hub, &self.key);
+        let wanted = subscriptions(&routes);
+        *self
+            .following
+            .routes
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Arc::new(routes);
+        let had = std::mem::replace(
+            &mut *self
+                .following
+                .filters
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+            wanted.clone(),
+        );
+        let subscribe: Vec<_> = wanted
+            .iter()
+            .filter(|w| !had.contains(w))
+            .map(|(f, q)| rumqttc::SubscribeFilter::new(f.clone(), *q))
+            .collect();
+        let unsubscribe: Vec<&String> = had
+            .iter()
+            .filter(|(f, _)| !wanted.iter().any(|(w, _)| w == f))
+            .map(|(f, _)| f)
+            .collect();
+        // Queued for the event loop; when disconnected, the next CONNACK subscribes what the
+        // filters are by then anyway.
+        if !subscribe.is_empty()
+            && let Err(e) = self.client.try_subscribe_many(subscribe.clone())
+        {
+            tracing::warn!(server = %self.key, error = %e, "cannot queue new subscriptions; they are made at the next connection");
+        }
+        for filter in &unsubscribe {
+            if let Err(e) = self.client.try_unsubscribe(filter.as_str()) {
+                tracing::warn!(server = %self.key, filter = %filter, error = %e, "cannot queue an unsubscription");
+            }
+        }
+        tracing::info!(
+            server = %self.key,
+            subscribed = subscribe.len(),
+            unsubscribed = unsubscribe.len(),
+            "MQTT connector follows the document's new routes"
+        );
+    }
 }
 
 impl MqttConnector {
@@ -99,15 +218,7 @@ impl MqttConnector {
         config: MqttServerConfig,
         optional: bool,
     ) -> MqttConnector {
-        let routes =
-            hub.routes()
-                .filter(|r| {
-                    r.route().api == key.api
-                        && r.route().upstreams.iter().any(|u| {
-                            u.server == key.server && u.binding.get::<MqttRoute>().is_some()
-                        })
-                })
-                .collect();
+        let routes = readable_routes(hub, &key);
         MqttConnector {
             key,
             url,
@@ -138,28 +249,16 @@ impl MqttConnector {
             connections: connections.clone(),
         });
         hub.register_publisher(self.key.clone(), publisher);
+        let following = Arc::new(Following::new(self.routes));
+        hub.register_follower(
+            self.key.clone(),
+            Arc::new(MqttFollower {
+                key: self.key.clone(),
+                client: client.clone(),
+                following: following.clone(),
+            }),
+        );
 
-        let readable: Vec<(Arc<LiveRoute>, Subscription)> = self
-            .routes
-            .iter()
-            .filter(|r| r.route().direction.readable)
-            .filter_map(|r| {
-                r.route()
-                    .upstreams
-                    .iter()
-                    .find_map(|u| match u.binding.get::<MqttRoute>() {
-                        Some(m) if u.server == self.key.server => Some((
-                            r.clone(),
-                            Subscription {
-                                filter: m.filter.pattern.clone(),
-                                qos: qos(m.subscribe_qos),
-                                topic: m.topic.clone(),
-                            },
-                        )),
-                        _ => None,
-                    })
-            })
-            .collect();
         let (ingress_tx, ingress_rx) = mpsc::channel(INGRESS_CAPACITY);
         let (flush_tx, flush_rx) = mpsc::channel(INGRESS_CAPACITY);
         let (ack_tx, ack_rx) = mpsc::channel(ACK_CAPACITY);
@@ -172,7 +271,7 @@ impl MqttConnector {
         let ingest = Ingest {
             hub: hub.clone(),
             server: server.clone(),
-            routes: readable.clone(),
+            following: following.clone(),
             progress: progress.clone(),
             redelivery: redelivery.clone(),
         };
@@ -189,7 +288,7 @@ impl MqttConnector {
             connections,
             pending,
             reconnect: redelivery.reconnect,
-            filters: subscriptions(&readable),
+            following,
             clean_session: self.config.clean_session,
             progress,
         };
@@ -248,6 +347,10 @@ impl crate::connectors::Connector for Mqtt {
 
     fn bindings(&self) -> &dyn crate::routing::BindingReader {
         &MqttBindings
+    }
+
+    fn follows_routes(&self) -> bool {
+        true
     }
 
     fn start(&self, cx: crate::connectors::StartContext<'_>) -> Result<bool, String> {
