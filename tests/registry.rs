@@ -76,8 +76,12 @@ async fn an_asyncapi_document_added_at_run_time_serves_survives_a_restart_and_go
     let body: Value = r.json().await.unwrap();
     let errors = body["error"]["details"]["errors"].to_string();
     assert!(
-        errors.contains(&format!("{name}#/operations/receiveTelemetry/action")),
-        "{body}"
+        errors.contains(&format!("\"{name}#/operations/receiveTelemetry/action")),
+        "the file by its name: {body}"
+    );
+    assert!(
+        !errors.contains(daemon.data_dir.to_str().unwrap()),
+        "no data directory path in an error: {body}"
     );
     let channels = daemon.get_json("/api/v1/channels").await.unwrap();
     assert!(!channel_ids(&channels).iter().any(|c| c.starts_with(&live)));

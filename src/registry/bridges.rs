@@ -15,13 +15,13 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::{
-    Outcome, RegistryError, Source, SpecRegistry, api_reload, strings, worth_recording,
-    write_atomically,
+    Outcome, RegistryError, Source, SpecRegistry, api_reload, strings, without_dir,
+    worth_recording, write_atomically,
 };
 use crate::bridge::running::BridgeChanges;
 use crate::bridge::{self, Bridge};
 use crate::routing::{ChannelId, RoutingTable};
-use crate::spec::{Api, SpecError};
+use crate::spec::Api;
 
 /// What a bridge change did (or, with `dry_run`, would do).
 #[derive(Debug, Serialize)]
@@ -270,17 +270,8 @@ impl SpecRegistry {
         .map_err(|e| vec![format!("bridge loader failed: {e}")])?;
         match compiled {
             Ok(bridges) => Ok(bridges.into_iter().map(Arc::new).collect()),
-            Err(errors) => Err(self.shown(&errors)),
+            Err(errors) => Err(without_dir(&self.added_bridges_dir, strings(&errors))),
         }
-    }
-
-    /// Errors as shown to a client: files of the data directory by name only.
-    fn shown(&self, errors: &[SpecError]) -> Vec<String> {
-        let prefix = format!("{}/", self.added_bridges_dir.display());
-        strings(errors)
-            .into_iter()
-            .map(|e| e.strip_prefix(&prefix).map(str::to_owned).unwrap_or(e))
-            .collect()
     }
 }
 

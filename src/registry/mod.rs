@@ -418,13 +418,14 @@ impl SpecRegistry {
         // runtime's threads.
         let (path, text) = (path.to_owned(), text.to_owned());
         let connectors = self.connectors.clone();
+        let added_dir = self.added_dir.clone();
         let compiled = tokio::task::spawn_blocking(move || {
             let loaded = spec::load_text(&path, &text).map_err(|f| f.errors)?;
             let api = loaded.apis.into_iter().next().ok_or_else(Vec::new)?;
             let table = connectors.compile(std::slice::from_ref(&api))?;
             let mut warnings = strings(&loaded.warnings);
             warnings.extend(table.warnings.iter().map(|w| w.to_string()));
-            Ok::<_, Vec<SpecError>>((api, table, warnings))
+            Ok::<_, Vec<SpecError>>((api, table, without_dir(&added_dir, warnings)))
         })
         .await
         .map_err(|e| RegistryError::BadRequest(format!("loader failed: {e}")))?;
@@ -432,7 +433,7 @@ impl SpecRegistry {
             RegistryError::Invalid(if errors.is_empty() {
                 vec!["the text holds no API document".into()]
             } else {
-                strings(&errors)
+                without_dir(&self.added_dir, strings(&errors))
             })
         })
     }
@@ -1186,6 +1187,16 @@ async fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     let temporary = path.with_extension("partial");
     tokio::fs::write(&temporary, text.as_bytes()).await?;
     tokio::fs::rename(&temporary, path).await
+}
+
+/// Problems as a client is shown them: files of the data directory by name only (where the
+/// operator keeps the data is not the client's business).
+fn without_dir(dir: &Path, problems: Vec<String>) -> Vec<String> {
+    let prefix = format!("{}/", dir.display());
+    problems
+        .into_iter()
+        .map(|p| p.strip_prefix(&prefix).map(str::to_owned).unwrap_or(p))
+        .collect()
 }
 
 fn strings<T: ToString>(items: &[T]) -> Vec<String> {
