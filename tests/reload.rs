@@ -310,3 +310,29 @@ async fn the_polling_watcher_picks_up_a_new_file() {
     assert_eq!(reload["outcome"], "applied", "{reload}");
     assert_eq!(reload["added"], json!([live]), "{reload}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_named_on_its_own_is_followed_across_renames_and_its_neighbours_ignored() {
+    require_mosquitto();
+    let dir = tempfile::tempdir().unwrap();
+    let (one, p) = (unique("one"), unique("o"));
+    let file = iot_spec(dir.path(), &one, &p, 1);
+    let daemon = Daemon::start(&["--specs", file.to_str().unwrap()])
+        .await
+        .unwrap();
+    let text = std::fs::read_to_string(&file).unwrap();
+    // Two edits, each a rename over the file: the second is seen too (a watch on the file
+    // itself would follow the first replacement's old inode and miss it).
+    for (n, title) in ["First edit", "Second edit"].iter().enumerate() {
+        write_file(&file, &text.replace("Test IoT", title));
+        let reload = daemon.next_reload(n).await;
+        assert_eq!(reload["outcome"], "applied", "{reload}");
+        assert_eq!(reload["replaced"], json!([one]), "{reload}");
+        let listed = daemon.get_json("/api/v1/specs").await.unwrap();
+        assert!(listed.to_string().contains(title), "{listed}");
+    }
+    // A document beside it that the command line does not name: no reload.
+    iot_spec(dir.path(), &unique("neighbour"), &unique("n"), 1);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(reload_count(&daemon).await, 2, "{}", daemon.log());
+}

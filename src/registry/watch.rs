@@ -6,7 +6,7 @@
 //! chmod) and a `git checkout` is hundreds, and all of them make one reload once the
 //! directory has been quiet for the debounce interval.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,8 +71,24 @@ pub fn start(
 ) -> Result<(), notify::Error> {
     // One pending signal is enough: a reload reads every file anyway.
     let (tx, mut rx) = mpsc::channel::<()>(1);
+    // A file named on its own is watched through its directory: editors and config management
+    // replace a file by renaming another over it, and a watch on the file would follow the old
+    // inode. Only events on that file count.
+    // Absolute, so that the paths events carry compare with them.
+    let absolute: Vec<PathBuf> = paths
+        .iter()
+        .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
+        .collect();
+    let files: Vec<PathBuf> = absolute.iter().filter(|p| p.is_file()).cloned().collect();
+    let dirs: Vec<PathBuf> = absolute.iter().filter(|p| !p.is_file()).cloned().collect();
+    let (watched_files, watched_dirs) = (files.clone(), dirs.clone());
+    let ours = move |event: &notify::Event| {
+        event.paths.iter().any(|p| {
+            watched_dirs.iter().any(|d| p.starts_with(d)) || watched_files.iter().any(|f| p == f)
+        })
+    };
     let handler = move |event: notify::Result<notify::Event>| match event {
-        Ok(event) if concerns_documents(&event) => {
+        Ok(event) if concerns_documents(&event) && ours(&event) => {
             let _ = tx.try_send(());
         }
         Ok(_) => {}
@@ -94,8 +110,15 @@ pub fn start(
             }
         },
     };
-    for path in &paths {
-        watcher.watch(path, RecursiveMode::Recursive)?;
+    for dir in &dirs {
+        watcher.watch(dir, RecursiveMode::Recursive)?;
+    }
+    for file in &files {
+        let parent = file
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        watcher.watch(parent, RecursiveMode::NonRecursive)?;
     }
     tracing::info!(
         paths = ?paths,
