@@ -406,6 +406,11 @@ async fn a_replacement_under_load_is_applied_by_diff_and_unchanged_clients_notic
         replaced["reconnected"], false,
         "the MQTT connector follows the new channels on its connection: {replaced}"
     );
+    assert_eq!(
+        replaced["bridges"],
+        json!({"added": [], "changed": [], "removed": [], "unchanged": ["mirror"]}),
+        "the bridge on A, whose channels did not change, keeps running: {replaced}"
+    );
     let diff = &replaced["diff"];
     assert_eq!(
         diff["channels"]["added"],

@@ -145,6 +145,9 @@ pub struct Replacement {
     /// Whether the document's connectors reconnected (a server, an address or a binding
     /// changed, or channels came or went); otherwise their upstream subscriptions stayed.
     pub reconnected: bool,
+    /// Bridges restarted because a channel they read or write changed (they resume from their
+    /// cursors); the others keep running.
+    pub bridges: crate::bridge::running::BridgeChanges,
     pub dry_run: bool,
     pub warnings: Vec<String>,
 }
@@ -460,6 +463,7 @@ impl SpecRegistry {
             match &result {
                 Ok(replaced) => {
                     reload.replaced.push(id.to_owned());
+                    reload.bridges = replaced.bridges.clone();
                     count_channels(&mut reload, &replaced.diff);
                 }
                 Err(RegistryError::Breaking(diff)) => count_channels(&mut reload, diff),
@@ -524,11 +528,13 @@ impl SpecRegistry {
             .iter()
             .map(|c| c.as_str().into())
             .collect();
+        let bridge_changes = self.bridges.plan(&bridges, &changed_channels);
         if dry_run {
             return Ok(Replacement {
                 document: info(&api, &entry.path, Source::Api, compiled.table.len()),
                 diff,
                 reconnected: reconnect,
+                bridges: bridge_changes,
                 dry_run: true,
                 warnings,
             });
@@ -540,7 +546,7 @@ impl SpecRegistry {
         let reconnect = self
             .swap(entry, api, &compiled.table, &diff, reconnect)
             .await?;
-        self.apply_bridges(bridges, &changed_channels).await?;
+        let bridges = self.apply_bridges(bridges, &changed_channels).await?;
         let document = entry.info.clone();
         drop(entries);
         self.changes.send_modify(|v| *v += 1);
@@ -548,6 +554,7 @@ impl SpecRegistry {
             document,
             diff,
             reconnected: reconnect,
+            bridges,
             dry_run: false,
             warnings,
         })
