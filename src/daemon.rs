@@ -450,90 +450,107 @@ impl crate::registry::Connectors for BuildConnectors {
         crate::connectors::compile(apis)
     }
 
-    fn start(
+    fn start_server(
         &self,
         hub: &Arc<Hub>,
         api: &crate::spec::Api,
+        server: &str,
         shutdown: &CancellationToken,
         tracker: &TaskTracker,
     ) -> Result<(), (String, String)> {
         let config = &*self.config;
-        for server in &api.servers {
-            // A server is connected to only if a route reads from or writes to it.
-            if !server_used(hub, api, &server.id) {
-                continue;
+        let Some(server) = api.servers.iter().find(|s| s.id == server) else {
+            return Ok(());
+        };
+        // A server is connected to only if a route reads from or writes to it.
+        let used = hub
+            .routes()
+            .any(|r| uses_server(&r.route(), &api.id, &server.id));
+        if !used {
+            return Ok(());
+        }
+        let key = ServerKey {
+            api: api.id.clone(),
+            server: server.id.clone(),
+        };
+        let overrides = config.server_override(&api.id, &server.id);
+        let configured;
+        let server = match overrides.optional {
+            Some(optional) if optional != server.optional => {
+                configured = crate::spec::Server {
+                    optional,
+                    ..server.clone()
+                };
+                &configured
             }
-            let key = ServerKey {
-                api: api.id.clone(),
-                server: server.id.clone(),
-            };
-            let overrides = config.server_override(&api.id, &server.id);
-            let configured;
-            let server = match overrides.optional {
-                Some(optional) if optional != server.optional => {
-                    configured = crate::spec::Server {
-                        optional,
-                        ..server.clone()
-                    };
-                    &configured
-                }
-                _ => server,
-            };
-            let Some(connector) = crate::connectors::REGISTRY.connector(server.protocol) else {
-                continue;
-            };
-            let started = connector
-                .start(crate::connectors::StartContext {
-                    hub,
-                    key: key.clone(),
-                    api,
-                    server,
-                    overrides: &overrides,
-                    config,
-                    shutdown,
-                    tracker,
-                })
-                .map_err(|reason| (key.to_string(), reason))?;
-            if !started {
-                tracing::debug!(server = %key, connector = connector.name(), "nothing to connect to");
-            }
+            _ => server,
+        };
+        let Some(connector) = crate::connectors::REGISTRY.connector(server.protocol) else {
+            return Ok(());
+        };
+        let started = connector
+            .start(crate::connectors::StartContext {
+                hub,
+                key: key.clone(),
+                api,
+                server,
+                overrides: &overrides,
+                config,
+                shutdown,
+                tracker,
+            })
+            .map_err(|reason| (key.to_string(), reason))?;
+        if !started {
+            tracing::debug!(server = %key, connector = connector.name(), "nothing to connect to");
         }
         Ok(())
     }
 
-    fn follow(&self, hub: &Arc<Hub>, api: &crate::spec::Api) -> bool {
-        for server in &api.servers {
-            let Some(connector) = crate::connectors::REGISTRY.connector(server.protocol) else {
-                continue;
-            };
-            let key = ServerKey {
-                api: api.id.clone(),
-                server: server.id.clone(),
-            };
-            let running = hub.connections().url(&key).is_some();
-            if !running && !server_used(hub, api, &server.id) {
-                continue;
-            }
-            // A connector that cannot follow, or one that is not running yet, restarts.
-            if !connector.follows_routes() || !hub.follow_routes(&key) {
-                return false;
-            }
+    fn can_follow(
+        &self,
+        hub: &Arc<Hub>,
+        api: &crate::spec::Api,
+        table: &RoutingTable,
+        server: &str,
+    ) -> bool {
+        let Some(protocol) = api
+            .servers
+            .iter()
+            .find(|s| s.id == server)
+            .map(|s| s.protocol)
+        else {
+            // Gone from the document: its connector, if any, stops.
+            return false;
+        };
+        let Some(connector) = crate::connectors::REGISTRY.connector(protocol) else {
+            return true;
+        };
+        let key = ServerKey {
+            api: api.id.clone(),
+            server: server.to_owned(),
+        };
+        let running = hub.connections().url(&key).is_some();
+        let used = table
+            .routes()
+            .iter()
+            .any(|r| uses_server(r, &api.id, server));
+        match (running, used) {
+            (false, used) => !used,
+            (true, _) => connector.follows_routes(),
         }
-        true
     }
 }
 
-/// Whether a route of `api` reads from or writes to server `server` through a connector.
-fn server_used(hub: &Hub, api: &crate::spec::Api, server: &str) -> bool {
-    hub.routes().any(|r| {
-        r.route().api == api.id
-            && (r.route().direction.readable || r.route().direction.writable)
-            && r.route().upstreams.iter().any(|u| {
-                u.server == server
-                    && !matches!(
-                        u.binding,
-                        UpstreamBinding::NoConnector | UpstreamBinding::DynamicAddress
-                    )
-            })
-    })
+/// Whether `route` of document `api` reads from or writes to server `server` through a
+/// connector.
+fn uses_server(route: &crate::routing::Route, api: &str, server: &str) -> bool {
+    route.api == api
+        && (route.direction.readable || route.direction.writable)
+        && route.upstreams.iter().any(|u| {
+            u.server == server
+                && !matches!(
+                    u.binding,
+                    UpstreamBinding::NoConnector | UpstreamBinding::DynamicAddress
+                )
+        })
 }

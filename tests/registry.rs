@@ -504,3 +504,116 @@ async fn a_replacement_under_load_is_applied_by_diff_and_unchanged_clients_notic
     assert_eq!(listed["version"], "2.0.0");
     assert_eq!(listed["channels"], 3);
 }
+
+/// Two MQTT servers on the same broker: `steady` carries channel `a`, `moving` channel `b`;
+/// `moving_host` is where `moving` is.
+fn two_servers(api: &str, p: &str, moving_host: &str) -> String {
+    format!(
+        r#"asyncapi: 3.0.0
+x-stepflow-id: {api}
+info: {{title: Two servers, version: 1.0.0}}
+servers:
+  steady: {{host: '127.0.0.1:1883', protocol: mqtt}}
+  moving: {{host: '{moving_host}', protocol: mqtt}}
+channels:
+  a:
+    address: '{p}/a/{{deviceId}}'
+    servers: [{{$ref: '#/servers/steady'}}]
+    messages:
+      m: {{payload: {{type: object, properties: {{seq: {{type: integer}}}}}}}}
+  b:
+    address: '{p}/b/{{deviceId}}'
+    servers: [{{$ref: '#/servers/moving'}}]
+    messages:
+      m: {{payload: {{type: object}}}}
+operations:
+  receiveA: {{action: receive, channel: {{$ref: '#/channels/a'}}, bindings: {{mqtt: {{qos: 1}}}}}}
+  receiveB: {{action: receive, channel: {{$ref: '#/channels/b'}}, bindings: {{mqtt: {{qos: 1}}}}}}
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_server_reconnects_its_own_connector_only() {
+    require_mosquitto();
+    let dir = tempfile::tempdir().unwrap();
+    let specs = dir.path().join("specs");
+    std::fs::create_dir_all(&specs).unwrap();
+    iot_spec(&specs, &unique("base"), &unique("b"), 1);
+    let daemon = Daemon::start(&["--specs", specs.to_str().unwrap()])
+        .await
+        .unwrap();
+    let (api, p) = (unique("two"), unique("t"));
+    let name = format!("{api}.yaml");
+    let r = post_spec(&daemon, &name, &two_servers(&api, &p, "127.0.0.1:1883")).await;
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let mut on_a = ws_connect(&daemon.ws_url(&format!("/ws/{api}.a")))
+        .await
+        .unwrap();
+    let mut on_b = SseClient::connect(&daemon.url(&format!("/sse/{api}.b")), None)
+        .await
+        .unwrap();
+    publish_until_seen(&mut on_b, &format!("{p}/b/1"), &json!({"n": 1})).await;
+    let connected = |server: &str| {
+        daemon
+            .log()
+            .matches(&format!("upstream connected server=\"{api}/{server}\""))
+            .count()
+    };
+    assert_eq!((connected("steady"), connected("moving")), (1, 1));
+
+    // 1,000 messages on `a` at 500/s; `moving` moves to another name of the broker meanwhile.
+    const COUNT: u64 = 1000;
+    let (progress, mut acked) = tokio::sync::watch::channel(0u64);
+    let topic = format!("{p}/a/1");
+    let publisher = tokio::spawn(async move {
+        publish_acknowledged_with(
+            1883,
+            move |_| topic.clone(),
+            |seq| json!({"seq": seq}).to_string(),
+            0..COUNT,
+            500,
+            progress,
+        )
+        .await
+    });
+    acked.wait_for(|n| *n >= 300).await.unwrap();
+    let r = put_spec(
+        &daemon,
+        &format!("/api/v1/specs/{api}"),
+        &two_servers(&api, &p, "localhost:1883"),
+    )
+    .await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let replaced: Value = r.json().await.unwrap();
+    assert_eq!(
+        replaced["diff"]["servers"]["changed"],
+        json!(["moving"]),
+        "{replaced}"
+    );
+    assert_eq!(replaced["reconnected"], true, "{replaced}");
+    assert_eq!(publisher.await.unwrap(), COUNT);
+
+    // `a`'s client saw every message once, in order: its server's connector never let go.
+    let seqs = seqs_of(&mut on_a, COUNT).await;
+    assert_eq!(seqs, (0..COUNT).collect::<Vec<_>>());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while connected("moving") < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "{}", daemon.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        connected("steady"),
+        1,
+        "only the changed server reconnected"
+    );
+    assert!(
+        daemon.log().contains(&format!(
+            "connectors restarted for the change document={api} servers=[\"moving\"]"
+        )),
+        "{}",
+        daemon.log()
+    );
+    // `b` is served through the moved server, on the same SSE stream.
+    publish_until_seen(&mut on_b, &format!("{p}/b/2"), &json!({"n": 2})).await;
+}

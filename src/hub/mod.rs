@@ -317,6 +317,18 @@ impl Hub {
         }
     }
 
+    /// Forgets what the connector of server `key` registered: its publisher, its follower,
+    /// its connection status (it is restarting or gone).
+    pub fn forget_server(&self, key: &ServerKey) {
+        if let Ok(mut publishers) = self.publishers.write() {
+            publishers.remove(key);
+        }
+        if let Ok(mut followers) = self.followers.write() {
+            followers.remove(key);
+        }
+        self.connections.forget_server(key);
+    }
+
     /// Connectors that can follow route changes register here per server.
     pub fn register_follower(&self, key: ServerKey, follower: Arc<dyn RouteFollower>) {
         if let Ok(mut map) = self.followers.write() {

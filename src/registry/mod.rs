@@ -12,12 +12,13 @@
 pub mod breaking;
 mod bridges;
 pub mod reloads;
+mod servers;
 pub mod watch;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use serde::Serialize;
 use tokio::sync::Mutex;
@@ -34,27 +35,26 @@ use breaking::DocumentDiff;
 use reloads::History;
 pub use reloads::{Outcome, Reload, Trigger};
 
-/// How long a removed document's connectors get to disconnect before the removal answers.
-const STOP_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// What the daemon gives the registry: this build's protocol support.
 pub trait Connectors: Send + Sync {
     /// Compiles `apis` into routes against the connectors this build has.
     fn compile(&self, apis: &[Api]) -> Result<Compiled, Vec<SpecError>>;
 
-    /// Starts the connectors of `api`'s servers on `tracker`; they stop when `shutdown` is
-    /// cancelled.
-    fn start(
+    /// Starts the connector of `api`'s server `server` on `tracker` (nothing when no route
+    /// uses it); it stops when `shutdown` is cancelled.
+    fn start_server(
         &self,
         hub: &Arc<Hub>,
         api: &Api,
+        server: &str,
         shutdown: &CancellationToken,
         tracker: &TaskTracker,
     ) -> Result<(), (String, String)>;
 
-    /// Has the running connectors of `api` (whose routes the hub now has) take up their new
-    /// routes in place; false when one of them cannot, and they must restart.
-    fn follow(&self, hub: &Arc<Hub>, api: &Api) -> bool;
+    /// Whether the connector of `api`'s server `server` can take up the routes of `table` (the
+    /// document's new ones) in place ([`crate::hub::RouteFollower`]): it runs and follows, or
+    /// it does not run and `table` gives it nothing to do.
+    fn can_follow(&self, hub: &Arc<Hub>, api: &Api, table: &RoutingTable, server: &str) -> bool;
 }
 
 /// Where a document came from.
@@ -157,8 +157,7 @@ struct Entry {
     /// The document as compiled now: the old side of the next replacement's diff.
     api: Arc<Api>,
     path: PathBuf,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
+    connectors: servers::ServerTasks,
 }
 
 /// The documents being served.
@@ -229,10 +228,10 @@ impl SpecRegistry {
             } else {
                 Source::File
             };
-            let entry = self.entry(api, path, source);
-            self.connectors
-                .start(&self.hub, api, &entry.shutdown, &entry.tracker)?;
-            entry.tracker.close();
+            let mut entry = self.entry(api, path, source);
+            entry
+                .connectors
+                .start(&*self.connectors, &self.hub, api, &self.shutdown, &|_| true)?;
             entries.insert(api.id.clone(), entry);
         }
         Ok(())
@@ -248,8 +247,7 @@ impl SpecRegistry {
             info: info(api, &path, source, channels),
             api: Arc::new(api.clone()),
             path,
-            shutdown: self.shutdown.child_token(),
-            tracker: TaskTracker::new(),
+            connectors: servers::ServerTasks::default(),
         }
     }
 
@@ -395,12 +393,13 @@ impl SpecRegistry {
             .add(table)
             .map_err(|e| RegistryError::Conflict(e.to_string()))?;
         let operations = self.operations.add(api);
-        let entry = self.entry(api, path, source);
+        let mut entry = self.entry(api, path, source);
         if let Err((server, reason)) =
-            self.connectors
-                .start(&self.hub, api, &entry.shutdown, &entry.tracker)
+            entry
+                .connectors
+                .start(&*self.connectors, &self.hub, api, &self.shutdown, &|_| true)
         {
-            entry.shutdown.cancel();
+            entry.connectors.cancel_all();
             self.hub.remove_api(&api.id);
             self.operations.remove_api(&api.id);
             self.hub.connections().forget(&api.id);
@@ -408,7 +407,6 @@ impl SpecRegistry {
                 "cannot start server {server}: {reason}"
             )));
         }
-        entry.tracker.close();
         Ok((entry, channels, operations))
     }
 
@@ -593,7 +591,10 @@ impl SpecRegistry {
         )
     }
 
-    /// Applies a checked replacement to the running gateway.
+    /// Applies a checked replacement to the running gateway. When `reconnect` (the routes'
+    /// upstream side changed), the connectors of servers that changed, came or went restart;
+    /// the others take the new routes up in place where they can (MQTT) and restart where they
+    /// cannot. Returns whether any connector restarted.
     async fn swap(
         &self,
         entry: &mut Entry,
@@ -603,61 +604,83 @@ impl SpecRegistry {
         reconnect: bool,
     ) -> Result<bool, RegistryError> {
         let id = entry.info.id.clone();
-        // Connectors that follow their routes take the change up in place when only channels
-        // and bindings changed (not the servers): nothing is redelivered, no route sees a gap.
-        // Tried on a table that already has the new routes; when one cannot, all restart.
-        let mut replaced = None;
-        if reconnect && diff.servers.is_empty() {
-            let swapped = self
-                .hub
-                .replace_api(&id, table)
-                .map_err(|e| RegistryError::Conflict(e.to_string()))?;
-            if self.connectors.follow(&self.hub, &api) {
-                self.operations.remove_api(&id);
-                self.operations.add(&api);
-                self.swapped(entry, api, table, diff, &swapped, false);
-                return Ok(false);
-            }
-            tracing::info!(document = %id, "a connector cannot follow the change in place: restarting them");
-            replaced = Some(swapped);
-        }
-        if reconnect {
-            // Intake stops before the routes change, so no message is taken for a route that
-            // is about to go; the log keeps what the broker redelivers after the reconnect.
-            entry.shutdown.cancel();
-            entry.tracker.close();
-            if tokio::time::timeout(STOP_TIMEOUT, entry.tracker.wait())
-                .await
-                .is_err()
-            {
-                tracing::warn!(document = %id, "connectors of a replaced document did not stop in time");
-            }
-            self.hub.forget_publishers(&id);
-            self.hub.connections().forget(&id);
-        }
-        let replaced = match replaced {
-            Some(replaced) => replaced,
-            None => self
-                .hub
-                .replace_api(&id, table)
-                .map_err(|e| RegistryError::Conflict(e.to_string()))?,
+        let changed: HashSet<&str> = diff
+            .servers
+            .added
+            .iter()
+            .chain(&diff.servers.removed)
+            .chain(&diff.servers.changed)
+            .map(String::as_str)
+            .collect();
+        // Decided before the routes change: a connector that restarts stops its intake first,
+        // so no message is taken for a route that is about to go (the log keeps what the
+        // broker redelivers after the reconnect).
+        let restart: HashSet<String> = if reconnect {
+            entry
+                .api
+                .servers
+                .iter()
+                .chain(&api.servers)
+                .map(|s| s.id.clone())
+                .filter(|s| {
+                    changed.contains(s.as_str())
+                        || !self.connectors.can_follow(&self.hub, &api, table, s)
+                })
+                .collect()
+        } else {
+            HashSet::new()
         };
+        entry.connectors.stop(&id, &|s| restart.contains(s)).await;
+        for server in &restart {
+            self.hub.forget_server(&crate::upstream::ServerKey {
+                api: id.clone(),
+                server: server.clone(),
+            });
+        }
+        let replaced = self
+            .hub
+            .replace_api(&id, table)
+            .map_err(|e| RegistryError::Conflict(e.to_string()))?;
         self.operations.remove_api(&id);
         self.operations.add(&api);
+        let mut restart = restart;
         if reconnect {
-            entry.shutdown = self.shutdown.child_token();
-            entry.tracker = TaskTracker::new();
+            for server in &api.servers {
+                if restart.contains(&server.id) {
+                    continue;
+                }
+                let key = crate::upstream::ServerKey {
+                    api: id.clone(),
+                    server: server.id.clone(),
+                };
+                // Running and able to follow: it takes the new routes up on its connection.
+                // (One that cannot, against expectation, restarts.)
+                let running = self.hub.connections().url(&key).is_some();
+                if running && !self.hub.follow_routes(&key) {
+                    entry.connectors.stop(&id, &|s| s == server.id).await;
+                    self.hub.forget_server(&key);
+                    restart.insert(server.id.clone());
+                }
+            }
             if let Err((server, reason)) =
-                self.connectors
-                    .start(&self.hub, &api, &entry.shutdown, &entry.tracker)
+                entry
+                    .connectors
+                    .start(&*self.connectors, &self.hub, &api, &self.shutdown, &|s| {
+                        restart.contains(s)
+                    })
             {
                 // The new text is in place and served; its connector retries or reports.
                 tracing::error!(document = %id, server = %server, reason = %reason, "cannot start a replaced document's connector");
             }
-            entry.tracker.close();
         }
-        self.swapped(entry, api, table, diff, &replaced, reconnect);
-        Ok(reconnect)
+        let reconnected = !restart.is_empty();
+        if reconnected {
+            let mut servers: Vec<&String> = restart.iter().collect();
+            servers.sort();
+            tracing::info!(document = %id, servers = ?servers, "connectors restarted for the change");
+        }
+        self.swapped(entry, api, table, diff, &replaced, reconnected);
+        Ok(reconnected)
     }
 
     /// Records a swap in `entry`, logs it, and says whether the connectors reconnected.
@@ -767,17 +790,10 @@ impl SpecRegistry {
 
     /// Takes a document out of service: intake stops, its routes close their clients, its
     /// operations go, and with `purge` its logs.
-    async fn uninstall(&self, entry: Entry, purge: bool) -> Removed {
+    async fn uninstall(&self, mut entry: Entry, purge: bool) -> Removed {
         let id = entry.info.id.clone();
         // Intake stops first, so nothing is appended to a log that is about to be purged.
-        entry.shutdown.cancel();
-        entry.tracker.close();
-        if tokio::time::timeout(STOP_TIMEOUT, entry.tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(document = %id, tasks = entry.tracker.len(), "connectors of a removed document did not stop in time");
-        }
+        entry.connectors.stop(&id, &|_| true).await;
         let routes = self.hub.remove_api(&id);
         let operations = self.operations.remove_api(&id);
         self.hub.connections().forget(&id);
@@ -1067,7 +1083,10 @@ impl SpecRegistry {
     pub async fn connectors_stopped(&self) {
         let trackers: Vec<TaskTracker> = {
             let entries = self.entries.lock().await;
-            entries.values().map(|e| e.tracker.clone()).collect()
+            entries
+                .values()
+                .flat_map(|e| e.connectors.trackers())
+                .collect()
         };
         for tracker in trackers {
             tracker.close();
@@ -1078,7 +1097,7 @@ impl SpecRegistry {
     /// Connector tasks still running.
     pub async fn connector_tasks(&self) -> usize {
         let entries = self.entries.lock().await;
-        entries.values().map(|e| e.tracker.len()).sum()
+        entries.values().map(|e| e.connectors.len()).sum()
     }
 }
 

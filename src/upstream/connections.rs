@@ -109,6 +109,12 @@ impl Connections {
         }
     }
 
+    pub fn forget_server(&self, key: &ServerKey) {
+        if let Ok(mut map) = self.inner.write() {
+            map.remove(key);
+        }
+    }
+
     pub fn set(&self, key: &ServerKey, state: ConnectionState, error: Option<String>) {
         if let Ok(mut map) = self.inner.write()
             && let Some(status) = map.get_mut(key)
