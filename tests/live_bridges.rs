@@ -204,19 +204,12 @@ async fn a_bridge_put_over_the_api_copies_at_once_resumes_when_changed_and_survi
     // (every message copied, none twice), the new lane to B starts at the end of the log,
     // and the file's bridge, unchanged, never stops.
     const COUNT: u64 = 1500;
-    let (progress, mut acked) = tokio::sync::watch::channel(0u64);
-    let load_topic = topic.clone();
-    let publisher = tokio::spawn(async move {
-        publish_acknowledged_with(
-            1883,
-            move |_| load_topic.clone(),
-            |seq| json!({"temperature": 2.0, "seq": seq}).to_string(),
-            2..2 + COUNT,
-            500,
-            progress,
-        )
-        .await
-    });
+    let (publisher, mut acked) = spawn_publisher(
+        topic.clone(),
+        |seq| json!({"temperature": 2.0, "seq": seq}).to_string(),
+        2..2 + COUNT,
+        500,
+    );
     acked.wait_for(|n| *n >= 500).await.unwrap();
     let to_a_and_b = bridge_yaml(
         &telemetry,

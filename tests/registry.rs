@@ -385,19 +385,12 @@ async fn a_replacement_under_load_is_applied_by_diff_and_unchanged_clients_notic
 
     // 3,000 messages at 1,000/s; the replacement lands a second in.
     const COUNT: u64 = 3000;
-    let (progress, mut acked) = tokio::sync::watch::channel(0u64);
-    let topic = format!("{p}/t/d1");
-    let publisher = tokio::spawn(async move {
-        publish_acknowledged_with(
-            1883,
-            move |_| topic.clone(),
-            |seq| json!({"seq": seq}).to_string(),
-            0..COUNT,
-            1000,
-            progress,
-        )
-        .await
-    });
+    let (publisher, mut acked) = spawn_publisher(
+        format!("{p}/t/d1"),
+        |seq| json!({"seq": seq}).to_string(),
+        0..COUNT,
+        1000,
+    );
     acked.wait_for(|n| *n >= 1000).await.unwrap();
     let r = put_spec(&daemon, &spec_path, &v2).await;
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
@@ -564,19 +557,12 @@ async fn a_changed_server_reconnects_its_own_connector_only() {
 
     // 1,000 messages on `a` at 500/s; `moving` moves to another name of the broker meanwhile.
     const COUNT: u64 = 1000;
-    let (progress, mut acked) = tokio::sync::watch::channel(0u64);
-    let topic = format!("{p}/a/1");
-    let publisher = tokio::spawn(async move {
-        publish_acknowledged_with(
-            1883,
-            move |_| topic.clone(),
-            |seq| json!({"seq": seq}).to_string(),
-            0..COUNT,
-            500,
-            progress,
-        )
-        .await
-    });
+    let (publisher, mut acked) = spawn_publisher(
+        format!("{p}/a/1"),
+        |seq| json!({"seq": seq}).to_string(),
+        0..COUNT,
+        500,
+    );
     acked.wait_for(|n| *n >= 300).await.unwrap();
     let r = put_spec(
         &daemon,

@@ -428,6 +428,32 @@ pub async fn publish_acknowledged_on(
     publish_acknowledged_with(port, topic_of, payload_of, seqs, per_second, on_progress).await
 }
 
+/// [`publish_acknowledged_with`] on `topic` in a task of its own: its handle (the count
+/// acknowledged) and how many are acknowledged so far.
+pub fn spawn_publisher(
+    topic: String,
+    payload_of: impl Fn(u64) -> String + Send + 'static,
+    seqs: std::ops::Range<u64>,
+    per_second: u64,
+) -> (
+    tokio::task::JoinHandle<u64>,
+    tokio::sync::watch::Receiver<u64>,
+) {
+    let (progress, acked) = tokio::sync::watch::channel(0u64);
+    let publisher = tokio::spawn(async move {
+        publish_acknowledged_with(
+            1883,
+            move |_| topic.clone(),
+            payload_of,
+            seqs,
+            per_second,
+            progress,
+        )
+        .await
+    });
+    (publisher, acked)
+}
+
 /// Like [`publish_acknowledged_on`], with the payload `payload_of(seq)`.
 pub async fn publish_acknowledged_with(
     port: u16,
