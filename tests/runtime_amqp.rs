@@ -589,3 +589,142 @@ async fn a_full_disk_nacks_deliveries_with_requeue_and_the_log_heals_when_space_
     drop(daemon);
     amqp_cleanup(&prefix, &["telemetry"]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replacement_is_followed_on_the_connection_and_unchanged_routes_see_every_message_once() {
+    require_rabbitmq();
+    require_mosquitto();
+    let dir = tempfile::tempdir().unwrap();
+    let specs = dir.path().join("specs");
+    std::fs::create_dir_all(&specs).unwrap();
+    iot_spec(&specs, &unique("base"), &unique("b"), 1);
+    let daemon = Daemon::start(&["--specs", specs.to_str().unwrap()])
+        .await
+        .unwrap();
+    let (api, prefix) = (unique("afollow"), unique("f"));
+    let staging = tempfile::tempdir().unwrap();
+    let v1 = std::fs::read_to_string(amqp_spec(staging.path(), &api, &prefix)).unwrap();
+    // Version 2 adds a readable `alerts` channel with a queue of its own.
+    let v2 = v1
+        .replace(
+            "  commands:\n",
+            &format!(
+                "  alerts:\n    address: 'devices/{{deviceId}}/alerts'\n    bindings:\n      amqp:\n        is: routingKey\n        exchange: {{name: {prefix}.events, type: topic, durable: true, autoDelete: false}}\n        queue: {{name: {prefix}.alerts, durable: true, exclusive: false, autoDelete: false}}\n    messages:\n      alert: {{payload: {{type: object}}}}\n  commands:\n"
+            ),
+        )
+        .replace(
+            "  sendCommand:\n",
+            "  receiveAlerts:\n    action: receive\n    channel: {$ref: '#/channels/alerts'}\n  sendCommand:\n",
+        );
+    assert_ne!(v1, v2);
+    let client = reqwest::Client::new();
+    let r = client
+        .post(daemon.url(&format!("/api/v1/specs?name={api}.yaml")))
+        .body(v1.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let mut ws = ws_connect(&daemon.ws_url(&format!("/ws/{api}.telemetry")))
+        .await
+        .unwrap();
+    let connected = || {
+        daemon
+            .log()
+            .matches(&format!("upstream connected server=\"{api}/rabbit\""))
+            .count()
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while connected() < 1 {
+        assert!(tokio::time::Instant::now() < deadline, "{}", daemon.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // 600 confirmed messages on `telemetry`; version 2 lands a third of the way in.
+    const COUNT: u64 = 600;
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let publisher = {
+        let (sent, prefix) = (sent.clone(), prefix.clone());
+        tokio::spawn(async move {
+            let (_conn, ch) = amqp_confirm_channel().await.unwrap();
+            for seq in 0..COUNT {
+                publish(
+                    &ch,
+                    &prefix,
+                    "devices.1.telemetry",
+                    &json!({"temperature": 1, "seq": seq}),
+                )
+                .await;
+                sent.store(seq + 1, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    while sent.load(std::sync::atomic::Ordering::Relaxed) < COUNT / 3 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let r = client
+        .put(daemon.url(&format!("/api/v1/specs/{api}")))
+        .body(v2.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let replaced: Value = r.json().await.unwrap();
+    assert_eq!(replaced["reconnected"], false, "{replaced}");
+    assert_eq!(
+        replaced["diff"]["channels"]["added"],
+        json!([format!("{api}.alerts")])
+    );
+    publisher.await.unwrap();
+    let mut seqs = Vec::new();
+    while (seqs.len() as u64) < COUNT {
+        let frame = ws_next_json(&mut ws, WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("after {} of {COUNT}: {e}", seqs.len()));
+        assert_eq!(frame["headers"]["amqp_redelivered"], "false", "{frame}");
+        seqs.push(frame["payload"]["seq"].as_u64().unwrap());
+    }
+    assert_eq!(
+        seqs,
+        (0..COUNT).collect::<Vec<_>>(),
+        "every message once, in order"
+    );
+    assert_eq!(connected(), 1, "the connection stayed:\n{}", daemon.log());
+
+    // The new channel is consumed on the same connection.
+    let mut alerts = SseClient::connect(&daemon.url(&format!("/sse/{api}.alerts")), None)
+        .await
+        .unwrap();
+    let (_conn, ch) = amqp_confirm_channel().await.unwrap();
+    publish(&ch, &prefix, "devices.7.alerts", &json!({"level": "high"})).await;
+    let (_, frame) = alerts.next_message(WAIT).await.unwrap();
+    assert_eq!(frame["params"]["deviceId"], "7", "{frame}");
+
+    // Back to version 1: the alerts consumer is cancelled; telemetry goes on.
+    let r = client
+        .put(daemon.url(&format!("/api/v1/specs/{api}")))
+        .body(v1)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert!(
+        daemon.log().contains(&format!(
+            "AMQP connector follows the document's new routes server={api}/rabbit added=0 removed=1"
+        )),
+        "{}",
+        daemon.log()
+    );
+    publish(
+        &ch,
+        &prefix,
+        "devices.1.telemetry",
+        &json!({"temperature": 1, "seq": COUNT}),
+    )
+    .await;
+    let frame = ws_next_json(&mut ws, WAIT).await.unwrap();
+    assert_eq!(frame["payload"]["seq"], COUNT);
+    assert_eq!(connected(), 1, "{}", daemon.log());
+    amqp_cleanup(&prefix, &["telemetry", "alerts"]).await;
+}

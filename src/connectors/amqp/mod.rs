@@ -6,6 +6,10 @@
 //! RabbitMQ's own and only used) and, for readable routes, a queue (the binding's, or
 //! `stepflow.{route}`) bound with the topic pattern; `is: queue` consumes that queue.
 //!
+//! A replaced document's new routes are taken up on the running connection ([`AmqpFollower`]):
+//! new topology declared and consumed, removed routes' consumers cancelled, the others left
+//! alone, so RabbitMQ redelivers nothing to them.
+//!
 //! A delivery is acknowledged only after the log flushed it (or its dead letter); if it cannot be
 //! logged it is nacked with requeue. lapin does not recover connections by itself: a supervisor
 //! task reconnects with backoff, redeclares the topology and restarts the consumers; RabbitMQ
@@ -22,8 +26,9 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -147,19 +152,7 @@ impl AmqpConnector {
         config: AmqpServerConfig,
         optional: bool,
     ) -> AmqpConnector {
-        let routes = hub
-            .routes()
-            .filter(|r| r.route().api == key.api)
-            .filter_map(|r| {
-                r.route()
-                    .upstreams
-                    .iter()
-                    .find_map(|u| match u.binding.get::<AmqpRoute>() {
-                        Some(a) if u.server == key.server => Some((r.clone(), a.clone())),
-                        _ => None,
-                    })
-            })
-            .collect();
+        let routes = routes_of(hub, &key);
         AmqpConnector {
             key,
             config,
@@ -186,11 +179,26 @@ impl AmqpConnector {
                 connections: connections.clone(),
             }),
         );
+        let shared = Arc::new(Shared {
+            routes: RwLock::new(self.routes),
+            session: std::sync::Mutex::new(None),
+        });
+        hub.register_follower(
+            self.key.clone(),
+            Arc::new(AmqpFollower {
+                hub: Arc::downgrade(&hub),
+                key: self.key.clone(),
+                shared: shared.clone(),
+                tracker: tracker.clone(),
+                progress: progress.clone(),
+                changes: Arc::default(),
+            }),
+        );
         let supervisor = Supervisor {
             hub,
             key: self.key,
             config: self.config,
-            routes: self.routes,
+            shared,
             connections,
             publish_channel,
             tracker: tracker.clone(),
@@ -200,11 +208,213 @@ impl AmqpConnector {
     }
 }
 
+/// The routes of `key` with an AMQP upstream on it.
+fn routes_of(hub: &Hub, key: &ServerKey) -> Vec<(Arc<LiveRoute>, AmqpRoute)> {
+    hub.routes()
+        .filter(|r| r.route().api == key.api)
+        .filter_map(|r| {
+            r.route()
+                .upstreams
+                .iter()
+                .find_map(|u| match u.binding.get::<AmqpRoute>() {
+                    Some(a) if u.server == key.server => Some((r.clone(), a.clone())),
+                    _ => None,
+                })
+        })
+        .collect()
+}
+
+/// What the supervisor and the follower share: the routes the connection serves (declared and
+/// consumed at each connect), and the live connection's channels, if there is one.
+struct Shared {
+    routes: RwLock<Vec<(Arc<LiveRoute>, AmqpRoute)>>,
+    session: std::sync::Mutex<Option<Session>>,
+}
+
+#[derive(Clone)]
+struct Session {
+    publish: Channel,
+    consume: Channel,
+    lost: mpsc::Sender<String>,
+}
+
+impl Shared {
+    fn routes(&self) -> Vec<(Arc<LiveRoute>, AmqpRoute)> {
+        self.routes
+            .read()
+            .map(|r| r.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    fn set_session(&self, session: Option<Session>) {
+        *self.session.lock().unwrap_or_else(|p| p.into_inner()) = session;
+    }
+}
+
+/// Takes up a replaced document's routes on the running connection: new routes' topology
+/// declared and their queues consumed, removed (or rebound) routes' consumers cancelled.
+/// Unchanged routes keep their consumers, so RabbitMQ redelivers nothing to them.
+struct AmqpFollower {
+    /// Weak: the hub holds the follower.
+    hub: std::sync::Weak<Hub>,
+    key: ServerKey,
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+    progress: Arc<IntakeProgress>,
+    /// One change at a time, in order.
+    changes: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Whether two bindings of one route differ (what its consumer was made from).
+fn same_binding(a: &AmqpRoute, b: &AmqpRoute) -> bool {
+    serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
+}
+
+impl crate::hub::RouteFollower for AmqpFollower {
+    fn follow_routes(&self, hub: &Hub) {
+        let new = routes_of(hub, &self.key);
+        let old = std::mem::replace(
+            &mut *self
+                .shared
+                .routes
+                .write()
+                .unwrap_or_else(|p| p.into_inner()),
+            new.clone(),
+        );
+        let kept = |r: &(Arc<LiveRoute>, AmqpRoute), other: &[(Arc<LiveRoute>, AmqpRoute)]| {
+            other.iter().any(|(o, a)| {
+                o.id() == r.0.id()
+                    && same_binding(a, &r.1)
+                    && o.route().direction == r.0.route().direction
+            })
+        };
+        let added: Vec<_> = new.iter().filter(|r| !kept(r, &old)).cloned().collect();
+        let removed: Vec<_> = old.iter().filter(|r| !kept(r, &new)).cloned().collect();
+        let session = self
+            .shared
+            .session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let (Some(session), Some(hub)) = (session, self.hub.upgrade()) else {
+            // Not connected: the next connection declares and consumes the new set.
+            return;
+        };
+        tracing::info!(
+            server = %self.key,
+            added = added.len(),
+            removed = removed.len(),
+            "AMQP connector follows the document's new routes"
+        );
+        let (key, tracker, progress, changes) = (
+            self.key.clone(),
+            self.tracker.clone(),
+            self.progress.clone(),
+            self.changes.clone(),
+        );
+        self.tracker.spawn(async move {
+            let _one_at_a_time = changes.lock().await;
+            for (route, _) in &removed {
+                if route.route().direction.readable {
+                    let tag = consumer_tag(route);
+                    if let Err(e) = session
+                        .consume
+                        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                        .await
+                    {
+                        tracing::warn!(server = %key, channel = %route.id(), error = %e, "cannot cancel a removed route's consumer");
+                    }
+                }
+            }
+            for (route, amqp) in added {
+                match start_consumer(&session, &route, &amqp).await {
+                    Ok(Some(consumer)) => spawn_intake(
+                        &tracker,
+                        &hub,
+                        &key,
+                        &progress,
+                        &session.lost,
+                        route,
+                        amqp,
+                        consumer,
+                    ),
+                    Ok(None) => {}
+                    Err(e) => {
+                        // The connection starts over and declares everything (and reports).
+                        let _ = session.lost.try_send(e);
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}
+
+fn consumer_tag(route: &LiveRoute) -> String {
+    format!("stepflow-{}", route.id())
+}
+
+/// Declares a route's topology and, for a readable one with a queue, consumes it.
+async fn start_consumer(
+    session: &Session,
+    route: &LiveRoute,
+    amqp: &AmqpRoute,
+) -> Result<Option<lapin::Consumer>, String> {
+    declare(&session.publish, amqp, route.route().direction.readable)
+        .await
+        .map_err(|e| format!("declaring the topology of {}: {e}", route.id()))?;
+    if !route.route().direction.readable {
+        return Ok(None);
+    }
+    let Some(queue) = &amqp.queue else {
+        return Ok(None);
+    };
+    session
+        .consume
+        .basic_consume(
+            queue.name.as_str().into(),
+            consumer_tag(route).as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map(Some)
+        .map_err(|e| e.to_string())
+}
+
+/// Starts the tasks that log a consumer's deliveries and acknowledge them once flushed.
+#[allow(clippy::too_many_arguments)]
+fn spawn_intake(
+    tracker: &TaskTracker,
+    hub: &Arc<Hub>,
+    key: &ServerKey,
+    progress: &Arc<IntakeProgress>,
+    lost: &mpsc::Sender<String>,
+    route: Arc<LiveRoute>,
+    amqp: AmqpRoute,
+    consumer: lapin::Consumer,
+) {
+    let (acks_tx, acks_rx) = mpsc::channel(1024);
+    tracker.spawn(consume_route(
+        RouteIntake {
+            hub: hub.clone(),
+            server: key.server.clone().into(),
+            route,
+            amqp,
+            acks: acks_tx,
+            lost: lost.clone(),
+            progress: progress.clone(),
+        },
+        consumer,
+    ));
+    tracker.spawn(acknowledge(acks_rx, hub.store().clone(), progress.clone()));
+}
+
 struct Supervisor {
     hub: Arc<Hub>,
     key: ServerKey,
     config: AmqpServerConfig,
-    routes: Vec<(Arc<LiveRoute>, AmqpRoute)>,
+    shared: Arc<Shared>,
     connections: Connections,
     publish_channel: Arc<RwLock<Option<Channel>>>,
     tracker: TaskTracker,
@@ -237,6 +447,7 @@ impl Supervisor {
                     if let Ok(mut slot) = self.publish_channel.write() {
                         *slot = None;
                     }
+                    self.shared.set_session(None);
                     match reason {
                         None => {
                             // Consumers stop on the token and acknowledge what is logged; give
@@ -310,49 +521,33 @@ impl Supervisor {
             .basic_qos(self.config.prefetch, BasicQosOptions::default())
             .await
             .map_err(|e| e.to_string())?;
+        let session = Session {
+            publish: publish.clone(),
+            consume,
+            lost: lost_tx.clone(),
+        };
         let mut consumers = Vec::new();
-        for (route, amqp) in &self.routes {
-            declare(&publish, amqp, route.route().direction.readable)
-                .await
-                .map_err(|e| format!("declaring the topology of {}: {e}", route.id()))?;
-            if !route.route().direction.readable {
-                continue;
+        for (route, amqp) in self.shared.routes() {
+            if let Some(consumer) = start_consumer(&session, &route, &amqp).await? {
+                consumers.push((route, amqp, consumer));
             }
-            let Some(queue) = &amqp.queue else { continue };
-            let consumer = consume
-                .basic_consume(
-                    queue.name.as_str().into(),
-                    format!("stepflow-{}", route.id()).into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-            consumers.push((route.clone(), amqp.clone(), consumer));
         }
         if let Ok(mut slot) = self.publish_channel.write() {
             *slot = Some(publish);
         }
         for (route, amqp, consumer) in consumers {
-            let (acks_tx, acks_rx) = mpsc::channel(1024);
-            self.tracker.spawn(consume_route(
-                RouteIntake {
-                    hub: self.hub.clone(),
-                    server: self.key.server.clone().into(),
-                    route,
-                    amqp,
-                    acks: acks_tx,
-                    lost: lost_tx.clone(),
-                    progress: self.progress.clone(),
-                },
+            spawn_intake(
+                &self.tracker,
+                &self.hub,
+                &self.key,
+                &self.progress,
+                &lost_tx,
+                route,
+                amqp,
                 consumer,
-            ));
-            self.tracker.spawn(acknowledge(
-                acks_rx,
-                self.hub.store().clone(),
-                self.progress.clone(),
-            ));
+            );
         }
+        self.shared.set_session(Some(session));
         let lost = async move {
             lost_rx
                 .recv()
@@ -714,6 +909,10 @@ impl crate::connectors::Connector for Amqp {
 
     fn bindings(&self) -> &dyn crate::routing::BindingReader {
         &AmqpBindings
+    }
+
+    fn follows_routes(&self) -> bool {
+        true
     }
 
     fn start(&self, cx: crate::connectors::StartContext<'_>) -> Result<bool, String> {
