@@ -55,6 +55,16 @@ async fn asyncapi(daemon: &Daemon, key: &str) -> Value {
     r.json().await.unwrap()
 }
 
+/// `value`, or what its local `$ref` points at.
+fn resolve<'a>(document: &'a Value, value: &'a Value) -> &'a Value {
+    match value["$ref"].as_str().and_then(|r| r.strip_prefix('#')) {
+        Some(pointer) => document
+            .pointer(pointer)
+            .unwrap_or_else(|| panic!("{pointer} points nowhere")),
+        None => value,
+    }
+}
+
 fn keys(map: &Value) -> Vec<String> {
     map.as_object().unwrap().keys().cloned().collect()
 }
@@ -116,12 +126,11 @@ async fn the_asyncapi_self_description_passes_the_reference_parser_and_follows_t
     }
     let telemetry = &channels["iot_telemetry_sse"];
     assert_eq!(telemetry["address"], "/sse/iot.telemetry", "{telemetry}");
-    let frame = &telemetry["messages"]["frame"]["payload"];
+    let frame = resolve(&document, &telemetry["messages"]["frame"]);
+    let payload = resolve(&document, &frame["payload"]["properties"]["payload"]);
     assert!(
-        frame["properties"]["payload"]["properties"]
-            .get("temperature")
-            .is_some(),
-        "the source document's schema: {frame}"
+        payload["properties"].get("temperature").is_some(),
+        "the source document's schema: {frame} {payload}"
     );
     let post = &document["operations"]["iot_commands_http_receive"];
     assert_eq!(post["bindings"]["http"]["method"], "POST", "{post}");

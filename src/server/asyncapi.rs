@@ -70,6 +70,8 @@ pub fn describe(
     let mut channels = Map::new();
     let mut operations = Map::new();
     let mut keys = HashSet::new();
+    let mut schemas = Map::new();
+    let mut messages = Map::new();
     for route in routes {
         let readable =
             route.direction.readable && principal.allows(&Need::Subscribe(route.id.to_string()));
@@ -79,24 +81,38 @@ pub fn describe(
             continue;
         }
         let key = unique_key(&route.id, &mut keys);
-        let payload = payload_schema(route);
+        // Each schema once, in the components; channels and messages refer to it.
+        schemas.insert(key.clone(), payload_schema(route));
+        let payload = json!({"$ref": format!("#/components/schemas/{key}")});
         let query = query_schema(route);
         let summary = route
             .description
             .clone()
             .unwrap_or_else(|| format!("{} of {}", route.channel, route.api));
-        let frame = json!({
-            "name": "frame",
-            "title": "A message of the channel's log",
-            "contentType": "application/json",
-            "payload": frame_schema(payload.clone()),
-        });
-        let published = json!({
-            "name": "payload",
-            "title": "A message to publish",
-            "contentType": "application/json",
-            "payload": payload,
-        });
+        let frame = json!({"$ref": format!("#/components/messages/{key}_frame")});
+        let published = json!({"$ref": format!("#/components/messages/{key}_payload")});
+        if readable {
+            messages.insert(
+                format!("{key}_frame"),
+                json!({
+                    "name": "frame",
+                    "title": "A message of the channel's log",
+                    "contentType": "application/json",
+                    "payload": frame_schema(payload.clone()),
+                }),
+            );
+        }
+        if writable {
+            messages.insert(
+                format!("{key}_payload"),
+                json!({
+                    "name": "payload",
+                    "title": "A message to publish",
+                    "contentType": "application/json",
+                    "payload": payload,
+                }),
+            );
+        }
         let mut ws_messages = Map::new();
         if readable {
             ws_messages.insert("frame".into(), frame.clone());
@@ -181,6 +197,8 @@ pub fn describe(
         "channels": channels,
         "operations": operations,
         "components": {
+            "schemas": schemas,
+            "messages": messages,
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer", "description": "An API key or a JWT"},
                 "apiKey": {"type": "httpApiKey", "in": "header", "name": "X-API-Key"},
