@@ -246,6 +246,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             bound.ip().is_loopback(),
             tls.is_some(),
         )),
+        asyncapi: Arc::default(),
     };
     let http = tokio::spawn(server::run(listener, tls, state));
     reload_on_changes(&registry, &config, http_shutdown.clone());

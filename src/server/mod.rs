@@ -52,6 +52,8 @@ pub struct AppState {
     pub catalogue_changes: Arc<tokio::sync::watch::Sender<u64>>,
     /// `/mcp`: its settings, with the `Host` names it accepts resolved (empty: any).
     pub mcp: Arc<mcp::McpSettings>,
+    /// `/api/v1/asyncapi.json` documents built for the current registry generation.
+    pub asyncapi: Arc<asyncapi::Described>,
 }
 
 /// The router.
