@@ -1025,3 +1025,38 @@ async fn a_fleet_with_wildcard_channels_and_yaml_words_delivers_what_devices_sen
     let body: Value = serde_json::from_slice(&command.payload).unwrap();
     assert_eq!(body["action"], "on");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_with_one_client_id_back_off_and_say_so_instead_of_flapping() {
+    let broker = OwnMosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (api, p) = (unique("twin"), unique("t"));
+    let spec = iot_spec(dir.path(), &api, &p, 1);
+    let server = format!("{api}/broker={}", broker.url());
+    let args = ["--specs", spec.to_str().unwrap(), "--server", &server];
+    let first = Daemon::start(&args).await.unwrap();
+    let second = Daemon::start(&args).await.unwrap();
+    // Both use the client id the document gives: the broker hands the session to the newest
+    // connection and drops the other, each time.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let connects = |d: &Daemon| {
+        d.log()
+            .matches(&format!("upstream connected server=\"{api}/broker\""))
+            .count()
+    };
+    let (a, b) = (connects(&first), connects(&second));
+    eprintln!("connects in 8 s with one client id: {a} + {b}");
+    // Without the backoff the pair took the session from each other every few milliseconds
+    // (hundreds of connects in 8 s); with it, each waits up to 5 s between attempts.
+    assert!(a + b < 30, "{a} + {b} connects in 8 s");
+    let warned = |d: &Daemon| {
+        d.log()
+            .contains("is another client using the same client id?")
+    };
+    assert!(
+        warned(&first) || warned(&second),
+        "{}\n{}",
+        first.log(),
+        second.log()
+    );
+}

@@ -15,7 +15,17 @@ pub(super) struct EventLoopTask {
     /// way to slow the broker down.
     pub(super) clean_session: bool,
     pub(super) progress: Arc<IntakeProgress>,
+    /// For the warning when the broker keeps dropping the connection right after accepting it.
+    pub(super) client_id: String,
 }
+
+/// A connection that lasted this long was a good one: the next reconnect starts from the
+/// shortest delay again. One dropped sooner keeps the backoff growing, so a broker that takes
+/// the session away at once (another client with the same id) is not hammered.
+const STABLE_AFTER: Duration = Duration::from_secs(5);
+/// Connections in a row dropped this soon after their CONNACK before the takeover warning.
+const SHORT_LIVED_WARNING: u32 = 3;
+const SHORT_LIVED: Duration = Duration::from_secs(1);
 
 /// How long a stopping connector keeps polling so that acknowledgements for logged messages
 /// still reach the broker.
@@ -112,6 +122,8 @@ impl EventLoopTask {
         let mut shed = false;
         let mut acks_open = true;
         let mut drain_deadline = None;
+        let mut connected_at: Option<tokio::time::Instant> = None;
+        let mut short_lived = 0u32;
         loop {
             // Acknowledgements first: each one frees a slot of the broker's window.
             self.send_acks(&mut backlog);
@@ -206,7 +218,7 @@ impl EventLoopTask {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     backlog.connected = true;
                     backlog.generation += 1;
-                    backoff.reset();
+                    connected_at = Some(tokio::time::Instant::now());
                     if !ack.session_present {
                         self.pending().fail_all(&self.key.server);
                     }
@@ -266,6 +278,23 @@ impl EventLoopTask {
                     self.progress.settled(backlog.disconnected());
                     if drain_deadline.is_some() {
                         return;
+                    }
+                    match connected_at.take().map(|at| at.elapsed()) {
+                        Some(lasted) if lasted >= STABLE_AFTER => {
+                            backoff.reset();
+                            short_lived = 0;
+                        }
+                        Some(lasted) if lasted < SHORT_LIVED => {
+                            short_lived += 1;
+                            if short_lived == SHORT_LIVED_WARNING {
+                                tracing::warn!(
+                                    server = %self.key,
+                                    client_id = %self.client_id,
+                                    "the broker keeps closing the connection right after accepting it: is another client using the same client id? (reconnects back off)"
+                                );
+                            }
+                        }
+                        _ => {}
                     }
                     let delay = backoff.next_delay();
                     tokio::select! {

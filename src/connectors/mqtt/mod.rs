@@ -291,6 +291,7 @@ impl MqttConnector {
             following,
             clean_session: self.config.clean_session,
             progress,
+            client_id: self.config.client_id.clone(),
         };
         tracker.spawn(event_loop.run(eventloop, ingress_tx, ack_rx, shutdown));
     }
