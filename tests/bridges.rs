@@ -1226,13 +1226,21 @@ operations:
     let deadline = Instant::now() + Duration::from_secs(30);
     let dead = loop {
         let dead = daemon.replay_all(&channel, "dead-letters").await.unwrap();
-        if !dead.is_empty() && upstream.posted.lock().unwrap().len() as u64 >= FEED_TICKS - 1 {
+        // Distinct ticks: a retried post (after a 503, or with others in flight) comes twice.
+        let distinct = upstream
+            .posted
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|b| b["seq"].as_u64().unwrap())
+            .collect::<BTreeSet<u64>>()
+            .len() as u64;
+        if !dead.is_empty() && distinct >= FEED_TICKS - 1 {
             break dead;
         }
         assert!(
             Instant::now() < deadline,
-            "posted {}",
-            upstream.posted.lock().unwrap().len()
+            "posted {distinct} distinct ticks"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
