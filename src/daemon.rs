@@ -2,7 +2,6 @@
 //! server; stop them in order on SIGTERM/SIGINT within the shutdown deadline.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -12,8 +11,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{Auth, AuthSetting};
+use crate::bridge;
 use crate::bridge::running::RunningBridges;
-use crate::bridge::{self, Bridge};
 use crate::calls::Operations;
 use crate::calls::replies::BrokerCalls;
 use crate::config::Config;
@@ -181,14 +180,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     )
     .await?;
 
-    let bridges = load_bridges(&config, &table, &operations).await?;
-    // Cursors before connectors: nothing that arrives from now on can be missed by a lane.
-    bridge::lane::prepare_cursors(&store, &hub, &bridges).await?;
-    tracing::info!(
-        bridges = bridges.len(),
-        lanes = bridges.iter().map(|b| b.lanes.len()).sum::<usize>(),
-        "bridges compiled"
-    );
     let running_bridges = Arc::new(RunningBridges::new(
         hub.clone(),
         operations.clone(),
@@ -214,6 +205,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         shutdown: connector_shutdown.clone(),
         changes: catalogue_changes.clone(),
     }));
+    let bridges = registry.load_bridges().await.map_err(Error::Specs)?;
+    // Cursors before connectors: nothing that arrives from now on can be missed by a lane.
+    bridge::lane::prepare_cursors(&store, &hub, &bridges).await?;
+    tracing::info!(
+        bridges = bridges.len(),
+        lanes = bridges.iter().map(|b| b.lanes.len()).sum::<usize>(),
+        "bridges compiled"
+    );
     registry
         .start(&apis)
         .await
@@ -399,33 +398,6 @@ fn reload_on_changes(registry: &Arc<SpecRegistry>, config: &Config, shutdown: Ca
             tracing::warn!(error = %e, "cannot watch the specs directories: SIGHUP still reloads them");
         }
     }
-}
-
-/// The bridges of the bridges directory and those put over the API (in the data directory),
-/// compiled against the table loaded at start.
-async fn load_bridges(
-    config: &Config,
-    table: &Arc<RoutingTable>,
-    operations: &Arc<Operations>,
-) -> Result<Vec<Arc<Bridge>>, Error> {
-    let dirs: Vec<PathBuf> = config
-        .bridges
-        .iter()
-        .cloned()
-        .chain(Some(config.data_dir.join(ADDED_BRIDGES_DIR)).filter(|d| d.exists()))
-        .collect();
-    let (known, table) = (operations.clone(), table.clone());
-    let compiled = tokio::task::spawn_blocking(move || {
-        let mut files = Vec::new();
-        for dir in &dirs {
-            files.extend(bridge::read_dir(dir).map_err(|e| vec![e])?);
-        }
-        bridge::compile(&files, &table, &|id| known.log_of(id).is_some())
-    })
-    .await
-    .map_err(|e| Error::Config(format!("bridge loader failed: {e}")))?
-    .map_err(Error::Specs)?;
-    Ok(compiled.into_iter().map(Arc::new).collect())
 }
 
 /// Channels the configured call triggers read from or reply on.

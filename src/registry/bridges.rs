@@ -21,7 +21,7 @@ use super::{
 use crate::bridge::running::BridgeChanges;
 use crate::bridge::{self, Bridge};
 use crate::routing::{ChannelId, RoutingTable};
-use crate::spec::Api;
+use crate::spec::{Api, SpecError};
 
 /// What a bridge change did (or, with `dry_run`, would do).
 #[derive(Debug, Serialize)]
@@ -220,17 +220,35 @@ impl SpecRegistry {
         RoutingTable::from_routes(self.hub.routes().map(|r| r.route()))
     }
 
-    /// Reads every bridge file (the bridges directory's and those put over the API, with
-    /// `overlay` put in place of — or, with no text, instead of — one of them) and compiles
-    /// the set against `table`. Operations are those of `apis` when given (a reload's new
-    /// documents), else those running. Errors are `file#pointer: reason`, file names only for
-    /// the data directory's files.
+    /// The bridges to start with: the directory's and those put over the API, compiled
+    /// against the running table. Errors keep their full paths (they are the operator's).
+    pub async fn load_bridges(&self) -> Result<Vec<Arc<Bridge>>, Vec<SpecError>> {
+        self.compile_bridge_files(None, self.running_table(), None)
+            .await
+    }
+
+    /// [`Self::compile_bridge_files`], its errors as a client is shown them.
     pub(super) async fn compile_bridges(
         &self,
         overlay: Option<(PathBuf, Option<String>)>,
         table: RoutingTable,
         apis: Option<&[Api]>,
     ) -> Result<Vec<Arc<Bridge>>, Vec<String>> {
+        self.compile_bridge_files(overlay, table, apis)
+            .await
+            .map_err(|errors| without_dir(&self.added_bridges_dir, strings(&errors)))
+    }
+
+    /// Reads every bridge file (the bridges directory's and those put over the API, with
+    /// `overlay` put in place of — or, with no text, instead of — one of them) and compiles
+    /// the set against `table`. Operations are those of `apis` when given (a reload's new
+    /// documents), else those running.
+    async fn compile_bridge_files(
+        &self,
+        overlay: Option<(PathBuf, Option<String>)>,
+        table: RoutingTable,
+        apis: Option<&[Api]>,
+    ) -> Result<Vec<Arc<Bridge>>, Vec<SpecError>> {
         let dirs: Vec<PathBuf> = self
             .bridge_dir
             .iter()
@@ -267,11 +285,13 @@ impl SpecRegistry {
             bridge::compile(&files, &table, &has_operation)
         })
         .await
-        .map_err(|e| vec![format!("bridge loader failed: {e}")])?;
-        match compiled {
-            Ok(bridges) => Ok(bridges.into_iter().map(Arc::new).collect()),
-            Err(errors) => Err(without_dir(&self.added_bridges_dir, strings(&errors))),
-        }
+        .map_err(|e| {
+            vec![SpecError::new(
+                crate::spec::Location::new(&self.added_bridges_dir, ""),
+                crate::spec::SpecErrorKind::Invalid(format!("bridge loader failed: {e}")),
+            )]
+        })?;
+        compiled.map(|bridges| bridges.into_iter().map(Arc::new).collect())
     }
 }
 
