@@ -19,7 +19,7 @@ use serde_json::{Map, Value, json};
 use super::AppState;
 use crate::auth::{Need, Principal, Scopes};
 use crate::routing::Route;
-use crate::server::mcp::catalogue::payload_schema;
+use crate::server::mcp::catalogue::{parameter_schema, payload_schema};
 
 /// Documents built lately, by registry generation, scopes and host: a caller asking again
 /// before anything changed gets the same bytes without the work (60 ms for 1,000 routes).
@@ -301,17 +301,7 @@ fn frame_schema(payload: Value) -> Value {
 fn query_schema(route: &Route) -> Value {
     let mut properties = Map::new();
     for p in &route.parameters {
-        let mut schema = match &p.schema {
-            Some(Value::Object(map)) => Value::Object(map.clone()),
-            _ => json!({"type": "string"}),
-        };
-        if let Some(allowed) = &p.allowed {
-            schema["enum"] = json!(allowed);
-        }
-        if let Some(description) = &p.description {
-            schema["description"] = json!(description);
-        }
-        properties.insert(p.name.clone(), schema);
+        properties.insert(p.name.clone(), parameter_schema(p));
     }
     json!({"type": "object", "properties": properties})
 }

@@ -276,7 +276,7 @@ pub fn payload_schema(route: &Route) -> Value {
 }
 
 /// The schema of one address parameter, as a string property.
-fn parameter_schema(p: &crate::routing::RouteParameter) -> Value {
+pub fn parameter_schema(p: &crate::routing::RouteParameter) -> Value {
     let mut schema = match &p.schema {
         Some(Value::Object(map)) => Value::Object(map.clone()),
         _ => json!({"type": "string"}),
