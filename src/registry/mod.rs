@@ -15,7 +15,7 @@ pub mod reloads;
 mod servers;
 pub mod watch;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -615,7 +615,7 @@ impl SpecRegistry {
         // Decided before the routes change: a connector that restarts stops its intake first,
         // so no message is taken for a route that is about to go (the log keeps what the
         // broker redelivers after the reconnect).
-        let restart: HashSet<String> = if reconnect {
+        let mut restart: BTreeSet<String> = if reconnect {
             entry
                 .api
                 .servers
@@ -628,7 +628,7 @@ impl SpecRegistry {
                 })
                 .collect()
         } else {
-            HashSet::new()
+            BTreeSet::new()
         };
         entry.connectors.stop(&id, &|s| restart.contains(s)).await;
         for server in &restart {
@@ -643,7 +643,6 @@ impl SpecRegistry {
             .map_err(|e| RegistryError::Conflict(e.to_string()))?;
         self.operations.remove_api(&id);
         self.operations.add(&api);
-        let mut restart = restart;
         if reconnect {
             for server in &api.servers {
                 if restart.contains(&server.id) {
@@ -675,8 +674,7 @@ impl SpecRegistry {
         }
         let reconnected = !restart.is_empty();
         if reconnected {
-            let mut servers: Vec<&String> = restart.iter().collect();
-            servers.sort();
+            let servers: Vec<&String> = restart.iter().collect();
             tracing::info!(document = %id, servers = ?servers, "connectors restarted for the change");
         }
         self.swapped(entry, api, table, diff, &replaced, reconnected);
