@@ -526,13 +526,12 @@ impl SpecRegistry {
             .iter()
             .map(|c| c.as_str().into())
             .collect();
-        let bridge_changes = self.bridges.plan(&bridges, &changed_channels);
         if dry_run {
             return Ok(Replacement {
                 document: info(&api, &entry.path, Source::Api, compiled.table.len()),
                 diff,
                 reconnected: reconnect,
-                bridges: bridge_changes,
+                bridges: self.bridges.plan(&bridges, &changed_channels),
                 dry_run: true,
                 warnings,
             });
