@@ -187,6 +187,9 @@ async fn the_asyncapi_self_description_passes_the_reference_parser_and_follows_t
     assert_eq!(r.status(), 200);
     let removed = asyncapi(&daemon, ADMIN_KEY).await;
     assert_eq!(keys(&removed["channels"]), keys(&document["channels"]));
+    for secret in [ADMIN_KEY, READER_KEY] {
+        assert!(!daemon.log().contains(secret), "a key in the log");
+    }
 }
 
 /// Whether a Python module imports; the test fails naming how to install it when not.
@@ -322,4 +325,8 @@ async fn the_openapi_document_passes_an_independent_validator_and_schemathesis_f
         .filter(|l| l.starts_with("stepflow_http_requests_total") && l.contains("status=\"5xx\""))
         .collect();
     assert!(errors.is_empty(), "5xx answers: {errors:?}");
+    assert!(
+        !daemon.log().contains(ADMIN_KEY) && !metrics.contains(ADMIN_KEY),
+        "the key schemathesis sent on every request is in no log line or metric"
+    );
 }
