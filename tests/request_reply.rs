@@ -142,12 +142,7 @@ async fn check_calls(daemon: &Daemon, api: &str, timeout: Duration) {
 /// but device `silent`), after first publishing a reply nobody asked for. What it saw wrong is
 /// returned for the test to check: an assertion inside a task that is aborted at the end would
 /// report nothing.
-async fn answer_status_requests(
-    p: &str,
-) -> (
-    tokio::task::JoinHandle<()>,
-    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-) {
+async fn answer_status_requests(p: &str) -> Responder {
     let mut responder = MqttClient::connect(1883, &unique("responder"))
         .await
         .unwrap();
@@ -204,7 +199,26 @@ async fn answer_status_requests(
                 .unwrap();
         }
     });
-    (answering, mismatches)
+    Responder {
+        answering,
+        mismatches,
+    }
+}
+
+/// The MQTT device of [`answer_status_requests`].
+struct Responder {
+    answering: tokio::task::JoinHandle<()>,
+    mismatches: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Responder {
+    /// Stops it, checking it was still answering and saw nothing wrong.
+    fn stop_and_check(self) {
+        assert!(!self.answering.is_finished(), "the responder stopped early");
+        self.answering.abort();
+        let mismatches = self.mismatches.lock().unwrap();
+        assert!(mismatches.is_empty(), "{mismatches:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -252,9 +266,8 @@ async fn a_document_added_at_run_time_is_callable_over_its_broker_until_it_is_re
     let listed = daemon.get_json("/api/v1/operations").await.unwrap();
     assert!(listed.to_string().contains(&op), "{listed}");
 
-    let (answering, mismatches) = answer_status_requests(&p).await;
+    let responder = answer_status_requests(&p).await;
     check_calls(&daemon, &api, Duration::from_millis(1500)).await;
-    assert!(!answering.is_finished(), "the responder stopped early");
 
     // Removed: the operation goes with its document.
     let r = reqwest::Client::new()
@@ -270,12 +283,7 @@ async fn a_document_added_at_run_time_is_callable_over_its_broker_until_it_is_re
     )
     .await;
     assert_eq!(r.status(), 404, "{}", r.text().await.unwrap());
-    answering.abort();
-    assert!(
-        mismatches.lock().unwrap().is_empty(),
-        "{:?}",
-        mismatches.lock().unwrap()
-    );
+    responder.stop_and_check();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -304,7 +312,7 @@ async fn request_reply_over_mqtt_with_the_correlation_id_in_the_payload() {
     .await
     .unwrap();
 
-    let (answering, mismatches) = answer_status_requests(&p).await;
+    let responder = answer_status_requests(&p).await;
     check_calls(&daemon, &api, Duration::from_millis(1500)).await;
     // A missing address parameter is named where an OpenAPI call names it.
     let r = call_operation(
@@ -319,13 +327,7 @@ async fn request_reply_over_mqtt_with_the_correlation_id_in_the_payload() {
         body["error"]["details"]["problems"][0]["at"], "path.deviceId",
         "{body}"
     );
-    assert!(!answering.is_finished(), "the responder stopped early");
-    answering.abort();
-    assert!(
-        mismatches.lock().unwrap().is_empty(),
-        "{:?}",
-        mismatches.lock().unwrap()
-    );
+    responder.stop_and_check();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
