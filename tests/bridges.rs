@@ -1576,7 +1576,25 @@ async fn a_lane_behind_retention_shows_counts_and_logs_what_expired_then_carries
     };
 
     // The target is back: the lane counts and logs the gap once, then delivers what follows.
+    // What follows is published once the lane is past the gap and its target has reconnected:
+    // published earlier, it can wait out the lane's retry backoff (up to 5 s) and be taken by
+    // the 2 s retention too.
     s.proxy.up().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let view = daemon.get_json("/api/v1/bridges").await.unwrap();
+        let connections = daemon.get_json("/api/v1/connections").await.unwrap();
+        let target_up = connections["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["protocol"] == "amqp" && c["state"] == "connected");
+        if view["bridges"][0]["targets"][0]["expired"] == 0 && target_up {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{view}\n{connections}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let (tx, _) = tokio::sync::watch::channel(0);
     assert_eq!(
         publish_acknowledged(1883, topic, 1000..1100, 500, tx).await,
