@@ -90,6 +90,18 @@ pub enum SpecErrorKind {
     RemoteRef { reference: String },
     #[error("$ref cycle: {chain}")]
     RefCycle { chain: String },
+    #[error(
+        "$ref '{reference}' points into a file; a document added over the API may refer only to itself (#/...)"
+    )]
+    FileRefNotAllowed { reference: String },
+    #[error("$ref chain longer than {limit} references")]
+    RefChainTooLong { limit: usize },
+    #[error("references nest deeper than {limit} levels")]
+    RefNestingTooDeep { limit: usize },
+    #[error(
+        "the schema with its references inlined passes {limit} nodes (references that each refer to several others, many levels deep)"
+    )]
+    InlinedTooLarge { limit: usize },
     #[error("duplicate {what} '{id}' (first defined at {first})")]
     DuplicateId {
         what: &'static str,

@@ -165,10 +165,10 @@ pub fn load_file(path: &Path) -> Result<LoadedApis, LoadFailure> {
     finish(api.into_iter().collect(), diag)
 }
 
-/// Loads one document from text (an upload); `name` stands for its file in errors, and relative
-/// references resolve against it.
+/// Loads one document from text (an upload); `name` stands for its file in errors. Its
+/// references must stay inside it ([`Sources::confined`]).
 pub fn load_text(name: &Path, text: &str) -> Result<LoadedApis, LoadFailure> {
-    let mut sources = Sources::new();
+    let mut sources = Sources::confined();
     let mut diag = Diagnostics::default();
     let api = match sources.insert_text(name, text) {
         Ok(root) => load_root(&mut sources, &mut diag, &root),

@@ -84,6 +84,9 @@ enum RefTarget {
 #[derive(Debug, Default)]
 pub struct Sources {
     files: HashMap<PathBuf, Result<Arc<Value>, SpecErrorKind>>,
+    /// Set for text that came over the network: its references stay inside it, so an upload
+    /// cannot make the gateway read (and echo back, inlined into a schema) its own files.
+    confined: bool,
 }
 
 /// What [`Sources::inline`] produced.
@@ -100,6 +103,14 @@ pub struct Inlined {
 impl Sources {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Sources whose documents may refer only to themselves (`#/...`), never to a file.
+    pub fn confined() -> Self {
+        Sources {
+            confined: true,
+            ..Self::default()
+        }
     }
 
     /// The root node of a document file.
@@ -158,6 +169,17 @@ impl Sources {
                     },
                 ));
             }
+            if seen.len() >= MAX_REF_CHAIN {
+                return Err(SpecError::new(
+                    at,
+                    refused(
+                        "ref_chain",
+                        SpecErrorKind::RefChainTooLong {
+                            limit: MAX_REF_CHAIN,
+                        },
+                    ),
+                ));
+            }
             seen.push(current.loc.clone());
             current = self.follow(&current, &reference, &at)?;
         }
@@ -190,6 +212,13 @@ impl Sources {
         };
         let root = if file == from.loc.file {
             from.root.clone()
+        } else if self.confined {
+            return Err(SpecError::new(
+                at.clone(),
+                SpecErrorKind::FileRefNotAllowed {
+                    reference: reference.to_owned(),
+                },
+            ));
         } else {
             self.file(&file).map_err(|kind| {
                 SpecError::new(
@@ -219,73 +248,118 @@ impl Sources {
     /// A copy of `node` with every reference replaced by its target, for schema compilers.
     ///
     /// Remote references stay as they are and are listed; a reference back into a schema that is
-    /// being inlined (a recursive schema) becomes `true` (accept anything) and is listed.
+    /// being inlined (a recursive schema) becomes `true` (accept anything) and is listed. A
+    /// schema whose copy would pass [`MAX_INLINED_NODES`] (references that each refer to
+    /// several others, many levels deep, grow it exponentially) or nest references past
+    /// [`MAX_REF_NESTING`] is refused.
     pub fn inline(&mut self, node: &Node) -> Result<Inlined, SpecError> {
-        let mut out = Inlined {
-            value: Value::Null,
+        let mut inlining = Inlining {
+            stack: Vec::new(),
             remote_refs: Vec::new(),
             recursion_cut_at: Vec::new(),
+            nodes: 0,
+            ref_nesting: 0,
         };
-        let mut stack = Vec::new();
-        out.value = self.inline_at(
-            node,
-            &mut stack,
-            &mut out.remote_refs,
-            &mut out.recursion_cut_at,
-        )?;
-        Ok(out)
+        let value = self.inline_at(node, &mut inlining)?;
+        Ok(Inlined {
+            value,
+            remote_refs: inlining.remote_refs,
+            recursion_cut_at: inlining.recursion_cut_at,
+        })
     }
 
-    fn inline_at(
-        &mut self,
-        node: &Node,
-        stack: &mut Vec<Location>,
-        remote: &mut Vec<String>,
-        cuts: &mut Vec<Location>,
-    ) -> Result<Value, SpecError> {
+    fn inline_at(&mut self, node: &Node, inlining: &mut Inlining) -> Result<Value, SpecError> {
+        inlining.nodes += 1;
+        if inlining.nodes > MAX_INLINED_NODES {
+            return Err(SpecError::new(
+                node.loc.clone(),
+                refused(
+                    "inlined_schema_size",
+                    SpecErrorKind::InlinedTooLarge {
+                        limit: MAX_INLINED_NODES,
+                    },
+                ),
+            ));
+        }
         if let Some(reference) = node.reference() {
             if is_remote(reference) {
-                remote.push(reference.to_owned());
+                inlining.remote_refs.push(reference.to_owned());
                 return Ok(node.value().clone());
             }
             let target = self.deref(node)?;
-            if stack.contains(&target.loc) {
-                cuts.push(node.loc.clone());
+            if inlining.stack.contains(&target.loc) {
+                inlining.recursion_cut_at.push(node.loc.clone());
                 return Ok(Value::Bool(true));
             }
-            stack.push(target.loc.clone());
-            let value = self.inline_at(&target, stack, remote, cuts);
-            stack.pop();
+            if inlining.ref_nesting >= MAX_REF_NESTING {
+                return Err(SpecError::new(
+                    node.loc.join("$ref"),
+                    refused(
+                        "ref_nesting",
+                        SpecErrorKind::RefNestingTooDeep {
+                            limit: MAX_REF_NESTING,
+                        },
+                    ),
+                ));
+            }
+            inlining.stack.push(target.loc.clone());
+            inlining.ref_nesting += 1;
+            let value = self.inline_at(&target, inlining);
+            inlining.ref_nesting -= 1;
+            inlining.stack.pop();
             return value;
         }
         match node.value() {
             Value::Object(_) => {
-                stack.push(node.loc.clone());
+                inlining.stack.push(node.loc.clone());
                 let mut map = serde_json::Map::new();
                 for (key, child) in node.entries() {
-                    match self.inline_at(&child, stack, remote, cuts) {
+                    match self.inline_at(&child, inlining) {
                         Ok(v) => {
                             map.insert(key, v);
                         }
                         Err(e) => {
-                            stack.pop();
+                            inlining.stack.pop();
                             return Err(e);
                         }
                     }
                 }
-                stack.pop();
+                inlining.stack.pop();
                 Ok(Value::Object(map))
             }
             Value::Array(_) => {
                 let mut items = Vec::new();
                 for child in node.items() {
-                    items.push(self.inline_at(&child, stack, remote, cuts)?);
+                    items.push(self.inline_at(&child, inlining)?);
                 }
                 Ok(Value::Array(items))
             }
             other => Ok(other.clone()),
         }
     }
+}
+
+/// Longest `$ref` chain (a reference to a reference to …) followed.
+pub const MAX_REF_CHAIN: usize = 32;
+/// Deepest nesting of references inside inlined references.
+pub const MAX_REF_NESTING: usize = 64;
+/// Largest inlined schema, in JSON nodes.
+pub const MAX_INLINED_NODES: usize = 200_000;
+
+/// Counts a document refused by one of the limits above.
+fn refused(limit: &'static str, kind: SpecErrorKind) -> SpecErrorKind {
+    metrics::counter!(crate::telemetry::LIMIT_REFUSALS, "limit" => limit).increment(1);
+    kind
+}
+
+/// What [`Sources::inline`] carries down the tree.
+struct Inlining {
+    /// The schemas being inlined, outermost first (a reference back into one is recursion).
+    stack: Vec<Location>,
+    remote_refs: Vec<String>,
+    recursion_cut_at: Vec<Location>,
+    nodes: usize,
+    ref_nesting: usize,
 }
 
 /// Is this reference to another host (never fetched)?
