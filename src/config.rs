@@ -29,6 +29,8 @@ pub enum Error {
         "routes.{route}.retention.max_total_bytes: the budget of all logs together is set at the top level only"
     )]
     TotalBudgetPerRoute { route: String },
+    #[error("{0}")]
+    Limits(String),
 }
 
 /// `stepflow run` flags; each also reads a `STEPFLOW_*` variable.
@@ -156,6 +158,9 @@ pub struct FileConfig {
     /// Reloading the specs directories when their files change.
     #[serde(default)]
     pub watch: crate::registry::watch::WatchConfig,
+    /// What a hostile client meets: connection limits, read timeouts, WebSocket sizes.
+    #[serde(default)]
+    pub limits: crate::server::limits::LimitsFileConfig,
 }
 
 /// The resolved configuration.
@@ -181,6 +186,7 @@ pub struct Config {
     pub tls: Option<crate::auth::TlsFileConfig>,
     pub mcp: crate::server::mcp::McpFileConfig,
     pub watch: crate::registry::watch::WatchConfig,
+    pub limits: crate::server::limits::Limits,
 }
 
 impl Config {
@@ -271,6 +277,8 @@ impl Config {
             tls: file.tls,
             mcp: file.mcp,
             watch: file.watch,
+            limits: crate::server::limits::Limits::from_file(&file.limits)
+                .map_err(Error::Limits)?,
         })
     }
 

@@ -220,6 +220,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     running_bridges.apply(bridges, &Default::default()).await?;
     lanes.close();
 
+    fit_open_files(&config.limits);
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| Error::Listen {
@@ -246,6 +247,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             tls.is_some(),
         )),
         asyncapi: Arc::default(),
+        limits: Arc::new(config.limits.clone()),
     };
     let http = tokio::spawn(server::run(listener, tls, state));
     reload_on_changes(&registry, &config, http_shutdown.clone());
@@ -526,4 +528,30 @@ fn uses_server(route: &crate::routing::Route, api: &str, server: &str) -> bool {
                     UpstreamBinding::NoConnector | UpstreamBinding::DynamicAddress
                 )
         })
+}
+
+/// Descriptors kept for everything but client connections: brokers, the log, the watcher.
+const RESERVED_FILES: u64 = 512;
+
+/// Raises the soft open-files limit to the hard one, and says so when `limits.max_connections`
+/// still does not fit: past the descriptors, connections fail in `accept` instead of meeting
+/// the limit's 503.
+fn fit_open_files(limits: &crate::server::limits::Limits) {
+    let soft = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(soft) => soft,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read or raise the open-files limit");
+            return;
+        }
+    };
+    let wanted = limits.max_connections as u64 + RESERVED_FILES;
+    if wanted > soft {
+        tracing::warn!(
+            open_files = soft,
+            max_connections = limits.max_connections,
+            "limits.max_connections does not fit the open-files limit; raise it (ulimit -n) or lower limits.max_connections"
+        );
+    } else {
+        tracing::debug!(open_files = soft, "open-files limit");
+    }
 }

@@ -120,6 +120,14 @@ pub struct Envelope {
 }
 
 impl Envelope {
+    /// The first header named `name`.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
     pub fn new(
         channel: ChannelId,
         address: String,
@@ -155,6 +163,7 @@ pub struct Delivered {
     /// Why it is in a dead-letter log, for dead letters.
     pub dead_letter_reason: Option<String>,
     frame: OnceLock<Bytes>,
+    sse_event: OnceLock<Bytes>,
 }
 
 /// The JSON frame of a message: `{offset, address, params, headers, payload, timestamp}`.
@@ -200,7 +209,18 @@ impl Delivered {
             envelope,
             dead_letter_reason,
             frame: OnceLock::new(),
+            sse_event: OnceLock::new(),
         }
+    }
+
+    /// The frame as one `text/event-stream` event (`id:` the offset, `event: message`, the
+    /// frame as `data:`), rendered on first use and shared by every SSE subscriber: a stream
+    /// then writes the same bytes to each client instead of formatting an event per client.
+    pub fn sse_event(&self) -> &Bytes {
+        self.sse_event.get_or_init(|| {
+            let id = self.offset.to_string();
+            sse_event(Some(&id), "message", self.frame())
+        })
     }
 
     /// The JSON frame, rendered on first use and shared by every subscriber after that.
@@ -237,6 +257,29 @@ impl Delivered {
             Bytes::from(serde_json::to_vec(&frame).unwrap_or_default())
         })
     }
+}
+
+/// One `text/event-stream` event. `data` becomes one `data:` line per line of it (a JSON frame
+/// holds raw newlines when its payload was pretty-printed), so a client joins them back with
+/// `\n`, as the format says.
+pub fn sse_event(id: Option<&str>, event: &str, data: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(data.len() + id.map_or(0, str::len) + event.len() + 32);
+    if let Some(id) = id {
+        out.extend_from_slice(b"id: ");
+        out.extend_from_slice(id.as_bytes());
+        out.push(b'\n');
+    }
+    out.extend_from_slice(b"event: ");
+    out.extend_from_slice(event.as_bytes());
+    out.push(b'\n');
+    for line in data.split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(line);
+        out.push(b'\n');
+    }
+    out.push(b'\n');
+    Bytes::from(out)
 }
 
 fn base64_encode(bytes: &[u8]) -> String {
@@ -301,6 +344,27 @@ mod tests {
         let binary = Delivered::new(1, envelope(&[0xff, 0x00, 0x10]), None);
         let frame: serde_json::Value = serde_json::from_slice(binary.frame()).unwrap();
         assert_eq!(frame["payload"]["base64"], "/wAQ");
+    }
+
+    #[test]
+    fn sse_events_carry_each_line_of_the_frame_as_data() {
+        let d = Delivered::new(7, envelope(b"{\n  \"temperature\": 21.5\n}"), None);
+        let event = std::str::from_utf8(d.sse_event()).unwrap();
+        assert!(
+            event.starts_with("id: 7\nevent: message\ndata: "),
+            "{event}"
+        );
+        assert!(event.ends_with("\n\n"));
+        let data: Vec<&str> = event
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .collect();
+        let frame: serde_json::Value = serde_json::from_str(&data.join("\n")).unwrap();
+        assert_eq!(frame["payload"]["temperature"], 21.5);
+        assert_eq!(
+            sse_event(None, "lagged", b"{}"),
+            Bytes::from_static(b"event: lagged\ndata: {}\n\n")
+        );
     }
 
     #[test]

@@ -90,12 +90,29 @@ pub async fn get_channel(
     Ok(Json(view))
 }
 
-/// Reads the body up to the payload limit: over it is 413, not a truncated message.
-pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
+/// Reads the body up to the payload limit: over it is 413, not a truncated message; one that
+/// does not arrive within the body read timeout is 408.
+pub async fn read_body(
+    body: Body,
+    limit: usize,
+    limits: &super::limits::Limits,
+) -> Result<Bytes, ApiError> {
+    let timeout = limits.body_read_timeout;
+    let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| {
+            super::limits::count_refusal("body_timeout");
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                ErrorCode::RequestTimeout,
+                format!("the request body did not arrive within {timeout:?}"),
+            )
+        })?;
+    read.map_err(|e| {
         let too_large = std::iter::successors(std::error::Error::source(&e), |s| s.source())
             .any(|s| s.is::<http_body_util::LengthLimitError>());
         if too_large {
+            super::limits::count_refusal("body_size");
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 ErrorCode::PayloadTooLarge,
@@ -126,7 +143,7 @@ pub async fn publish(
         ));
     }
     let limit = state.hub.config().max_payload_bytes;
-    let payload = match read_body(body, limit).await {
+    let payload = match read_body(body, limit, &state.limits).await {
         Ok(payload) => payload,
         Err(e) if e.status == StatusCode::PAYLOAD_TOO_LARGE => {
             // Refused before the hub sees it; counted like the hub's own refusals.

@@ -84,7 +84,7 @@ pub async fn put(
     body: Body,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let bytes = read_body(body, MAX_BRIDGE_BYTES).await?;
+    let bytes = read_body(body, MAX_BRIDGE_BYTES, &state.limits).await?;
     let text = std::str::from_utf8(&bytes)
         .map_err(|_| ApiError::bad_request("the definition is not UTF-8 text"))?;
     let definition: Value = crate::yaml::from_str(text).map_err(|e| {

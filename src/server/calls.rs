@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -79,7 +79,7 @@ pub async fn call(
     Path(id): Path<String>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let bytes = read_body(body, state.hub.config().max_payload_bytes).await?;
+    let bytes = read_body(body, state.hub.config().max_payload_bytes, &state.limits).await?;
     let request: CallRequest = if bytes.is_empty() {
         CallRequest::default()
     } else {
@@ -148,7 +148,8 @@ struct CallFrame {
     request: CallRequest,
 }
 
-/// Replies a socket may have waiting at most; a client that sends more calls waits.
+/// Replies a socket may have waiting to be written; a client that reads none of them stops
+/// being read.
 const PENDING_REPLIES: usize = 256;
 
 #[utoipa::path(get, path = "/ws/operations", operation_id = "calls_websocket", tag = "operations", responses((status = 101, description = "Upgraded to a WebSocket of call frames"), (status = "default", description = "An error: `{error: {code, message, details}}`", body = crate::server::openapi::ErrorBody)))]
@@ -157,30 +158,55 @@ pub async fn websocket(
     Extension(principal): Extension<Principal>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    upgrade
-        .max_message_size(state.hub.config().max_payload_bytes + 4096)
+    state
+        .limits
+        .websocket(upgrade, state.hub.config().max_payload_bytes)
         .on_upgrade(move |socket| session(socket, state, principal))
 }
 
 async fn session(socket: WebSocket, state: AppState, principal: Principal) {
     let (mut sink, mut source) = socket.split();
-    let (replies, mut outgoing) = mpsc::channel::<String>(PENDING_REPLIES);
+    let (replies, mut outgoing) = mpsc::channel::<Message>(PENDING_REPLIES);
     let writer = tokio::spawn(async move {
-        while let Some(text) = outgoing.recv().await {
-            if sink.send(Message::text(text)).await.is_err() {
+        while let Some(message) = outgoing.recv().await {
+            if sink.send(message).await.is_err() {
                 return;
             }
         }
     });
-    let calls = Arc::new(tokio::sync::Semaphore::new(PENDING_REPLIES));
-    loop {
+    let max_calls = state.limits.max_calls_per_connection;
+    let calls = Arc::new(tokio::sync::Semaphore::new(max_calls));
+    let max_message = state
+        .limits
+        .ws_max_message(state.hub.config().max_payload_bytes);
+    let idle_timeout = state.limits.ws_idle_timeout;
+    let mut ping = tokio::time::interval(super::limits::ping_interval(idle_timeout));
+    ping.tick().await;
+    let mut last_heard = tokio::time::Instant::now();
+    let close = loop {
         let text = tokio::select! {
-            _ = state.shutdown.cancelled() => break,
-            frame = source.next() => match frame {
-                Some(Ok(Message::Text(t))) => t,
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-                Some(Ok(_)) => continue,
+            _ = state.shutdown.cancelled() => break None,
+            frame = source.next() => {
+                last_heard = tokio::time::Instant::now();
+                match frame {
+                    Some(Ok(Message::Text(t))) => t,
+                    Some(Err(e)) if super::limits::is_message_too_big(&e) => {
+                        break Some(super::limits::too_big_close(max_message));
+                    }
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break None,
+                    Some(Ok(_)) => continue,
+                }
             },
+            _ = ping.tick() => {
+                if last_heard.elapsed() > idle_timeout {
+                    super::limits::count_refusal("ws_idle");
+                    break Some(CloseFrame { code: close_code::AWAY, reason: "idle timeout: no frame or pong from the client".into() });
+                }
+                if replies.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
+                    break None;
+                }
+                continue;
+            }
         };
         let frame: CallFrame = match serde_json::from_str(text.as_str()) {
             Ok(f) => f,
@@ -190,7 +216,7 @@ async fn session(socket: WebSocket, state: AppState, principal: Principal) {
                 ));
                 let mut body = error.body();
                 body["type"] = "error".into();
-                let _ = replies.send(body.to_string()).await;
+                let _ = replies.send(Message::text(body.to_string())).await;
                 continue;
             }
         };
@@ -206,11 +232,24 @@ async fn session(socket: WebSocket, state: AppState, principal: Principal) {
             let mut body = error.body();
             body["type"] = "error".into();
             body["correlationId"] = json!(frame.correlation_id);
-            let _ = replies.send(body.to_string()).await;
+            let _ = replies.send(Message::text(body.to_string())).await;
             continue;
         }
-        let Ok(permit) = calls.clone().acquire_owned().await else {
-            break;
+        // Past the cap a call is answered at once: waiting would stall the socket's reads
+        // and hide the limit from the client.
+        let Ok(permit) = calls.clone().try_acquire_owned() else {
+            super::limits::count_refusal("calls_per_connection");
+            let error = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                ErrorCode::LimitExceeded,
+                format!("{max_calls} calls are in flight on this socket already (limits.max_calls_per_connection)"),
+            )
+            .with_details(json!({ "limit": max_calls }));
+            let mut body = error.body();
+            body["type"] = "error".into();
+            body["correlationId"] = frame.correlation_id;
+            let _ = replies.send(Message::text(body.to_string())).await;
+            continue;
         };
         let state = state.clone();
         let replies = replies.clone();
@@ -242,8 +281,11 @@ async fn session(socket: WebSocket, state: AppState, principal: Principal) {
                     body
                 }
             };
-            let _ = replies.send(reply.to_string()).await;
+            let _ = replies.send(Message::text(reply.to_string())).await;
         });
+    };
+    if let Some(frame) = close {
+        let _ = replies.send(Message::Close(Some(frame))).await;
     }
     drop(replies);
     let _ = writer.await;

@@ -33,6 +33,10 @@ pub enum ErrorCode {
     Forbidden,
     RateLimited,
     TokenExpired,
+    /// The request's body did not arrive within the body read timeout.
+    RequestTimeout,
+    /// A limit of the gateway's (connections, calls in flight) was met: retry later.
+    LimitExceeded,
 }
 
 /// `{"error": {"code", "message", "details"}}` with its status.

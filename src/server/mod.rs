@@ -8,6 +8,8 @@ pub mod auth;
 pub mod bridges;
 pub mod calls;
 pub mod error;
+pub mod limits;
+mod listen;
 pub mod mcp;
 pub mod openapi;
 pub mod specs;
@@ -54,6 +56,7 @@ pub struct AppState {
     pub mcp: Arc<mcp::McpSettings>,
     /// `/api/v1/asyncapi.json` documents built for the current registry generation.
     pub asyncapi: Arc<asyncapi::Described>,
+    pub limits: Arc<limits::Limits>,
 }
 
 /// The router.
@@ -153,33 +156,13 @@ async fn count_requests(request: Request, next: Next) -> Response {
 }
 
 /// Serves until `shutdown` is cancelled, then finishes in-flight requests; over TLS when an
-/// acceptor is given.
+/// acceptor is given. Connections are admitted under `state.limits`.
 pub async fn run(
     listener: TcpListener,
     tls: Option<Arc<openssl::ssl::SslAcceptor>>,
     state: AppState,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
     let shutdown = state.shutdown.clone();
-    if let Some(acceptor) = tls {
-        let listener = tls::TlsListener::new(listener, acceptor)?;
-        return axum::serve(
-            listener,
-            router(state).into_make_service_with_connect_info::<auth::PeerInfo>(),
-        )
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await;
-    }
-    // Live frames are small and latency-sensitive: do not let Nagle hold them back.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    axum::serve(
-        listener,
-        router(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.cancelled_owned())
-    .await
+    let limits = state.limits.clone();
+    listen::run(listener, tls, router(state), &limits, shutdown).await
 }

@@ -14,9 +14,6 @@ use super::api::read_body;
 use super::error::{ApiError, ErrorCode};
 use crate::registry::RegistryError;
 
-/// Largest document accepted over the API.
-const MAX_DOCUMENT_BYTES: usize = 4 * 1024 * 1024;
-
 impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
         let message = e.to_string();
@@ -83,7 +80,7 @@ pub async fn add(
     body: Body,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let bytes = read_body(body, MAX_DOCUMENT_BYTES).await?;
+    let bytes = read_body(body, state.limits.max_document_bytes, &state.limits).await?;
     let text = String::from_utf8(bytes.to_vec())
         .map_err(|_| ApiError::bad_request("the document is not UTF-8 text"))?;
     let name = query.name.unwrap_or_else(|| default_name(&text));
@@ -168,7 +165,7 @@ pub async fn replace(
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let bytes = read_body(body, MAX_DOCUMENT_BYTES).await?;
+    let bytes = read_body(body, state.limits.max_document_bytes, &state.limits).await?;
     let text = String::from_utf8(bytes.to_vec())
         .map_err(|_| ApiError::bad_request("the document is not UTF-8 text"))?;
     let replaced = state

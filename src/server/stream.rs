@@ -14,8 +14,8 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use futures::{SinkExt, Stream, StreamExt};
 use serde_json::json;
 
@@ -29,8 +29,8 @@ use crate::routing::envelope::{Delivered, Origin, Transport};
 use crate::routing::filter::Filter;
 use crate::telemetry::events::{SubscriberGauge, SubscriberLagged};
 
-/// How often the server pings an idle WebSocket client.
-const PING_INTERVAL: Duration = Duration::from_secs(20);
+use super::limits;
+
 /// SSE keep-alive comment interval (proxies close idle connections).
 const SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
 
@@ -66,11 +66,45 @@ fn expired_notice(
     json!({"type": "expired", "missed": missed, "resumeFrom": resume_from}).to_string()
 }
 
-/// Records the delivery of `message` (latency only for live messages: replayed ones did not
-/// just arrive).
-fn delivered(route: &LiveRoute, message: &Delivered, live: bool, transport: Transport) {
-    let latency = live.then(|| message.envelope.ingress.elapsed());
+/// Records the delivery of `message`: every one is counted; its latency is recorded for live
+/// messages only (replayed ones did not just arrive), and at most every
+/// `LATENCY_SAMPLE_INTERVAL` per client.
+fn delivered(
+    route: &LiveRoute,
+    message: &Delivered,
+    live: bool,
+    transport: Transport,
+    sampler: &mut LatencySampler,
+) {
+    let latency = live
+        .then(|| sampler.sample(message.envelope.ingress))
+        .flatten();
     route.metrics.message_delivered(transport, latency);
+}
+
+/// The shortest time between two latency samples of one client. The histogram keeps every
+/// sample until the next upkeep (5 s): 10,000 clients at 100 msg/s recorded 1M samples a
+/// second, 64 MB held between two upkeeps. Ten a second per client still measures every
+/// client of an ordinary route at every message, and a large fan-out at a sample of them.
+const LATENCY_SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// When a client's delivery latency was last recorded.
+#[derive(Default)]
+struct LatencySampler(Option<std::time::Instant>);
+
+impl LatencySampler {
+    /// The latency of a message that entered at `ingress`, when it is time for a sample.
+    fn sample(&mut self, ingress: std::time::Instant) -> Option<Duration> {
+        let now = std::time::Instant::now();
+        if self
+            .0
+            .is_some_and(|last| now.duration_since(last) < LATENCY_SAMPLE_INTERVAL)
+        {
+            return None;
+        }
+        self.0 = Some(now);
+        Some(now.saturating_duration_since(ingress))
+    }
 }
 
 #[utoipa::path(get, path = "/ws/{id}", operation_id = "stream_websocket", tag = "channels", params(("id" = String, Path, description = "A channel id, `{api}.{channel}`"), ("from" = Option<u64>, Query, description = "Replay from this offset, then live"), ("subscription" = Option<String>, Query, description = "A durable subscription to attach to")), responses((status = 101, description = "Upgraded to a WebSocket of frames"), (status = "default", description = "An error: `{error: {code, message, details}}`", body = crate::server::openapi::ErrorBody)))]
@@ -94,20 +128,21 @@ pub async fn websocket(
         None
     };
     let connection = state.connection_ids.fetch_add(1, Ordering::Relaxed) + 1;
-    Ok(upgrade
-        .max_message_size(state.hub.config().max_payload_bytes + 4096)
-        .on_upgrade(move |socket| {
-            ws_session(
-                socket,
-                state,
-                principal,
-                route,
-                subscription,
-                durable,
-                params,
-                connection,
-            )
-        }))
+    let upgrade = state
+        .limits
+        .websocket(upgrade, state.hub.config().max_payload_bytes);
+    Ok(upgrade.on_upgrade(move |socket| {
+        ws_session(
+            socket,
+            state,
+            principal,
+            route,
+            subscription,
+            durable,
+            params,
+            connection,
+        )
+    }))
 }
 
 /// A durable subscription a stream attaches to (`?subscription=name`).
@@ -151,7 +186,7 @@ fn durable_subscription(
 }
 
 /// `{"ack": offset}`: a durable subscriber's acknowledgement.
-fn parse_ack(payload: &[u8]) -> Option<u64> {
+pub(crate) fn parse_ack(payload: &[u8]) -> Option<u64> {
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Ack {
@@ -184,8 +219,12 @@ async fn ws_session(
     params.remove("subscription");
     let _gauge = SubscriberGauge::attach(route.id(), Transport::Ws);
     let (mut sink, mut incoming) = socket.split();
-    let mut ping = tokio::time::interval(PING_INTERVAL);
+    let idle_timeout = state.limits.ws_idle_timeout;
+    let mut ping = tokio::time::interval(limits::ping_interval(idle_timeout));
     ping.tick().await;
+    // Anything from the client (a pong included) shows it is there.
+    let mut last_heard = tokio::time::Instant::now();
+    let mut sampler = LatencySampler::default();
     let reason = loop {
         tokio::select! {
             // Shutdown: close with "going away" so clients reconnect elsewhere or later.
@@ -211,7 +250,7 @@ async fn ws_session(
             } => {
                 // Everything ready goes out with one flush: a frame per `send` would cost a
                 // write to the socket per message per client.
-                let mut outgoing = ws_outgoing(event, &state, &route, durable.as_ref(), connection);
+                let mut outgoing = ws_outgoing(event, &state, &route, durable.as_ref(), connection, &mut sampler);
                 let mut fed = 0;
                 let end = loop {
                     match outgoing {
@@ -234,7 +273,7 @@ async fn ws_session(
                     }
                     match subscription.as_mut().and_then(Subscription::try_next) {
                         Some(next) => {
-                            outgoing = ws_outgoing(Ok(Some(next)), &state, &route, durable.as_ref(), connection);
+                            outgoing = ws_outgoing(Ok(Some(next)), &state, &route, durable.as_ref(), connection, &mut sampler);
                         }
                         None => break None,
                     }
@@ -248,10 +287,14 @@ async fn ws_session(
             }
             // A frame from the client: a message to publish, or control.
             message = incoming.next() => {
+                last_heard = tokio::time::Instant::now();
                 let payload = match message {
                     Some(Ok(Message::Text(text))) => bytes::Bytes::from(text),
                     Some(Ok(Message::Binary(data))) => data,
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    Some(Err(e)) if limits::is_message_too_big(&e) => {
+                        break Some(limits::too_big_close(state.limits.ws_max_message(state.hub.config().max_payload_bytes)));
+                    }
                     Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break None,
                 };
                 if let Some(d) = &durable
@@ -281,6 +324,10 @@ async fn ws_session(
                 }
             }
             _ = ping.tick() => {
+                if last_heard.elapsed() > idle_timeout {
+                    limits::count_refusal("ws_idle");
+                    break Some(CloseFrame { code: close_code::AWAY, reason: "idle timeout: no frame or pong from the client".into() });
+                }
                 if sink.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
                     break None;
                 }
@@ -315,6 +362,7 @@ fn ws_outgoing(
     route: &LiveRoute,
     durable: Option<&Durable>,
     connection: u64,
+    sampler: &mut LatencySampler,
 ) -> Outgoing {
     match event {
         Ok(Some(SubscriptionEvent::Message { message, live })) => {
@@ -327,7 +375,7 @@ fn ws_outgoing(
             if durable.is_some_and(|d| !d.passes(&message)) {
                 return Outgoing::Skip;
             }
-            delivered(route, &message, live, Transport::Ws);
+            delivered(route, &message, live, Transport::Ws, sampler);
             match Utf8Bytes::try_from(message.frame().clone()) {
                 Ok(text) => Outgoing::Frame(Message::Text(text)),
                 Err(_) => Outgoing::Skip,
@@ -457,9 +505,36 @@ pub async fn sse(
     };
     let subscription = state.hub.subscribe(&route, from).await?;
     let stream = sse_stream(state, principal, route, subscription, durable);
-    Ok(Sse::new(stream)
-        .keep_alive(KeepAlive::new().interval(SSE_KEEP_ALIVE))
-        .into_response())
+    Ok(event_stream(stream))
+}
+
+/// An endless `text/event-stream` response of the events `stream` yields, each already in the
+/// wire format (a message's event is rendered once and shared by every subscriber).
+fn event_stream(
+    stream: impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
+) -> Response {
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "text/event-stream"),
+            (axum::http::header::CACHE_CONTROL, "no-cache"),
+            // nginx would otherwise hold events back to fill its buffer.
+            (
+                axum::http::HeaderName::from_static("x-accel-buffering"),
+                "no",
+            ),
+        ],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+/// A non-message event (`lagged`, `expired`, `removed`, `error`).
+fn notice(event: &str, data: &str) -> Result<Bytes, Infallible> {
+    Ok(crate::routing::envelope::sse_event(
+        None,
+        event,
+        data.as_bytes(),
+    ))
 }
 
 fn sse_stream(
@@ -468,44 +543,57 @@ fn sse_stream(
     route: Arc<LiveRoute>,
     mut subscription: Subscription,
     durable: Option<Durable>,
-) -> impl Stream<Item = Result<Event, Infallible>> {
+) -> impl Stream<Item = Result<Bytes, Infallible>> {
     async_stream::stream! {
         let _gauge = SubscriberGauge::attach(route.id(), Transport::Sse);
+        let mut sampler = LatencySampler::default();
+        // A comment line when nothing went out for a while (proxies close idle connections):
+        // one timer per client ticking at half the interval, not one reset per event.
+        let mut keep_alive = tokio::time::interval(SSE_KEEP_ALIVE / 2);
+        keep_alive.tick().await;
+        let mut sent_since_tick = false;
         loop {
             let event = tokio::select! {
                 _ = state.shutdown.cancelled() => break,
                 _ = credential_expiry(&principal) => {
                     count_denial("token_expired");
                     tracing::info!(principal = %principal.id, channel = %route.id(), "stream closed: token expired");
-                    yield Ok(Event::default().event("error").data(json!({"error": {"code": "token_expired", "message": "the token expired; reconnect with a fresh one"}}).to_string()));
+                    yield notice("error", &json!({"error": {"code": "token_expired", "message": "the token expired; reconnect with a fresh one"}}).to_string());
                     break;
                 }
                 _ = route.removed() => {
-                    yield Ok(Event::default().event("removed").data(json!({"channel": route.id(), "message": "the channel was removed from the gateway"}).to_string()));
+                    yield notice("removed", &json!({"channel": route.id(), "message": "the channel was removed from the gateway"}).to_string());
                     break;
                 }
+                _ = keep_alive.tick() => {
+                    if !std::mem::take(&mut sent_since_tick) {
+                        yield Ok(Bytes::from_static(b":\n\n"));
+                    }
+                    continue;
+                }
+                // Cancel-safe: an event is only consumed when returned.
                 event = subscription.next() => event,
             };
+            sent_since_tick = true;
             match event {
                 Ok(Some(SubscriptionEvent::Message { message, live })) => {
                     if durable.as_ref().is_some_and(|d| !d.passes(&message)) {
                         continue;
                     }
-                    delivered(&route, &message, live, Transport::Sse);
-                    let data = String::from_utf8_lossy(message.frame()).into_owned();
-                    yield Ok(Event::default().id(message.offset.to_string()).event("message").data(data));
+                    delivered(&route, &message, live, Transport::Sse, &mut sampler);
+                    yield Ok(message.sse_event().clone());
                 }
                 Ok(Some(SubscriptionEvent::Lagged { skipped, resume_from })) => {
                     SubscriberLagged { channel: route.id(), transport: Transport::Sse, skipped }.emit();
-                    yield Ok(Event::default().event("lagged").data(lagged_notice(skipped, resume_from)));
+                    yield notice("lagged", &lagged_notice(skipped, resume_from));
                 }
                 Ok(Some(SubscriptionEvent::Expired { missed, resume_from })) => {
-                    yield Ok(Event::default().event("expired").data(expired_notice(&state, &route, durable.as_ref(), missed, resume_from)));
+                    yield notice("expired", &expired_notice(&state, &route, durable.as_ref(), missed, resume_from));
                 }
                 Ok(None) => break,
                 Err(e) => {
                     let error = ApiError::from(e);
-                    yield Ok(Event::default().event("error").data(error.body().to_string()));
+                    yield notice("error", &error.body().to_string());
                     break;
                 }
             }

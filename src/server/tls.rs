@@ -6,7 +6,6 @@
 //! [`HANDSHAKE_TIMEOUT`]: a client that opens a connection and says nothing holds a slot for
 //! seconds, not the accept loop.
 
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +17,8 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_openssl::SslStream;
 
 use super::auth::PeerInfo;
+use super::limits::Admission;
+use super::listen::Accepted;
 use crate::auth::TlsFileConfig;
 
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -50,43 +51,25 @@ pub fn acceptor(config: &TlsFileConfig) -> Result<Arc<SslAcceptor>, String> {
     Ok(Arc::new(builder.build()))
 }
 
-/// A listener whose connections are TLS streams that completed their handshake.
-pub struct TlsListener {
-    local: SocketAddr,
-    ready: mpsc::Receiver<(SslStream<TcpStream>, PeerInfo)>,
-}
-
-impl TlsListener {
-    pub fn new(tcp: TcpListener, acceptor: Arc<SslAcceptor>) -> std::io::Result<TlsListener> {
-        let local = tcp.local_addr()?;
-        let (tx, ready) = mpsc::channel(64);
-        tokio::spawn(accept_loop(tcp, acceptor, tx));
-        Ok(TlsListener { local, ready })
-    }
-}
-
-async fn accept_loop(
+/// Accepts TLS connections: each is admitted under the connection limits first (a refused
+/// one gets its 503 in clear text and no handshake), then handshakes in a task of its own;
+/// those that complete go to `ready`.
+pub async fn accept_loop(
     tcp: TcpListener,
     acceptor: Arc<SslAcceptor>,
-    ready: mpsc::Sender<(SslStream<TcpStream>, PeerInfo)>,
+    admission: Arc<Admission>,
+    ready: mpsc::Sender<Accepted<SslStream<TcpStream>>>,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
         };
-        let (stream, addr) = tokio::select! {
-            _ = ready.closed() => return,
-            accepted = tcp.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::debug!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some((stream, addr, admitted)) =
+            super::listen::next_admitted(&tcp, &admission, &ready).await
+        else {
+            return;
         };
-        let _ = stream.set_nodelay(true);
         let acceptor = acceptor.clone();
         let ready = ready.clone();
         tokio::spawn(async move {
@@ -95,13 +78,14 @@ async fn accept_loop(
                 Ok(Ok(tls)) => {
                     let certificate_cn = common_name(&tls);
                     let _ = ready
-                        .send((
-                            tls,
-                            PeerInfo {
+                        .send(Accepted {
+                            io: tls,
+                            peer: PeerInfo {
                                 addr,
                                 certificate_cn,
                             },
-                        ))
+                            admitted,
+                        })
                         .await;
                 }
                 Ok(Err(e)) => tracing::debug!(client = %addr, error = %e, "TLS handshake failed"),
@@ -131,29 +115,4 @@ fn common_name(tls: &SslStream<TcpStream>) -> Option<String> {
         .entries_by_nid(Nid::COMMONNAME)
         .next()?;
     entry.data().to_string().ok()
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = SslStream<TcpStream>;
-    type Addr = PeerInfo;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
-            Some(connection) => connection,
-            // The accept loop only ends when this listener is dropped.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(PeerInfo::from(self.local))
-    }
-}
-
-impl<'a> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, TlsListener>>
-    for PeerInfo
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'a, TlsListener>) -> Self {
-        stream.remote_addr().clone()
-    }
 }
