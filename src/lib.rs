@@ -20,6 +20,8 @@ pub mod config;
 pub mod connectors;
 pub mod credentials;
 pub mod daemon;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hub;
 pub mod registry;
 pub mod routing;
