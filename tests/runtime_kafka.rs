@@ -334,8 +334,13 @@ async fn daemon_killed_mid_stream_loses_no_record_and_commits_never_pass_the_log
         let end = logged_end.entry(partition).or_insert(0);
         *end = (*end).max(offset + 1);
     }
+    let recognised = daemon
+        .metric_value("stepflow_kafka_records_already_logged_total", &[])
+        .await
+        .unwrap()
+        .unwrap_or(0.0);
     println!(
-        "Kafka SIGKILL test: {total} produced, {} logged, {duplicates} duplicates, {} missing",
+        "Kafka SIGKILL test: {total} produced, {} logged, {duplicates} duplicates, {} missing; {recognised} records read again were recognised as logged",
         log.len(),
         missing.len()
     );
@@ -345,6 +350,9 @@ async fn daemon_killed_mid_stream_loses_no_record_and_commits_never_pass_the_log
         missing.len(),
         &missing[..missing.len().min(10)]
     );
+    // The records between the committed offsets and the log are read again after the crash;
+    // the log's tail says it holds them, so none is logged twice.
+    assert_eq!(duplicates, 0, "records logged twice after the crash");
 
     // The group's committed offsets never pass what the log holds.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -718,4 +726,193 @@ async fn an_absent_broker_is_logged_once_and_counted_not_logged_per_retry() {
         counted.is_some_and(|n| n >= 1.0),
         "errors counted: {counted:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replacement_is_followed_on_the_consumer_and_unchanged_topics_see_every_record_once_on_tansu()
+ {
+    a_replacement_is_followed_on_the_consumer(Kafka::with(TestKafka::tansu())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replacement_is_followed_on_the_consumer_and_unchanged_topics_see_every_record_once_on_the_mock()
+ {
+    a_replacement_is_followed_on_the_consumer(Kafka::start()).await;
+}
+
+/// Under a steady stream on `telemetry`: version 2 adds `alerts` to the same consumer group
+/// (the consumer re-subscribes: a rebalance), version 3 moves `alerts` to a group of its own
+/// (a second consumer starts, the first re-subscribes back), version 1 again stops that group.
+/// The telemetry records reach a WebSocket client once each, in order, and nothing reconnects.
+async fn a_replacement_is_followed_on_the_consumer(kafka: Kafka) {
+    let p = kafka.prefix.clone();
+    kafka.broker.create_topic(&format!("{p}.alerts"), 1);
+    let specs = tempfile::tempdir().unwrap();
+    // The daemon starts with one document; the one under test comes over the API.
+    std::fs::write(
+        specs.path().join("base.yaml"),
+        format!(
+            "asyncapi: 3.0.0\nx-stepflow-id: {}\ninfo: {{title: base, version: 1.0.0}}\nchannels:\n  notes:\n    address: notes\n",
+            unique("base")
+        ),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&["--specs", specs.path().to_str().unwrap()])
+        .await
+        .unwrap();
+    let api = unique("kfollow");
+    let staging = tempfile::tempdir().unwrap();
+    let v1 = std::fs::read_to_string(kafka.spec(staging.path(), &api))
+        .unwrap()
+        .replace("'127.0.0.1:9092'", &format!("'{}'", kafka.bootstrap()));
+    let alerts = |group: &str| {
+        v1.replace(
+            "  commands:\n",
+            &format!(
+                "  alerts:\n    address: '{p}.alerts'\n    messages:\n      alert: {{payload: {{type: object}}}}\n  commands:\n"
+            ),
+        )
+        .replace(
+            "  sendCommand:\n",
+            &format!(
+                "  receiveAlerts:\n    action: receive\n    channel: {{$ref: '#/channels/alerts'}}\n    bindings: {{kafka: {{groupId: {group}}}}}\n  sendCommand:\n"
+            ),
+        )
+    };
+    let v2 = alerts(&format!("{p}-gateway"));
+    let v3 = alerts(&format!("{p}-alerts"));
+    daemon.add_spec(&format!("{api}.yaml"), &v1).await;
+    let mut ws = ws_connect(&daemon.ws_url(&format!("/ws/{api}.telemetry")))
+        .await
+        .unwrap();
+    // The group has its partitions once the first record arrives.
+    let producer = kafka.producer();
+    kafka
+        .produce(&producer, "d1", &json!({"temperature": 1, "seq": 0}))
+        .await;
+    assert_eq!(
+        ws_next_json(&mut ws, WAIT).await.unwrap()["payload"]["seq"],
+        0
+    );
+
+    const COUNT: u64 = 900;
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1));
+    let publisher = {
+        let (sent, producer) = (sent.clone(), producer.clone());
+        let topic = format!("{p}.telemetry");
+        tokio::spawn(async move {
+            // In bursts, so that the consumer has records fetched but not yet handed over
+            // when a replacement makes it re-subscribe.
+            let seqs: Vec<u64> = (1..COUNT).collect();
+            for burst in seqs.chunks(60) {
+                let sends = burst.iter().map(|seq| {
+                    let payload = json!({"temperature": 1, "seq": seq}).to_string();
+                    let producer = producer.clone();
+                    let topic = topic.clone();
+                    async move {
+                        producer
+                            .send(
+                                FutureRecord::to(&topic).key("d1").payload(&payload),
+                                Duration::from_secs(5),
+                            )
+                            .await
+                            .expect("the broker acknowledges");
+                    }
+                });
+                futures::future::join_all(sends).await;
+                sent.store(
+                    burst[burst.len() - 1] + 1,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+        })
+    };
+    let wait_sent = |n: u64| {
+        let sent = sent.clone();
+        async move {
+            while sent.load(std::sync::atomic::Ordering::Relaxed) < n {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    wait_sent(COUNT / 3).await;
+    let replaced = daemon.replace_spec(&api, &v2).await;
+    assert_eq!(replaced["reconnected"], false, "{replaced}");
+    assert_eq!(
+        replaced["diff"]["channels"]["added"],
+        json!([format!("{api}.alerts")])
+    );
+    wait_sent(2 * COUNT / 3).await;
+    let replaced = daemon.replace_spec(&api, &v3).await;
+    assert_eq!(replaced["reconnected"], false, "{replaced}");
+    publisher.await.unwrap();
+
+    let mut seqs = Vec::new();
+    while (seqs.len() as u64) < COUNT - 1 {
+        let frame = ws_next_json(&mut ws, WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("after {} of {COUNT}: {e}\n{}", seqs.len(), daemon.log()));
+        seqs.push(frame["payload"]["seq"].as_u64().unwrap());
+    }
+    assert_eq!(
+        seqs,
+        (1..COUNT).collect::<Vec<_>>(),
+        "every record once, in order"
+    );
+    let log = daemon.log();
+    assert!(
+        log.contains(&format!(
+            "Kafka connector follows the document's new routes server={api}/broker resubscribed=1 started=0 stopped=0"
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "Kafka connector follows the document's new routes server={api}/broker resubscribed=1 started=1 stopped=0"
+        )),
+        "{log}"
+    );
+    let created = log
+        .lines()
+        .filter(|l| {
+            l.contains("Kafka consumer subscribed") && l.contains(&format!("group={p}-gateway "))
+        })
+        .count();
+    assert_eq!(created, 1, "the group's consumer was created once:\n{log}");
+    assert!(
+        !log.contains("connectors restarted for the change"),
+        "nothing restarted:\n{log}"
+    );
+
+    // The alerts group of its own consumes.
+    let mut sse = SseClient::connect(&daemon.url(&format!("/sse/{api}.alerts")), None)
+        .await
+        .unwrap();
+    producer
+        .send(
+            FutureRecord::to(&format!("{p}.alerts"))
+                .key("a")
+                .payload(&json!({"level": "high"}).to_string()),
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("the broker acknowledges");
+    let (_, frame) = sse.next_message(WAIT).await.unwrap();
+    assert_eq!(frame["payload"]["level"], "high", "{frame}");
+
+    // Back to version 1: the alerts group stops; telemetry goes on.
+    daemon.replace_spec(&api, &v1).await;
+    assert!(
+        daemon.log().contains(&format!(
+            "Kafka connector follows the document's new routes server={api}/broker resubscribed=0 started=0 stopped=1"
+        )),
+        "{}",
+        daemon.log()
+    );
+    kafka
+        .produce(&producer, "d1", &json!({"temperature": 1, "seq": COUNT}))
+        .await;
+    let frame = ws_next_json(&mut ws, WAIT).await.unwrap();
+    assert_eq!(frame["payload"]["seq"], COUNT, "{frame}");
 }

@@ -13,13 +13,19 @@
 //!
 //! Kafka has no connection event: a metadata probe every two seconds (on a blocking thread)
 //! drives the connection state behind `/readyz`.
+//!
+//! A replaced document is followed in place ([`KafkaFollower`]): each group's route list is
+//! swapped, a group whose topics changed re-subscribes on its consumer once everything it read
+//! is stored and committed (so the rebalance re-reads nothing), a new group gets a consumer and
+//! a group no route uses any more leaves.
 
 mod binding;
+mod logged;
 
 pub use binding::{KafkaBindings, KafkaRoute};
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -30,7 +36,7 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientConfig, ClientContext, Statistics};
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -40,7 +46,7 @@ use crate::routing::address::ProtocolAddress;
 use crate::routing::envelope::{Envelope, Origin, Transport};
 use crate::spec::{Protocol, Server};
 use crate::store::PendingAppend;
-use crate::telemetry::events::MessageUnmatched;
+use crate::telemetry::events::{KafkaRecordsAlreadyLogged, MessageUnmatched};
 use crate::upstream::ServerOverride;
 use crate::upstream::{Connections, IntakeProgress, Outbound, PublishError, Publisher, ServerKey};
 
@@ -168,7 +174,7 @@ pub struct KafkaConnector {
     key: ServerKey,
     config: KafkaServerConfig,
     optional: bool,
-    routes: Vec<Arc<LiveRoute>>,
+    groups: BTreeMap<String, Vec<Subscribed>>,
 }
 
 /// How a record's topic finds its route.
@@ -191,9 +197,68 @@ impl Subscribed {
     }
 }
 
+/// The routes one consumer group serves: read per record, swapped by [`KafkaFollower`].
+#[derive(Clone, Default)]
+struct GroupRoutes(Arc<RwLock<Arc<Vec<Subscribed>>>>);
+
+impl GroupRoutes {
+    fn new(routes: Vec<Subscribed>) -> GroupRoutes {
+        GroupRoutes(Arc::new(RwLock::new(Arc::new(routes))))
+    }
+
+    fn get(&self) -> Arc<Vec<Subscribed>> {
+        self.0
+            .read()
+            .map(|r| r.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    fn set(&self, routes: Vec<Subscribed>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(routes);
+    }
+
+    /// The topics (names or anchored regexes) to subscribe, sorted, each once.
+    fn patterns(&self) -> Vec<String> {
+        patterns(&self.get())
+    }
+}
+
+fn patterns(routes: &[Subscribed]) -> Vec<String> {
+    let mut patterns: Vec<String> = routes.iter().map(|s| s.pattern.clone()).collect();
+    patterns.sort_unstable();
+    patterns.dedup();
+    patterns
+}
+
+/// The readable routes of server `key`, by the consumer group that reads them.
+fn groups_of(hub: &Hub, key: &ServerKey) -> BTreeMap<String, Vec<Subscribed>> {
+    let mut groups: BTreeMap<String, Vec<Subscribed>> = BTreeMap::new();
+    for route in hub.routes() {
+        let definition = route.route();
+        if definition.api != key.api || !definition.direction.readable {
+            continue;
+        }
+        for upstream in &definition.upstreams {
+            if let Some(k) = upstream.binding.get::<KafkaRoute>()
+                && upstream.server == key.server
+            {
+                groups
+                    .entry(k.group_id.clone())
+                    .or_default()
+                    .push(Subscribed {
+                        route: route.clone(),
+                        topic: k.topic.clone(),
+                        pattern: k.subscription.pattern.clone(),
+                    });
+            }
+        }
+    }
+    groups
+}
+
 /// Consumer context that turns librdkafka's statistics into the consumer-lag gauge per channel.
 struct LagReporter {
-    routes: Vec<Subscribed>,
+    routes: GroupRoutes,
 }
 
 /// librdkafka reports every failed connection attempt as an error; the probe already reports
@@ -256,11 +321,12 @@ impl ClientContext for LagReporter {
     }
 
     fn stats(&self, statistics: Statistics) {
+        let routes = self.routes.get();
         let mut lag: BTreeMap<&str, i64> = BTreeMap::new();
         for (topic, t) in &statistics.topics {
             // -1 means unknown (no committed offset or high watermark yet).
             let topic_lag: i64 = t.partitions.values().map(|p| p.consumer_lag.max(0)).sum();
-            for sub in self.routes.iter().filter(|s| s.matches(topic).is_some()) {
+            for sub in routes.iter().filter(|s| s.matches(topic).is_some()) {
                 *lag.entry(sub.route.id()).or_default() += topic_lag;
             }
         }
@@ -285,20 +351,12 @@ impl KafkaConnector {
         config: KafkaServerConfig,
         optional: bool,
     ) -> KafkaConnector {
-        let routes =
-            hub.routes()
-                .filter(|r| {
-                    r.route().api == key.api
-                        && r.route().upstreams.iter().any(|u| {
-                            u.server == key.server && u.binding.get::<KafkaRoute>().is_some()
-                        })
-                })
-                .collect();
+        let groups = groups_of(hub, &key);
         KafkaConnector {
             key,
             config,
             optional,
-            routes,
+            groups,
         }
     }
 
@@ -349,41 +407,136 @@ impl KafkaConnector {
         ));
 
         // One consumer per consumer group on this server.
-        let mut groups: BTreeMap<String, Vec<Subscribed>> = BTreeMap::new();
-        for route in self.routes.iter().filter(|r| r.route().direction.readable) {
-            for upstream in &route.route().upstreams {
-                if let Some(k) = upstream.binding.get::<KafkaRoute>()
-                    && upstream.server == self.key.server
-                {
-                    groups
-                        .entry(k.group_id.clone())
-                        .or_default()
-                        .push(Subscribed {
-                            route: route.clone(),
-                            topic: k.topic.clone(),
-                            pattern: k.subscription.pattern.clone(),
-                        });
+        let follower = KafkaFollower {
+            hub: Arc::downgrade(&hub),
+            key: self.key.clone(),
+            client: self.config.clone(),
+            shutdown: shutdown.clone(),
+            tracker: tracker.clone(),
+            progress,
+            groups: Mutex::new(BTreeMap::new()),
+        };
+        for (group, subscribed) in self.groups {
+            // Created here once so that a bad configuration fails the start.
+            let running = follower
+                .start_group(&hub, group, subscribed)
+                .map_err(fail)?;
+            follower
+                .groups
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(running.0, running.1);
+        }
+        hub.register_follower(self.key.clone(), Arc::new(follower));
+        Ok(())
+    }
+}
+
+/// A running consumer group of a server's connector.
+struct RunningGroup {
+    routes: GroupRoutes,
+    /// The topics the group's consumer is to subscribe; it re-subscribes when they change.
+    topics: watch::Sender<Vec<String>>,
+    /// Ends the group's consumer (it commits what it stored, then leaves the group).
+    stop: CancellationToken,
+}
+
+/// Takes up a replaced document's routes on the running consumers: a group's route list is
+/// swapped at once; a group whose topics changed re-subscribes on the same consumer after
+/// storing and committing everything it read, so the rebalance that follows re-reads
+/// nothing; a new group starts a consumer; a group no route reads any more stops.
+struct KafkaFollower {
+    /// Weak: the hub holds the follower.
+    hub: Weak<Hub>,
+    key: ServerKey,
+    client: KafkaServerConfig,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    progress: Arc<IntakeProgress>,
+    groups: Mutex<BTreeMap<String, RunningGroup>>,
+}
+
+impl KafkaFollower {
+    /// Creates the group's consumer and starts it on the connector's tracker.
+    fn start_group(
+        &self,
+        hub: &Arc<Hub>,
+        group: String,
+        subscribed: Vec<Subscribed>,
+    ) -> Result<(String, RunningGroup), rdkafka::error::KafkaError> {
+        let routes = GroupRoutes::new(subscribed);
+        let (topics, topics_rx) = watch::channel(routes.patterns());
+        let consumer_config = ConsumerConfig {
+            client: self.client.clone(),
+            group: group.clone(),
+            subscribed: routes.clone(),
+        };
+        let consumer = consumer_config.create()?;
+        let stop = self.shutdown.child_token();
+        self.tracker.spawn(consume_group(
+            hub.clone(),
+            self.key.clone(),
+            consumer_config,
+            consumer,
+            topics_rx,
+            stop.clone(),
+            self.progress.clone(),
+        ));
+        Ok((
+            group,
+            RunningGroup {
+                routes,
+                topics,
+                stop,
+            },
+        ))
+    }
+}
+
+impl crate::hub::RouteFollower for KafkaFollower {
+    fn follow_routes(&self, hub: &Hub) {
+        let mut wanted = groups_of(hub, &self.key);
+        let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut resubscribed, mut started, mut stopped) = (0, 0, 0);
+        groups.retain(|name, running| {
+            let Some(subscribed) = wanted.remove(name) else {
+                running.stop.cancel();
+                stopped += 1;
+                return false;
+            };
+            // Routes first: records of a new topic find their route once it is subscribed.
+            let topics = patterns(&subscribed);
+            running.routes.set(subscribed);
+            running.topics.send_if_modified(|t| {
+                let changed = *t != topics;
+                if changed {
+                    *t = topics;
+                    resubscribed += 1;
+                }
+                changed
+            });
+            true
+        });
+        if let Some(hub) = self.hub.upgrade() {
+            for (group, subscribed) in wanted {
+                match self.start_group(&hub, group.clone(), subscribed) {
+                    Ok((name, running)) => {
+                        groups.insert(name, running);
+                        started += 1;
+                    }
+                    Err(e) => {
+                        tracing::error!(server = %self.key, group = %group, error = %e, "cannot create the Kafka consumer of a new group")
+                    }
                 }
             }
         }
-        for (group, subscribed) in groups {
-            let consumer_config = ConsumerConfig {
-                client: self.config.clone(),
-                group,
-                subscribed,
-            };
-            // Created here once so that a bad configuration fails the start.
-            let consumer = consumer_config.create().map_err(fail)?;
-            tracker.spawn(consume_group(
-                hub.clone(),
-                self.key.clone(),
-                consumer_config,
-                consumer,
-                shutdown.clone(),
-                progress.clone(),
-            ));
-        }
-        Ok(())
+        tracing::info!(
+            server = %self.key,
+            resubscribed,
+            started,
+            stopped,
+            "Kafka connector follows the document's new routes"
+        );
     }
 }
 
@@ -391,7 +544,7 @@ impl KafkaConnector {
 struct ConsumerConfig {
     client: KafkaServerConfig,
     group: String,
-    subscribed: Vec<Subscribed>,
+    subscribed: GroupRoutes,
 }
 
 impl ConsumerConfig {
@@ -418,10 +571,9 @@ impl ConsumerConfig {
             // Regex subscriptions pick up new topics this often.
             .set("topic.metadata.refresh.interval.ms", "5000")
             .create_with_context(context)?;
-        let mut patterns: Vec<&str> = self.subscribed.iter().map(|s| s.pattern.as_str()).collect();
-        patterns.sort_unstable();
-        patterns.dedup();
-        consumer.subscribe(&patterns)?;
+        let patterns = self.subscribed.patterns();
+        let topics: Vec<&str> = patterns.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics)?;
         tracing::info!(group = %self.group, topics = ?patterns, "Kafka consumer subscribed");
         Ok(Arc::new(consumer))
     }
@@ -436,6 +588,7 @@ async fn consume_group(
     key: ServerKey,
     config: ConsumerConfig,
     first: Arc<GatewayConsumer>,
+    mut topics: watch::Receiver<Vec<String>>,
     shutdown: CancellationToken,
     progress: Arc<IntakeProgress>,
 ) {
@@ -462,24 +615,38 @@ async fn consume_group(
             session.clone(),
             progress.clone(),
         ));
+        // A consumer created now subscribes the current topics already.
+        topics.mark_unchanged();
+        let logs = config
+            .subscribed
+            .get()
+            .iter()
+            .map(|s| (s.route.log.clone(), s.route.dead_letters.clone()))
+            .collect::<Vec<_>>();
+        let already_logged = logged::AlreadyLogged::scan(&hub, logs).await;
         consume(
-            hub.clone(),
-            key.clone(),
-            current.clone(),
-            config.subscribed.clone(),
+            Intake {
+                hub: hub.clone(),
+                key: key.clone(),
+                group: &config.group,
+                consumer: current.clone(),
+                routes: config.subscribed.clone(),
+                progress: progress.clone(),
+                already_logged,
+            },
+            &mut topics,
             tx,
             session,
-            progress.clone(),
         )
         .await;
         let _ = offsets.await;
-        // What this consumer read but did not store is read again by the next one.
-        progress.settle_all();
         // Closing a consumer leaves the group and waits for the broker: not on a runtime thread.
         let _ = tokio::task::spawn_blocking(move || drop(current)).await;
         if shutdown.is_cancelled() {
             return;
         }
+        // What this consumer read but did not store is read again by the next one.
+        progress.settle_all();
         tracing::warn!(server = %key, group = %config.group, "Kafka consumer stopped after a log failure; it restarts from the committed offsets once the log is back");
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -541,16 +708,80 @@ struct InFlight {
     appends: Vec<PendingAppend>,
 }
 
-async fn consume(
+impl InFlight {
+    /// A record the log already holds: only its offset is stored.
+    fn already_logged(topic: String, partition: i32, offset: i64) -> InFlight {
+        InFlight {
+            topic,
+            partition,
+            offset,
+            appends: Vec::new(),
+        }
+    }
+}
+
+/// What the consume task hands the offsets task, in order.
+enum Ack {
+    Record(InFlight),
+    /// Answered once every record before it is stored and the stored offsets are committed.
+    Commit(oneshot::Sender<()>),
+}
+
+/// One consumer's intake: where its records go.
+struct Intake<'a> {
     hub: Arc<Hub>,
     key: ServerKey,
+    group: &'a str,
     consumer: Arc<GatewayConsumer>,
-    routes: Vec<Subscribed>,
-    acks: mpsc::Sender<InFlight>,
-    shutdown: CancellationToken,
+    routes: GroupRoutes,
     progress: Arc<IntakeProgress>,
+    /// Records the log held when this consumer started.
+    already_logged: logged::AlreadyLogged,
+}
+
+impl Intake<'_> {
+    /// Subscribes `wanted` on the running consumer once everything read so far is stored and
+    /// committed: the rebalance the new subscription brings resumes every partition where
+    /// this consumer was, so an unchanged topic sees no record twice.
+    async fn resubscribe(&self, wanted: Vec<String>, acks: &mpsc::Sender<Ack>) -> bool {
+        let (done, committed) = oneshot::channel();
+        if acks.send(Ack::Commit(done)).await.is_err() || committed.await.is_err() {
+            return false;
+        }
+        let topics: Vec<&str> = wanted.iter().map(String::as_str).collect();
+        match self.consumer.subscribe(&topics) {
+            Ok(()) => {
+                tracing::info!(server = %self.key, group = %self.group, topics = ?topics, "Kafka consumer re-subscribed");
+                true
+            }
+            Err(e) => {
+                tracing::error!(server = %self.key, group = %self.group, error = %e, "cannot change the Kafka consumer's subscription");
+                false
+            }
+        }
+    }
+}
+
+async fn consume(
+    mut intake: Intake<'_>,
+    topics: &mut watch::Receiver<Vec<String>>,
+    acks: mpsc::Sender<Ack>,
+    shutdown: CancellationToken,
 ) {
+    let mut already_logged = std::mem::take(&mut intake.already_logged);
+    let Intake {
+        hub,
+        key,
+        consumer,
+        progress,
+        ..
+    } = &intake;
     let server: Arc<str> = key.server.clone().into();
+    // The last offset handed to the hub per partition, and (after a re-subscription) where
+    // each partition was then: the rebalance may hand back records this consumer read but had
+    // not yet stored (prefetched before the revocation); those are in the log already.
+    let mut delivered: std::collections::HashMap<(String, i32), i64> = Default::default();
+    let mut replayed: std::collections::HashMap<(String, i32), i64> = Default::default();
     let mut errors = RepeatedFailure::default();
     let error_counter = metrics::counter!(
         crate::telemetry::KAFKA_CONSUMER_ERRORS,
@@ -559,6 +790,16 @@ async fn consume(
     loop {
         let message = tokio::select! {
             _ = shutdown.cancelled() => break,
+            changed = topics.changed() => {
+                let wanted = topics.borrow_and_update().clone();
+                if changed.is_err() || !intake.resubscribe(wanted, &acks).await {
+                    // The follower is gone (the connector stops) or the subscription failed:
+                    // a new consumer subscribes afresh.
+                    break;
+                }
+                replayed = delivered.clone();
+                continue;
+            }
             // Cancel-safe: a record is only consumed when returned.
             m = consumer.recv() => m,
         };
@@ -585,6 +826,52 @@ async fn consume(
         };
         progress.received();
         let topic = message.topic().to_owned();
+        let position = (topic, message.partition());
+        if let Some(&seen) = replayed.get(&position) {
+            if message.offset() <= seen {
+                // Logged before the re-subscription: only its offset is stored again.
+                let in_flight =
+                    InFlight::already_logged(position.0, message.partition(), message.offset());
+                if acks.send(Ack::Record(in_flight)).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            replayed.remove(&position);
+        }
+        delivered.insert(position.clone(), message.offset());
+        if !already_logged.is_empty() {
+            let routes = intake
+                .routes
+                .get()
+                .iter()
+                .filter(|sub| sub.matches(&position.0).is_some())
+                .count();
+            match already_logged.holds(
+                &position.0,
+                message.partition(),
+                message.offset(),
+                message.timestamp().to_millis(),
+                routes,
+            ) {
+                logged::Verdict::Held => {
+                    let in_flight =
+                        InFlight::already_logged(position.0, message.partition(), message.offset());
+                    if acks.send(Ack::Record(in_flight)).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+                logged::Verdict::PastHeld { passed } => KafkaRecordsAlreadyLogged {
+                    server: &server,
+                    group: intake.group,
+                    records: passed,
+                }
+                .emit(),
+                logged::Verdict::New => {}
+            }
+        }
+        let topic = position.0;
         let payload = Bytes::copy_from_slice(message.payload().unwrap_or_default());
         let mut headers = Vec::new();
         if let Some(h) = message.headers() {
@@ -607,7 +894,7 @@ async fn consume(
         let mut appends = Vec::new();
         let mut matched = false;
         let mut failed = false;
-        for sub in &routes {
+        for sub in intake.routes.get().iter() {
             let Some(params) = sub.matches(&topic) else {
                 continue;
             };
@@ -646,7 +933,7 @@ async fn consume(
             offset: message.offset(),
             appends,
         };
-        if acks.send(in_flight).await.is_err() {
+        if acks.send(Ack::Record(in_flight)).await.is_err() {
             break;
         }
     }
@@ -656,11 +943,19 @@ async fn consume(
 /// stored offsets when the consumer stops.
 async fn store_offsets(
     consumer: Arc<GatewayConsumer>,
-    mut rx: mpsc::Receiver<InFlight>,
+    mut rx: mpsc::Receiver<Ack>,
     session: CancellationToken,
     progress: Arc<IntakeProgress>,
 ) {
-    while let Some(record) = rx.recv().await {
+    while let Some(ack) = rx.recv().await {
+        let record = match ack {
+            Ack::Record(record) => record,
+            Ack::Commit(done) => {
+                commit(consumer.clone()).await;
+                let _ = done.send(());
+                continue;
+            }
+        };
         let mut safe = true;
         for append in record.appends {
             if let Err(e) = append.flushed().await {
@@ -678,9 +973,15 @@ async fn store_offsets(
         }
         progress.settled(1);
     }
+    commit(consumer).await;
+}
+
+/// Commits the stored offsets and waits for the broker (on a blocking thread).
+async fn commit(consumer: Arc<GatewayConsumer>) {
     let _ = tokio::task::spawn_blocking(move || {
         if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-            tracing::debug!(error = %e, "final offset commit");
+            // "No offset stored" when nothing was read since the last commit.
+            tracing::debug!(error = %e, "offset commit");
         }
     })
     .await;
@@ -799,6 +1100,10 @@ impl crate::connectors::Connector for Kafka {
 
     fn bindings(&self) -> &dyn crate::routing::BindingReader {
         &KafkaBindings
+    }
+
+    fn follows_routes(&self) -> bool {
+        true
     }
 
     fn start(&self, cx: crate::connectors::StartContext<'_>) -> Result<bool, String> {
