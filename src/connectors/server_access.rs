@@ -16,6 +16,7 @@ use crate::upstream::ServerOverride;
 use crate::upstream::{ServerKey, percent_encode};
 
 /// A server the gateway connects to as a client, as its connector needs it.
+#[derive(Clone)]
 pub struct ClientSide {
     pub key: ServerKey,
     /// `scheme://host[:port][/pathname]` (the override URL wins), without a trailing slash:

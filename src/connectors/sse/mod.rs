@@ -8,14 +8,17 @@
 //! when it sent one, else with backoff. A 204 answer means "stop" (the SSE spec): the stream is
 //! not reopened. The source cannot redeliver what the gateway missed while down, beyond what the
 //! server keeps for `Last-Event-ID`: such routes are at-most-once.
+//!
+//! A replaced document is followed in place ([`SseFollower`]): streams whose route, URL,
+//! headers and event names are unchanged stay open; new ones open, gone ones close.
 
 mod binding;
 
 pub use binding::{HttpBindings, SseRoute};
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -42,12 +45,35 @@ struct Stream {
     events: Vec<(String, String)>,
 }
 
+impl Stream {
+    /// What the stream's session is made of: a stream whose identity is unchanged after a
+    /// replacement keeps running.
+    fn identity(&self) -> StreamIdentity {
+        StreamIdentity {
+            route: self.live.id().to_string(),
+            url: self.url.clone(),
+            headers: self.headers.clone(),
+            events: self.events.clone(),
+        }
+    }
+}
+
+#[derive(PartialEq)]
+struct StreamIdentity {
+    route: String,
+    url: String,
+    headers: Vec<(String, String)>,
+    events: Vec<(String, String)>,
+}
+
 /// One HTTP server's event streams.
 pub struct SseConnector {
     key: ServerKey,
     base_url: String,
     optional: bool,
     streams: Vec<Stream>,
+    side: ClientSide,
+    routes_config: BTreeMap<String, RouteFileConfig>,
 }
 
 impl SseConnector {
@@ -96,10 +122,12 @@ impl SseConnector {
             }
         }
         SseConnector {
-            key: side.key,
-            base_url: side.base_url,
+            key: side.key.clone(),
+            base_url: side.base_url.clone(),
             optional: side.optional,
             streams,
+            side,
+            routes_config: routes_config.clone(),
         }
     }
 
@@ -126,16 +154,96 @@ impl SseConnector {
                 return;
             }
         };
+        let follower = SseFollower {
+            hub: Arc::downgrade(&hub),
+            key: self.key.clone(),
+            side: self.side,
+            routes_config: self.routes_config,
+            client,
+            shutdown,
+            tracker: tracker.clone(),
+            running: Mutex::new(Vec::new()),
+        };
         for stream in self.streams {
-            let task = StreamTask {
-                hub: hub.clone(),
-                key: self.key.clone(),
-                client: client.clone(),
-                connections: connections.clone(),
-                stream,
-            };
-            tracker.spawn(task.run(shutdown.clone()));
+            follower.open(&hub, stream);
         }
+        hub.register_follower(self.key, Arc::new(follower));
+    }
+}
+
+/// Takes up a replaced document's routes without touching the streams that stay: a stream
+/// whose route, URL, headers and event names are unchanged keeps its session (and what the
+/// server would send meanwhile); a new one opens, one no route wants closes.
+struct SseFollower {
+    /// Weak: the hub holds the follower.
+    hub: Weak<Hub>,
+    key: ServerKey,
+    side: ClientSide,
+    routes_config: BTreeMap<String, RouteFileConfig>,
+    client: reqwest::Client,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    running: Mutex<Vec<(StreamIdentity, CancellationToken)>>,
+}
+
+impl SseFollower {
+    fn open(&self, hub: &Arc<Hub>, stream: Stream) {
+        let stop = self.shutdown.child_token();
+        let identity = stream.identity();
+        let task = StreamTask {
+            hub: hub.clone(),
+            key: self.key.clone(),
+            client: self.client.clone(),
+            connections: hub.connections().clone(),
+            stream,
+        };
+        self.tracker.spawn(task.run(stop.clone()));
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((identity, stop));
+    }
+}
+
+impl crate::hub::RouteFollower for SseFollower {
+    fn follow_routes(&self, hub: &Hub) {
+        let Some(owned) = self.hub.upgrade() else {
+            return;
+        };
+        let planned = SseConnector::build(hub, self.side.clone(), &self.routes_config).streams;
+        let wanted: Vec<StreamIdentity> = planned.iter().map(Stream::identity).collect();
+        let mut closed = 0;
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(identity, stop)| {
+                let keep = wanted.contains(identity);
+                if !keep {
+                    stop.cancel();
+                    closed += 1;
+                }
+                keep
+            });
+        let mut opened = 0;
+        for stream in planned {
+            let identity = stream.identity();
+            let running = self
+                .running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .any(|(i, _)| *i == identity);
+            if !running {
+                self.open(&owned, stream);
+                opened += 1;
+            }
+        }
+        tracing::info!(
+            server = %self.key,
+            opened,
+            closed,
+            "SSE connector follows the document's new routes"
+        );
     }
 }
 
@@ -207,13 +315,9 @@ impl StreamTask {
         let log = &self.stream.live.log;
         let last = store.log_stats(log).last_offset?;
         let messages = store.read(log, last, 1).await.ok()?;
-        messages.first().and_then(|m| {
-            m.envelope
-                .headers
-                .iter()
-                .find(|(k, _)| k == "sse_id")
-                .map(|(_, v)| v.clone())
-        })
+        messages
+            .first()
+            .and_then(|m| m.envelope.header("sse_id").map(str::to_owned))
     }
 
     async fn session(
@@ -366,6 +470,10 @@ impl crate::connectors::Connector for Http {
 
     fn bindings(&self) -> &dyn crate::routing::BindingReader {
         &HttpBindings
+    }
+
+    fn follows_routes(&self) -> bool {
+        true
     }
 
     fn start(&self, cx: crate::connectors::StartContext<'_>) -> Result<bool, String> {

@@ -10,13 +10,18 @@
 //! once the frame is written (WebSocket has no acknowledgement). A ping every 15 s; a socket
 //! silent for 45 s is considered dead. Reconnects with backoff. These sources cannot redeliver:
 //! such routes are at-most-once (the compiler says so at load).
+//!
+//! A replaced document is followed in place ([`WsFollower`]): a socket whose URL, headers and
+//! subscribe frames are unchanged stays open and only its route list is swapped; new sockets
+//! open, sockets no route wants close.
 
 mod binding;
 
 pub use binding::{WebSocketRoute, WsBindings, frame_text};
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -57,6 +62,9 @@ struct Socket {
     subscribe: Vec<String>,
 }
 
+/// The readable routes a socket's frames go to: read per frame, swapped by [`WsFollower`].
+type Readable = Arc<RwLock<Arc<Vec<(Arc<LiveRoute>, Params)>>>>;
+
 /// One WebSocket server's connector.
 pub struct WsConnector {
     key: ServerKey,
@@ -64,6 +72,8 @@ pub struct WsConnector {
     base_url: String,
     optional: bool,
     sockets: Vec<Socket>,
+    side: ClientSide,
+    routes_config: BTreeMap<String, RouteFileConfig>,
 }
 
 impl WsConnector {
@@ -133,10 +143,12 @@ impl WsConnector {
             }
         }
         WsConnector {
-            key: side.key,
-            base_url: side.base_url,
+            key: side.key.clone(),
+            base_url: side.base_url.clone(),
             optional: side.optional,
             sockets,
+            side,
+            routes_config: routes_config.clone(),
         }
     }
 
@@ -153,54 +165,199 @@ impl WsConnector {
         let states = Arc::new(SocketStates {
             key: self.key.clone(),
             connections: connections.clone(),
-            connected: Mutex::new(vec![false; self.sockets.len()]),
+            connected: Mutex::new(BTreeMap::new()),
             reported: Mutex::new(None),
         });
-        let mut senders = BTreeMap::new();
-        for (index, socket) in self.sockets.into_iter().enumerate() {
-            let (tx, rx) = mpsc::channel::<Outgoing>(OUTGOING_CAPACITY);
-            senders.insert(socket.address.clone(), (index, tx));
-            let task = SocketTask {
-                hub: hub.clone(),
-                key: self.key.clone(),
-                url: format!("{}{}", self.base_url, socket.target),
-                socket,
-                index,
-                states: states.clone(),
-            };
-            tracker.spawn(task.run(rx, shutdown.clone()));
+        let senders: Senders = Default::default();
+        let follower = WsFollower {
+            hub: Arc::downgrade(&hub),
+            key: self.key.clone(),
+            base_url: self.base_url,
+            side: self.side,
+            routes_config: self.routes_config,
+            shutdown,
+            tracker: tracker.clone(),
+            states: states.clone(),
+            senders: senders.clone(),
+            running: Mutex::new(Vec::new()),
+            next_id: AtomicU64::new(0),
+        };
+        {
+            let mut running = follower.running.lock().unwrap_or_else(|p| p.into_inner());
+            for socket in self.sockets {
+                running.push(follower.open(&hub, socket));
+            }
+            follower.publish_to(&running);
         }
         hub.register_publisher(
             self.key.clone(),
             Arc::new(WsPublisher {
-                key: self.key,
+                key: self.key.clone(),
                 senders,
                 states,
             }),
         );
+        hub.register_follower(self.key, Arc::new(follower));
     }
 }
 
-/// Which sockets of a server are up; the server counts as connected when all are.
+/// Concrete address → (socket id, its outgoing queue), for publishing.
+type Senders = Arc<RwLock<BTreeMap<String, (u64, mpsc::Sender<Outgoing>)>>>;
+
+/// A socket task that is running.
+struct RunningSocket {
+    id: u64,
+    target: String,
+    address: String,
+    headers: Vec<(String, String)>,
+    subscribe: Vec<String>,
+    readable: Readable,
+    outgoing: mpsc::Sender<Outgoing>,
+    stop: CancellationToken,
+}
+
+impl RunningSocket {
+    /// Whether `socket` is this one's session as it is: same URL, headers and subscribe frames.
+    fn is_session_of(&self, socket: &Socket) -> bool {
+        self.target == socket.target
+            && self.headers == socket.headers
+            && self.subscribe == socket.subscribe
+    }
+}
+
+/// Takes up a replaced document's routes without touching the sockets that stay: a socket
+/// whose URL, headers and subscribe frames are unchanged keeps its connection and only its
+/// route list is swapped (a frame arriving meanwhile goes to the old or the new list, never
+/// nowhere); a new socket opens; a socket no route wants any more closes.
+struct WsFollower {
+    /// Weak: the hub holds the follower.
+    hub: Weak<Hub>,
+    key: ServerKey,
+    base_url: String,
+    side: ClientSide,
+    routes_config: BTreeMap<String, RouteFileConfig>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    states: Arc<SocketStates>,
+    senders: Senders,
+    running: Mutex<Vec<RunningSocket>>,
+    next_id: AtomicU64,
+}
+
+impl WsFollower {
+    fn open(&self, hub: &Arc<Hub>, socket: Socket) -> RunningSocket {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel::<Outgoing>(OUTGOING_CAPACITY);
+        let stop = self.shutdown.child_token();
+        let readable: Readable = Arc::new(RwLock::new(Arc::new(socket.readable.clone())));
+        let running = RunningSocket {
+            id,
+            target: socket.target.clone(),
+            address: socket.address.clone(),
+            headers: socket.headers.clone(),
+            subscribe: socket.subscribe.clone(),
+            readable: readable.clone(),
+            outgoing: tx,
+            stop: stop.clone(),
+        };
+        let task = SocketTask {
+            hub: hub.clone(),
+            key: self.key.clone(),
+            url: format!("{}{}", self.base_url, socket.target),
+            socket,
+            readable,
+            id,
+            states: self.states.clone(),
+        };
+        self.tracker.spawn(task.run(rx, stop));
+        running
+    }
+
+    /// Points publishing at the sockets running now.
+    fn publish_to(&self, running: &[RunningSocket]) {
+        let senders = running
+            .iter()
+            .map(|s| (s.address.clone(), (s.id, s.outgoing.clone())))
+            .collect();
+        *self.senders.write().unwrap_or_else(|p| p.into_inner()) = senders;
+    }
+}
+
+impl crate::hub::RouteFollower for WsFollower {
+    fn follow_routes(&self, hub: &Hub) {
+        let Some(owned) = self.hub.upgrade() else {
+            return;
+        };
+        let planned = WsConnector::build(hub, self.side.clone(), &self.routes_config).sockets;
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut closed, mut opened) = (0, 0);
+        running.retain(|r| {
+            let keep = planned.iter().any(|p| r.is_session_of(p));
+            if !keep {
+                r.stop.cancel();
+                self.states.forget(r.id);
+                closed += 1;
+            }
+            keep
+        });
+        for socket in planned {
+            match running.iter().find(|r| r.is_session_of(&socket)) {
+                Some(r) => {
+                    *r.readable.write().unwrap_or_else(|p| p.into_inner()) =
+                        Arc::new(socket.readable);
+                }
+                None => {
+                    running.push(self.open(&owned, socket));
+                    opened += 1;
+                }
+            }
+        }
+        self.publish_to(&running);
+        tracing::info!(
+            server = %self.key,
+            opened,
+            closed,
+            kept = running.len() - opened,
+            "WebSocket connector follows the document's new routes"
+        );
+    }
+}
+
+/// Which sockets of a server are up (by socket id, once each has tried); the server counts as
+/// connected when all are.
 struct SocketStates {
     key: ServerKey,
     connections: Connections,
-    connected: Mutex<Vec<bool>>,
+    connected: Mutex<BTreeMap<u64, bool>>,
     /// What was last reported, so that a server that stays down is not reported at every retry.
     reported: Mutex<Option<bool>>,
 }
 
 impl SocketStates {
-    fn set(&self, index: usize, up: bool, error: Option<String>) {
+    fn set(&self, id: u64, up: bool, error: Option<String>) {
         let all_up = match self.connected.lock() {
             Ok(mut states) => {
-                if let Some(s) = states.get_mut(index) {
-                    *s = up;
-                }
-                states.iter().all(|s| *s)
+                states.insert(id, up);
+                states.values().all(|s| *s)
             }
             Err(_) => false,
         };
+        self.report(all_up, error);
+    }
+
+    /// A socket closed for good: the server's state is that of the others.
+    fn forget(&self, id: u64) {
+        let all_up = match self.connected.lock() {
+            Ok(mut states) => {
+                states.remove(&id);
+                states.values().all(|s| *s)
+            }
+            Err(_) => false,
+        };
+        self.report(all_up, None);
+    }
+
+    fn report(&self, all_up: bool, error: Option<String>) {
         let changed = match self.reported.lock() {
             Ok(mut last) => last.replace(all_up) != Some(all_up),
             Err(_) => true,
@@ -212,10 +369,10 @@ impl SocketStates {
         }
     }
 
-    fn is_up(&self, index: usize) -> bool {
+    fn is_up(&self, id: u64) -> bool {
         self.connected
             .lock()
-            .map(|s| s.get(index).copied().unwrap_or(false))
+            .map(|s| s.get(&id).copied().unwrap_or(false))
             .unwrap_or(false)
     }
 }
@@ -225,7 +382,8 @@ struct SocketTask {
     key: ServerKey,
     url: String,
     socket: Socket,
-    index: usize,
+    readable: Readable,
+    id: u64,
     states: Arc<SocketStates>,
 }
 
@@ -241,7 +399,7 @@ impl SocketTask {
             let reason = match connected {
                 Ok(stream) => {
                     backoff.reset();
-                    self.states.set(self.index, true, None);
+                    self.states.set(self.id, true, None);
                     tracing::info!(server = %self.key, url = %self.url, "WebSocket upstream connected");
                     match self
                         .session(stream, &mut outgoing, &server, &shutdown)
@@ -253,7 +411,7 @@ impl SocketTask {
                 }
                 Err(reason) => reason,
             };
-            self.states.set(self.index, false, Some(reason));
+            self.states.set(self.id, false, Some(reason));
             let delay = backoff.next_delay();
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -362,7 +520,11 @@ impl SocketTask {
 
     /// Gives a received frame to the route whose messages it matches.
     async fn dispatch(&self, payload: Bytes, server: &Arc<str>) {
-        let readable = &self.socket.readable;
+        let readable = self
+            .readable
+            .read()
+            .map(|r| r.clone())
+            .unwrap_or_else(|p| p.into_inner().clone());
         let target = match readable.as_slice() {
             [] => None,
             [only] => Some(only),
@@ -395,8 +557,7 @@ impl SocketTask {
 
 struct WsPublisher {
     key: ServerKey,
-    /// Concrete address → (socket index, its outgoing queue).
-    senders: BTreeMap<String, (usize, mpsc::Sender<Outgoing>)>,
+    senders: Senders,
     states: Arc<SocketStates>,
 }
 
@@ -405,7 +566,7 @@ impl Publisher for WsPublisher {
         self.states
             .connected
             .lock()
-            .map(|s| s.iter().any(|up| *up))
+            .map(|s| s.values().any(|up| *up))
             .unwrap_or(false)
     }
 
@@ -415,14 +576,19 @@ impl Publisher for WsPublisher {
         message: Outbound,
     ) -> BoxFuture<'static, Result<(), PublishError>> {
         let server = self.key.server.clone();
-        let Some((index, tx)) = self.senders.get(&message.address) else {
+        let sender = self
+            .senders
+            .read()
+            .ok()
+            .and_then(|s| s.get(&message.address).cloned());
+        let Some((id, tx)) = sender else {
             let reason = format!(
                 "the gateway has no connection for address '{}' (configure it under routes.{}.connect)",
                 message.address, message.route.id
             );
             return async move { Err(PublishError::Refused { server, reason }) }.boxed();
         };
-        if !self.states.is_up(*index) {
+        if !self.states.is_up(id) {
             return async move { Err(PublishError::NotConnected { server }) }.boxed();
         }
         let text = String::from_utf8_lossy(&message.payload).into_owned();
@@ -454,6 +620,10 @@ impl crate::connectors::Connector for WebSocket {
 
     fn bindings(&self) -> &dyn crate::routing::BindingReader {
         &WsBindings
+    }
+
+    fn follows_routes(&self) -> bool {
+        true
     }
 
     fn start(&self, cx: crate::connectors::StartContext<'_>) -> Result<bool, String> {
