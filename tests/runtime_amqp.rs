@@ -590,18 +590,6 @@ async fn a_full_disk_nacks_deliveries_with_requeue_and_the_log_heals_when_space_
     amqp_cleanup(&prefix, &["telemetry"]).await;
 }
 
-/// `PUT /api/v1/specs/{api}` with `text`: its answer, once it is 200.
-async fn replace_document(daemon: &Daemon, api: &str, text: &str) -> Value {
-    let r = reqwest::Client::new()
-        .put(daemon.url(&format!("/api/v1/specs/{api}")))
-        .body(text.to_owned())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.json().await.unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replacement_is_followed_on_the_connection_and_unchanged_routes_see_every_message_once() {
     require_rabbitmq();
@@ -629,13 +617,7 @@ async fn a_replacement_is_followed_on_the_connection_and_unchanged_routes_see_ev
             "  receiveAlerts:\n    action: receive\n    channel: {$ref: '#/channels/alerts'}\n  sendCommand:\n",
         );
     assert_ne!(v1, v2);
-    let r = reqwest::Client::new()
-        .post(daemon.url(&format!("/api/v1/specs?name={api}.yaml")))
-        .body(v1.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    daemon.add_spec(&format!("{api}.yaml"), &v1).await;
     let mut ws = ws_connect(&daemon.ws_url(&format!("/ws/{api}.telemetry")))
         .await
         .unwrap();
@@ -674,7 +656,7 @@ async fn a_replacement_is_followed_on_the_connection_and_unchanged_routes_see_ev
     while sent.load(std::sync::atomic::Ordering::Relaxed) < COUNT / 3 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let replaced = replace_document(&daemon, &api, &v2).await;
+    let replaced = daemon.replace_spec(&api, &v2).await;
     assert_eq!(replaced["reconnected"], false, "{replaced}");
     assert_eq!(
         replaced["diff"]["channels"]["added"],
@@ -706,7 +688,7 @@ async fn a_replacement_is_followed_on_the_connection_and_unchanged_routes_see_ev
     assert_eq!(frame["params"]["deviceId"], "7", "{frame}");
 
     // Back to version 1: the alerts consumer is cancelled; telemetry goes on.
-    replace_document(&daemon, &api, &v1).await;
+    daemon.replace_spec(&api, &v1).await;
     assert!(
         daemon.log().contains(&format!(
             "AMQP connector follows the document's new routes server={api}/rabbit added=0 removed=1"

@@ -20,7 +20,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{BRIDGE_HEADER, Bridge, Lane, Policy, Start, TARGET_HEADER, Target};
+use super::{BRIDGE_HEADER, Bridge, Lane, MESSAGE_ID_HEADER, Policy, Start, TARGET_HEADER, Target};
 use crate::calls::{CallError, CallRequest, Operations};
 use crate::hub::{Hub, LiveRoute, PublishFailure, PublishRequest, SubscriptionEvent};
 use crate::routing::envelope::{Delivered, Origin, Transport};
@@ -35,8 +35,12 @@ use crate::upstream::Backoff;
 /// The store namespace of lane cursors: `{bridge}/{target}` → the next offset to deliver.
 pub const CURSORS: &str = "bridge-cursors";
 
-/// How often a lane records its cursor (and so the most a crash makes it send again).
+/// How often a lane records its cursor durably (waiting for the disk).
 const COMMIT_INTERVAL: Duration = Duration::from_millis(200);
+/// How often, at most, a busy lane notes its progress between durable commits. A note does not
+/// wait for the disk: it rides the log's next group commit, so a crash makes the lane send again
+/// only the last few milliseconds of what its target confirmed.
+const NOTE_INTERVAL: Duration = Duration::from_millis(5);
 /// Longest wait between two attempts on a target that is down.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 /// How long a starting lane waits for its target's first connection before its policy applies
@@ -45,6 +49,9 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 const FIRST_CONNECTION_GRACE: Duration = Duration::from_secs(10);
 /// How long a graceful stop waits for sends already out.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a retry waits for the sends already out behind the one that failed: as long as a
+/// publish may take (the hub's publish timeout), so the target's client no longer holds them.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why one send did not go through.
 #[derive(Debug, Clone)]
@@ -114,6 +121,10 @@ pub async fn send(
     for (name, template) in &lane.headers {
         headers.push((name.clone(), render(template)?));
     }
+    headers.push((
+        MESSAGE_ID_HEADER.to_owned(),
+        format!("{}/{}", envelope.channel, message.offset),
+    ));
     let key = lane.key.as_ref().map(render).transpose()?;
     let payload = lane
         .conversion
@@ -189,6 +200,7 @@ pub async fn send(
 fn is_delivery_metadata(name: &str) -> bool {
     name == BRIDGE_HEADER
         || name == TARGET_HEADER
+        || name == MESSAGE_ID_HEADER
         || name == "asyncapi_message"
         || ["kafka_", "amqp_", "mqtt_"]
             .iter()
@@ -272,6 +284,8 @@ pub fn start(
 enum Outcome {
     Delivered,
     Filtered,
+    /// The target confirmed it before a retry (see [`Runner::settle_behind`]): not sent again.
+    AlreadyConfirmed,
     Failed(SendFailure),
 }
 
@@ -328,6 +342,11 @@ struct Runner {
     /// The next offset to deliver: everything before it is confirmed or dead-lettered.
     next: u64,
     committed: u64,
+    /// The last cursor noted without waiting for the disk, and when.
+    noted: (u64, Instant),
+    /// Offsets past `next` the target confirmed while an earlier one failed: the retry passes
+    /// them instead of sending them twice.
+    confirmed_ahead: std::collections::BTreeSet<u64>,
     /// Dead-letter appends not yet known to be flushed, by offset: the cursor waits for them.
     dead_letters: Vec<(u64, PendingAppend)>,
     /// Attempts on the message at the head of the lane (offset, attempts).
@@ -353,6 +372,8 @@ impl Runner {
             lane,
             next: 1,
             committed: 1,
+            noted: (1, Instant::now()),
+            confirmed_ahead: Default::default(),
             dead_letters: Vec::new(),
             attempts: (0, 0),
             circuit_open_until: None,
@@ -439,8 +460,14 @@ impl Runner {
                 }
                 Some(done) = window.next(), if !window.is_empty() => {
                     match self.finish(done).await {
-                        Step::Continue => probing = false,
-                        Step::Retry => return Restart::Retry,
+                        Step::Continue => {
+                            probing = false;
+                            self.note_progress(window.is_empty()).await;
+                        }
+                        Step::Retry => {
+                            self.settle_behind(&mut window, shutdown).await;
+                            return Restart::Retry;
+                        }
                     }
                 }
                 event = subscription.next(), if window.len() < capacity => match event {
@@ -476,6 +503,12 @@ impl Runner {
 
     /// Starts the send of one message (or settles it at once when the filter drops it).
     fn dispatch(&self, message: Arc<Delivered>) -> BoxFuture<'static, Done> {
+        if self.confirmed_ahead.contains(&message.offset) {
+            return Box::pin(std::future::ready(Done {
+                message,
+                outcome: Outcome::AlreadyConfirmed,
+            }));
+        }
         if let Some(filter) = &self.lane.filter {
             let pass = filter.matches(&message).unwrap_or_else(|e| {
                 tracing::debug!(bridge = %self.lane.bridge, offset = message.offset, error = %e, "filter did not evaluate to true");
@@ -500,8 +533,21 @@ impl Runner {
     }
 
     async fn finish(&mut self, done: Done) -> Step {
+        let step = self.settle(done).await;
+        // What the cursor passed needs no remembering.
+        if self.confirmed_ahead.first().is_some_and(|o| *o < self.next) {
+            self.confirmed_ahead = self.confirmed_ahead.split_off(&self.next);
+        }
+        step
+    }
+
+    async fn settle(&mut self, done: Done) -> Step {
         let offset = done.message.offset;
         match done.outcome {
+            Outcome::AlreadyConfirmed => {
+                self.next = self.next.max(offset + 1);
+                Step::Continue
+            }
             Outcome::Delivered => {
                 self.metrics.forwarded.increment(1);
                 if let Some(converted) = &self.metrics.converted {
@@ -579,15 +625,70 @@ impl Runner {
         self.attempts.1
     }
 
+    /// After a send failed at the head of the lane: waits (bounded, and not past `shutdown`) for
+    /// the sends already out behind it, and remembers which ones the target confirmed, so the
+    /// retry passes them instead of sending them twice. A send cannot be taken back from a
+    /// broker client (librdkafka delivers what it queued once the broker is back), so a lane
+    /// that left them unsettled would send every one of them again.
+    async fn settle_behind(
+        &mut self,
+        window: &mut FuturesOrdered<BoxFuture<'static, Done>>,
+        shutdown: &CancellationToken,
+    ) {
+        let deadline = tokio::time::Instant::now() + SETTLE_TIMEOUT;
+        loop {
+            let done = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                done = tokio::time::timeout_at(deadline, window.next()) => done,
+            };
+            let Ok(Some(done)) = done else { return };
+            match done.outcome {
+                Outcome::Delivered => {
+                    self.metrics.forwarded.increment(1);
+                    if let Some(converted) = &self.metrics.converted {
+                        converted.increment(1);
+                    }
+                    self.confirmed_ahead.insert(done.message.offset);
+                }
+                Outcome::Filtered | Outcome::AlreadyConfirmed => {
+                    self.confirmed_ahead.insert(done.message.offset);
+                }
+                Outcome::Failed(_) => {}
+            }
+        }
+    }
+
     /// On stop: takes the outcomes of sends already out, for a bounded time, so what the
     /// target confirmed is not sent again after the restart.
     async fn drain(&mut self, window: &mut FuturesOrdered<BoxFuture<'static, Done>>) {
         let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
         while let Ok(Some(done)) = tokio::time::timeout_at(deadline, window.next()).await {
-            if !matches!(done.outcome, Outcome::Delivered | Outcome::Filtered) {
+            if !matches!(
+                done.outcome,
+                Outcome::Delivered | Outcome::Filtered | Outcome::AlreadyConfirmed
+            ) {
                 break;
             }
             self.finish(done).await;
+        }
+    }
+
+    /// Notes the cursor without waiting for the disk, when it moved and either nothing is in
+    /// flight (`idle`) or the last note is `NOTE_INTERVAL` old. Not while dead letters are
+    /// pending: the cursor passes them only once they are on disk ([`Runner::commit`]).
+    async fn note_progress(&mut self, idle: bool) {
+        if self.next == self.noted.0
+            || !self.dead_letters.is_empty()
+            || (!idle && self.noted.1.elapsed() < NOTE_INTERVAL)
+        {
+            return;
+        }
+        let noted = self
+            .store()
+            .advance_cursor(CURSORS, &self.lane.cursor_key(), self.next)
+            .await;
+        if noted.is_ok() {
+            self.noted = (self.next, Instant::now());
         }
     }
 
@@ -608,7 +709,10 @@ impl Runner {
                 .set_cursor(CURSORS, &self.lane.cursor_key(), self.next)
                 .await
             {
-                Ok(()) => self.committed = self.next,
+                Ok(()) => {
+                    self.committed = self.next;
+                    self.noted = (self.next, Instant::now());
+                }
                 Err(e) => {
                     tracing::warn!(bridge = %self.lane.bridge, error = %e, "cannot record the lane's cursor")
                 }
@@ -660,14 +764,7 @@ pub async fn replay_dead_letter(
     bridges: &[Arc<Bridge>],
     message: &Delivered,
 ) -> Option<Result<(), SendFailure>> {
-    let header = |name: &str| {
-        message
-            .envelope
-            .headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    };
+    let header = |name: &str| message.envelope.header(name);
     let (bridge, target) = (header(BRIDGE_HEADER)?, header(TARGET_HEADER)?);
     let lane = bridges
         .iter()

@@ -126,6 +126,10 @@ pub struct Bridge {
 
 /// Headers a dead letter of a bridge carries, so a replay knows where it was going.
 pub const BRIDGE_HEADER: &str = "x-stepflow-bridge";
+/// Every bridged message carries its place in the source log (`{channel}/{offset}`): the same
+/// value on every resend of it, so a consumer that keeps the ids it saw drops the copies a crash
+/// or a lost confirmation makes (at-least-once delivery, exactly-once effect).
+pub const MESSAGE_ID_HEADER: &str = "x-stepflow-message-id";
 pub const TARGET_HEADER: &str = "x-stepflow-target";
 
 /// Loads every `*.yaml`, `*.yml` and `*.json` file of `dir` (sorted by name) and compiles the

@@ -145,7 +145,7 @@ impl RunningBridges {
                         .any(|l| l.target == lane.target && l.source == lane.source)
                 });
                 if !resumes {
-                    store.state_remove(CURSORS, &lane.cursor_key()).await?;
+                    store.remove_cursor(CURSORS, &lane.cursor_key()).await?;
                 }
             }
         }

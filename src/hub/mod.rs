@@ -145,6 +145,8 @@ pub struct Hub {
     followers: RwLock<HashMap<ServerKey, Arc<dyn RouteFollower>>>,
     connections: Connections,
     config: HubConfig,
+    /// Which routes' publishes are failing now, so each run of failures is logged once.
+    failing: publish::FailingPublishes,
 }
 
 /// A connector's intake that follows its document's routes in place: after a replacement it
@@ -176,6 +178,7 @@ impl Hub {
             followers: RwLock::new(HashMap::new()),
             connections,
             config,
+            failing: Default::default(),
         }
     }
 

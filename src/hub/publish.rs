@@ -12,7 +12,7 @@ use crate::routing::envelope::{Envelope, Headers, Origin};
 use crate::routing::{ChannelId, Route};
 use crate::schema::{Encoding, ValidationError};
 use crate::store;
-use crate::telemetry::events::{MessageRejected, PublishFailed, RejectReason};
+use crate::telemetry::events::{MessageRejected, PublishFailed, PublishesRecovered, RejectReason};
 use crate::upstream::{Outbound, PublishError, ServerKey};
 
 /// Why a client's publish was refused.
@@ -194,6 +194,7 @@ impl Hub {
                 self.publish_failed(spec, &upstream.server, &error);
                 return Err(PublishFailure::Upstream(error));
             }
+            self.failing.succeeded(&spec.id, &upstream.server);
             route
                 .metrics
                 .message_delivered(upstream.binding.transport(), Some(started.elapsed()));
@@ -226,13 +227,62 @@ impl Hub {
     }
 
     fn publish_failed(&self, route: &Route, server: &str, error: &PublishError) {
+        let first = self.failing.failed(&route.id, server, error.reason());
         PublishFailed {
             channel: &route.id,
             server,
             reason: error.reason(),
             detail: &error.to_string(),
+            first,
         }
         .emit();
+    }
+}
+
+/// The (route, server) pairs whose publishes fail now, with the reason and how many failed:
+/// a run of failures (a broker away, and every message meanwhile) is one warning when it
+/// starts and one line when it ends, however many publishes it refused.
+#[derive(Default)]
+pub(super) struct FailingPublishes {
+    /// Set while the map holds anything: a successful publish checks this, not the lock.
+    any: std::sync::atomic::AtomicBool,
+    runs: std::sync::Mutex<HashMap<(String, String), FailureRun>>,
+}
+
+/// A run of failed publishes: their reason and how many.
+type FailureRun = (&'static str, u64);
+
+impl FailingPublishes {
+    /// Records a failure; whether it starts a run (none, or another reason, before it).
+    fn failed(&self, channel: &str, server: &str, reason: &'static str) -> bool {
+        let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+        self.any.store(true, std::sync::atomic::Ordering::Relaxed);
+        let run = runs
+            .entry((channel.to_owned(), server.to_owned()))
+            .or_insert((reason, 0));
+        let first = run.1 == 0 || run.0 != reason;
+        *run = (reason, if first { 1 } else { run.1 + 1 });
+        first
+    }
+
+    /// A publish went through: ends the run of failures on (channel, server), if there was one.
+    fn succeeded(&self, channel: &str, server: &str) {
+        if !self.any.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((reason, failures)) = runs.remove(&(channel.to_owned(), server.to_owned())) {
+            PublishesRecovered {
+                channel,
+                server,
+                reason,
+                failures,
+            }
+            .emit();
+        }
+        if runs.is_empty() {
+            self.any.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }
 
@@ -329,4 +379,28 @@ fn resolve_params(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FailingPublishes;
+
+    #[test]
+    fn a_run_of_failures_starts_once_per_reason_and_ends_with_a_success() {
+        let failing = FailingPublishes::default();
+        assert!(failing.failed("a.c", "kafka", "not_connected"));
+        assert!(!failing.failed("a.c", "kafka", "not_connected"));
+        assert!(!failing.failed("a.c", "kafka", "not_connected"));
+        // Another route, or another reason on the same one, starts its own run.
+        assert!(failing.failed("a.d", "kafka", "not_connected"));
+        assert!(failing.failed("a.c", "kafka", "timeout"));
+        failing.succeeded("a.c", "kafka");
+        assert!(
+            failing.failed("a.c", "kafka", "timeout"),
+            "a success ended the run"
+        );
+        failing.succeeded("a.c", "kafka");
+        failing.succeeded("a.d", "kafka");
+        assert!(!failing.any.load(std::sync::atomic::Ordering::Relaxed));
+    }
 }

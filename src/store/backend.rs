@@ -98,6 +98,18 @@ pub trait LogBackend: Send + Sync + 'static {
     /// Every key and value of `namespace`, in key order.
     fn state_list(&self, namespace: &str) -> BoxFuture<'static, Result<StateEntries, Error>>;
 
+    /// Writes (`Some(next)`) or removes (`None`) a reader's cursor in `namespace`, in the order
+    /// of the appends: a later call never lands before an earlier one. `durable`: the future
+    /// completes once the cursor is on disk; else at once, the cursor riding the next flush
+    /// (a crash may lose it, and the reader repeats what it did since the last durable one).
+    fn put_cursor(
+        &self,
+        namespace: &str,
+        key: &str,
+        next: Option<u64>,
+        durable: bool,
+    ) -> BoxFuture<'static, Result<(), Error>>;
+
     /// Makes what was queued durable and stops; appends after this fail with [`Error::Closed`].
     fn shutdown(&self) -> BoxFuture<'_, ()>;
 }

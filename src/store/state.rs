@@ -4,6 +4,7 @@
 
 use std::future::Future;
 
+use super::writer::{Command, Position};
 use super::{Error, LogId, SledLog, Store, blocking};
 
 /// Small durable state beside the logs: bridge and subscription cursors, subscription
@@ -45,6 +46,46 @@ impl SledLog {
                 Ok(())
             })
             .await
+        }
+    }
+
+    /// A cursor write through the writer's queue (see [`super::LogBackend::put_cursor`]).
+    pub(super) fn put_cursor_owned(
+        &self,
+        namespace: &str,
+        key: &str,
+        next: Option<u64>,
+        durable: bool,
+    ) -> impl Future<Output = Result<(), Error>> + Send + 'static {
+        let commands = self.commands.clone();
+        let (done, completed) = if durable {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let position = Position {
+            tree: state_tree(namespace),
+            key: key.to_owned(),
+            next,
+            done,
+        };
+        async move {
+            match completed {
+                Some(completed) => {
+                    commands
+                        .send(Command::Position(position))
+                        .await
+                        .map_err(|_| Error::Closed)?;
+                    completed.await.unwrap_or(Err(Error::Closed)).map(drop)
+                }
+                // A full queue drops it: the writer is busy, and a later position (or the
+                // reader's next durable one) supersedes it.
+                None => match commands.try_send(Command::Position(position)) {
+                    Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => Err(Error::Closed),
+                    _ => Ok(()),
+                },
+            }
         }
     }
 
@@ -99,9 +140,26 @@ impl Store {
             .and_then(|v| v.try_into().ok().map(u64::from_be_bytes)))
     }
 
+    /// Records the cursor; durable when this returns (it rides the log's group commit).
     pub async fn set_cursor(&self, namespace: &str, key: &str, next: u64) -> Result<(), Error> {
-        self.state_put(namespace, key, next.to_be_bytes().to_vec())
+        self.backend
+            .put_cursor(namespace, key, Some(next), true)
             .await
+    }
+
+    /// Records the cursor without waiting for the disk: it is durable with the log's next group
+    /// commit (milliseconds while messages flow) or sled's periodic flush. A crash loses at most
+    /// that much progress, which the reader then repeats; a [`Store::set_cursor`] after it is
+    /// never overtaken by it.
+    pub async fn advance_cursor(&self, namespace: &str, key: &str, next: u64) -> Result<(), Error> {
+        self.backend
+            .put_cursor(namespace, key, Some(next), false)
+            .await
+    }
+
+    /// Removes the cursor after every write queued before it; durable when this returns.
+    pub async fn remove_cursor(&self, namespace: &str, key: &str) -> Result<(), Error> {
+        self.backend.put_cursor(namespace, key, None, true).await
     }
 
     /// The cursor, created first when there is none: at `log`'s oldest message when

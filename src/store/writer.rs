@@ -35,7 +35,22 @@ pub(super) enum Command {
         log: LogId,
         done: oneshot::Sender<Result<u64, Error>>,
     },
+    /// A reader's position (a bridge lane's or a call trigger's cursor).
+    Position(Position),
     Shutdown(oneshot::Sender<()>),
+}
+
+/// A cursor write, applied in queue order with the appends around it, so a later write never
+/// lands before an earlier one and a removal is never undone by a write still queued.
+pub(super) struct Position {
+    /// The state tree (`s:{namespace}`).
+    pub tree: String,
+    pub key: String,
+    /// The next offset the reader takes; `None` removes the cursor.
+    pub next: Option<u64>,
+    /// Answered once the position is flushed (with the next group commit); without it the
+    /// position rides whichever flush comes next, its own or sled's periodic one.
+    pub done: Option<Completion>,
 }
 
 pub(super) struct Append {
@@ -166,6 +181,7 @@ impl Writer {
                     freeze.before_batch();
                     let started = Instant::now();
                     let mut maintenance: Vec<Command> = Vec::new();
+                    let mut positions: Vec<Position> = Vec::new();
                     let mut push =
                         |command: Command,
                          batch: &mut Vec<Append>,
@@ -176,6 +192,10 @@ impl Writer {
                             }
                             Command::Trim => {
                                 trim_requested = true;
+                                None
+                            }
+                            Command::Position(p) => {
+                                positions.push(p);
                                 None
                             }
                             Command::Shutdown(done) => Some(done),
@@ -202,6 +222,13 @@ impl Writer {
                     #[cfg(debug_assertions)]
                     freeze.appended(batch.len());
                     failure = logs.write(batch.drain(..), &mut unflushed);
+                    // After the appends queued with them: a cursor is never durable before the
+                    // messages it has passed.
+                    for position in positions {
+                        if let Some(e) = write_position(&db, position, &mut unflushed) {
+                            failure.get_or_insert(e);
+                        }
+                    }
                     for command in maintenance {
                         let (result, done) = match command {
                             Command::Remove { log, offsets, done } => {
@@ -317,6 +344,13 @@ impl Writer {
                         }));
                     }
                     Ok(Command::Trim) => {}
+                    Ok(Command::Position(Position { done, .. })) => {
+                        if let Some(done) = done {
+                            let _ = done.send(Err(Error::Unavailable {
+                                reason: reason.clone(),
+                            }));
+                        }
+                    }
                     Ok(Command::Remove { done, .. } | Command::Purge { done, .. }) => {
                         let _ = done.send(Err(Error::Unavailable {
                             reason: reason.clone(),
@@ -354,6 +388,43 @@ impl Writer {
                 }
                 Err(e) => tracing::warn!(error = %e, "the message log cannot be reopened yet"),
             }
+        }
+    }
+}
+
+/// Writes (or removes) one cursor; its completion, if any, waits with the batch's appends for
+/// the next flush. The I/O failure, if any (the store must then be reopened).
+fn write_position(
+    db: &sled::Db,
+    position: Position,
+    unflushed: &mut Vec<(Completion, Result<u64, Error>)>,
+) -> Option<Error> {
+    let Position {
+        tree,
+        key,
+        next,
+        done,
+    } = position;
+    let written = db.open_tree(&tree).and_then(|t| match next {
+        Some(next) => t.insert(key.as_bytes(), &next.to_be_bytes()).map(drop),
+        None => t.remove(key.as_bytes()).map(drop),
+    });
+    match written {
+        Ok(()) => {
+            if let Some(done) = done {
+                unflushed.push((done, Ok(next.unwrap_or(0))));
+            }
+            None
+        }
+        Err(e) => {
+            let error = Error::Io {
+                log: tree,
+                reason: e.to_string(),
+            };
+            if let Some(done) = done {
+                let _ = done.send(Err(error.clone()));
+            }
+            Some(error)
         }
     }
 }

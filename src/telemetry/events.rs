@@ -187,6 +187,27 @@ impl MessageUnmatched<'_> {
     }
 }
 
+/// A starting Kafka consumer has passed the records it read again that the log already held
+/// (the offsets not yet committed when the gateway last stopped).
+pub struct KafkaRecordsAlreadyLogged<'a> {
+    pub server: &'a str,
+    pub group: &'a str,
+    pub records: u64,
+}
+
+impl KafkaRecordsAlreadyLogged<'_> {
+    pub fn emit(&self) {
+        tracing::info!(
+            server = self.server,
+            group = self.group,
+            records = self.records,
+            "Kafka records read again were in the log already; not logged twice"
+        );
+        counter!(super::KAFKA_RECORDS_ALREADY_LOGGED, "server" => self.server.to_owned())
+            .increment(self.records);
+    }
+}
+
 /// An upstream connection came up or went down.
 pub struct UpstreamConnectionChanged<'a> {
     pub server: &'a str,
@@ -320,23 +341,55 @@ impl QueueOverflowed<'_> {
     }
 }
 
-/// A publish to an upstream failed.
+/// A publish to an upstream failed. Every one is counted; the first of a run (for its route,
+/// server and reason) is a warning, the rest of the run debug lines.
 pub struct PublishFailed<'a> {
     pub channel: &'a str,
     pub server: &'a str,
     pub reason: &'static str,
     pub detail: &'a str,
+    pub first: bool,
 }
 
 impl PublishFailed<'_> {
     pub fn emit(&self) {
-        tracing::warn!(
+        if self.first {
+            tracing::warn!(
+                channel = self.channel,
+                server = self.server,
+                reason = self.reason,
+                detail = self.detail,
+                "publish failed; further failures of this kind are counted until one goes through"
+            );
+        } else {
+            tracing::debug!(
+                channel = self.channel,
+                server = self.server,
+                reason = self.reason,
+                detail = self.detail,
+                "publish failed"
+            );
+        }
+        counter!(PUBLISH_FAILURES, "channel" => self.channel.to_owned(), "server" => self.server.to_owned(), "reason" => self.reason).increment(1);
+    }
+}
+
+/// Publishes on a route go through again after a run of failures.
+pub struct PublishesRecovered<'a> {
+    pub channel: &'a str,
+    pub server: &'a str,
+    pub reason: &'static str,
+    pub failures: u64,
+}
+
+impl PublishesRecovered<'_> {
+    pub fn emit(&self) {
+        tracing::info!(
             channel = self.channel,
             server = self.server,
             reason = self.reason,
-            detail = self.detail,
-            "publish failed"
+            failures = self.failures,
+            "publishing works again"
         );
-        counter!(PUBLISH_FAILURES, "channel" => self.channel.to_owned(), "server" => self.server.to_owned(), "reason" => self.reason).increment(1);
     }
 }

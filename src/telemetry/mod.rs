@@ -55,6 +55,9 @@ pub const PUBLISH_FAILURES: &str = "stepflow_publish_failures_total";
 pub const KAFKA_CONSUMER_LAG: &str = "stepflow_kafka_consumer_lag";
 /// Errors a Kafka consumer reported (a broker away, a failed fetch), by server.
 pub const KAFKA_CONSUMER_ERRORS: &str = "stepflow_kafka_consumer_errors_total";
+/// Records a starting Kafka consumer read again that the log already held (not logged twice),
+/// by server.
+pub const KAFKA_RECORDS_ALREADY_LOGGED: &str = "stepflow_kafka_records_already_logged_total";
 /// Request-reply calls, by operation and outcome (`2xx`...`5xx`, `invalid`, `timeout`,
 /// `unavailable`).
 pub const CALLS: &str = "stepflow_calls_total";
@@ -99,6 +102,12 @@ pub const HTTP_REQUESTS: &str = "stepflow_http_requests_total";
 /// Requests refused by authentication, authorization or a rate limit, by reason
 /// (unauthorized, forbidden, rate_limited, token_expired).
 pub const AUTH_DENIED: &str = "stepflow_auth_denied_total";
+/// Refusals by a limit a client met (`connections`, `connections_per_ip`, `header_timeout`,
+/// `body_timeout`, `ws_message_size`, `ws_idle`, `calls_per_connection`, `json_depth`,
+/// `document_size`, `yaml_budget`).
+pub const LIMIT_REFUSALS: &str = "stepflow_limit_refusals_total";
+/// Client connections open on the listener.
+pub const CONNECTIONS_OPEN: &str = "stepflow_http_connections_open";
 /// 1 while rate limits are counted in this process because Redis cannot be reached.
 pub const RATE_LIMIT_FALLBACK: &str = "stepflow_rate_limit_fallback";
 /// Redis rate-limit calls that failed (each then counted locally).
@@ -127,10 +136,19 @@ pub enum LogFormat {
 }
 
 /// Sets up `tracing` from `RUST_LOG` (default `info`), in text or JSON.
+///
+/// lapin logs every failed reconnect of its I/O loop at `ERROR` ("Socket was readable but we
+/// read 0", "Exponential backoff attempts exhausted"): several lines a second while RabbitMQ is
+/// away. The AMQP connector reports each of those errors once, as a state change, so lapin's
+/// own lines are off unless `RUST_LOG` names lapin.
 pub fn init_tracing(format: LogFormat) {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let asked = std::env::var("RUST_LOG").unwrap_or_default();
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    if !asked.contains("lapin") {
+        filter = filter.add_directive("lapin=off".parse().expect("a valid directive"));
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         // Colour codes only for a person at a terminal: a file, journald or a log shipper

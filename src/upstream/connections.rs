@@ -135,6 +135,8 @@ impl Connections {
     }
 
     /// An upstream came up or went down: the log line, the metrics and the state, together.
+    /// A report that changes nothing (another failed attempt while it is down) only updates
+    /// the last error, at debug level: one line per state change, not per retry.
     pub fn report(
         &self,
         key: &ServerKey,
@@ -142,18 +144,28 @@ impl Connections {
         connected: bool,
         error: Option<String>,
     ) {
-        crate::telemetry::events::UpstreamConnectionChanged {
-            server: &key.to_string(),
-            protocol,
-            connected,
-            error: error.as_deref(),
-        }
-        .emit();
         let state = if connected {
             ConnectionState::Connected
         } else {
             ConnectionState::Disconnected
         };
+        let unchanged = self
+            .inner
+            .read()
+            .ok()
+            .and_then(|m| m.get(key).map(|s| s.state == state))
+            .unwrap_or(false);
+        if unchanged {
+            tracing::debug!(server = %key, protocol, connected, error = error.as_deref().unwrap_or(""), "upstream state unchanged");
+        } else {
+            crate::telemetry::events::UpstreamConnectionChanged {
+                server: &key.to_string(),
+                protocol,
+                connected,
+                error: error.as_deref(),
+            }
+            .emit();
+        }
         self.set(key, state, error);
     }
 

@@ -849,7 +849,8 @@ impl Publisher for AmqpPublisher {
             if let Some(expiration) = amqp.publish.expiration {
                 properties = properties.with_expiration(expiration.to_string().into());
             }
-            // Request-reply: these headers are AMQP properties (they also stay in the table).
+            // Request-reply and message ids: these headers are AMQP properties (they also stay in
+            // the table).
             for (name, value) in &message.headers {
                 match name.as_str() {
                     "correlation_id" | "correlationId" => {
@@ -857,6 +858,11 @@ impl Publisher for AmqpPublisher {
                     }
                     "reply_to" | "replyTo" => {
                         properties = properties.with_reply_to(value.as_str().into());
+                    }
+                    // A bridged message's id is also the AMQP `message-id` property, where
+                    // consumers (and RabbitMQ's deduplication plugins) look for one.
+                    crate::bridge::MESSAGE_ID_HEADER => {
+                        properties = properties.with_message_id(value.as_str().into());
                     }
                     _ => {}
                 }
