@@ -285,18 +285,6 @@ async fn put_spec(daemon: &Daemon, path: &str, text: &str) -> reqwest::Response 
         .unwrap()
 }
 
-/// Reads `count` frames from a WebSocket client: the `seq` of each payload.
-async fn seqs_of(ws: &mut WsStream, count: u64) -> Vec<u64> {
-    let mut seqs = Vec::new();
-    while (seqs.len() as u64) < count {
-        match ws_next_json(ws, Duration::from_secs(20)).await {
-            Ok(frame) => seqs.push(frame["payload"]["seq"].as_u64().unwrap()),
-            Err(e) => panic!("after {} of {count} messages: {e}", seqs.len()),
-        }
-    }
-    seqs
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replacement_under_load_is_applied_by_diff_and_unchanged_clients_notice_nothing() {
     require_mosquitto();

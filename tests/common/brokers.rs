@@ -22,6 +22,8 @@ pub struct OwnMosquitto {
     child: Option<Child>,
     /// Lines after the `listener` line (per-listener TLS and auth settings).
     listener_options: String,
+    /// Sessions and queued messages kept on disk across a [`OwnMosquitto::restart_gracefully`].
+    persistent: bool,
 }
 
 impl OwnMosquitto {
@@ -37,7 +39,26 @@ impl OwnMosquitto {
             dir,
             child: None,
             listener_options: listener_options.to_owned(),
+            persistent: false,
         };
+        broker.restart();
+        broker
+    }
+
+    /// A broker that keeps sessions and queued messages in its directory: a graceful restart
+    /// (SIGTERM, which writes them out) loses nothing it acknowledged, as in production.
+    pub fn start_persistent() -> OwnMosquitto {
+        let mut broker = OwnMosquitto {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+            listener_options: "allow_anonymous true".to_owned(),
+            persistent: true,
+        };
+        // Started as root, Mosquitto drops to its own user before it writes its database.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(broker.dir.path(), std::fs::Permissions::from_mode(0o777))
+            .unwrap();
         broker.restart();
         broker
     }
@@ -57,13 +78,21 @@ impl OwnMosquitto {
         std::fs::write(
             &config,
             format!(
-                "per_listener_settings true\nlistener {} 127.0.0.1\n{}\npersistence false\nmax_queued_messages 1000000\nmax_inflight_messages 1000\nmax_keepalive 65535\n",
-                self.port, self.listener_options
+                "per_listener_settings true\nlistener {} 127.0.0.1\n{}\npersistence {}\npersistence_location {}/\nmax_queued_messages 1000000\nmax_inflight_messages 1000\nmax_keepalive 65535\n",
+                self.port,
+                self.listener_options,
+                self.persistent,
+                self.dir.path().display()
             ),
         )
         .unwrap();
         let log_path = self.dir.path().join("mosquitto.log");
-        let log = std::fs::File::create(&log_path).unwrap();
+        // Appended: a restarted broker's log follows its earlier lives.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .unwrap();
         let child = Command::new(Self::binary())
             .arg("-c")
             .arg(&config)
@@ -92,8 +121,34 @@ impl OwnMosquitto {
         }
     }
 
+    /// SIGTERM (a persistent broker writes its sessions out) and the exit waited for; SIGKILL
+    /// after 10 s.
+    pub fn terminate(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while child.try_wait().ok().flatten().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.wait();
+    }
+
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// What the broker logged, over all its restarts.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
     }
 }
 
@@ -230,4 +285,46 @@ pub fn mosquitto_pub(topic: &str, payload: &serde_json::Value) {
         .status()
         .expect("mosquitto_pub (Debian package mosquitto-clients)");
     assert!(status.success(), "mosquitto_pub {topic}: {status}");
+}
+
+/// Declares the test's exchange and a durable queue bound to every telemetry key.
+pub async fn archive_queue(prefix: &str) -> (lapin::Connection, lapin::Channel, String) {
+    let (connection, channel) = amqp_channel()
+        .await
+        .expect("RabbitMQ on 127.0.0.1:5672 (start it: rabbitmq-server -detached)");
+    channel
+        .exchange_declare(
+            format!("{prefix}.events").into(),
+            lapin::ExchangeKind::Topic,
+            lapin::options::ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let queue = format!("{prefix}.archive");
+    channel
+        .queue_declare(
+            queue.clone().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.clone().into(),
+            format!("{prefix}.events").into(),
+            "devices.*.telemetry".into(),
+            lapin::options::QueueBindOptions::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    (connection, channel, queue)
 }

@@ -189,3 +189,15 @@ pub async fn assert_closed_as_removed(ws: &mut WsStream) {
     );
     assert_eq!(close.reason.as_str(), "channel removed");
 }
+
+/// Reads `count` frames from a WebSocket client: the `seq` of each payload.
+pub async fn seqs_of(ws: &mut WsStream, count: u64) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    while (seqs.len() as u64) < count {
+        match ws_next_json(ws, Duration::from_secs(20)).await {
+            Ok(frame) => seqs.push(frame["payload"]["seq"].as_u64().unwrap()),
+            Err(e) => panic!("after {} of {count} messages: {e}", seqs.len()),
+        }
+    }
+    seqs
+}

@@ -40,6 +40,23 @@ impl IotDaemon {
     }
 }
 
+static BINARY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Points these helpers at another build of the daemon (the examples that reuse them run the
+/// release build); the first call wins.
+pub fn use_stepflow_binary(path: PathBuf) {
+    let _ = BINARY.set(path);
+}
+
+/// The daemon's binary: the one [`use_stepflow_binary`] named, else cargo's.
+pub fn stepflow_binary() -> PathBuf {
+    BINARY
+        .get()
+        .cloned()
+        .or_else(|| option_env!("CARGO_BIN_EXE_stepflow").map(PathBuf::from))
+        .expect("use_stepflow_binary names the daemon outside the integration tests")
+}
+
 /// The gateway as a process.
 pub struct Daemon {
     pub port: u16,
@@ -128,7 +145,7 @@ impl Daemon {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let mut command = Command::new(env!("CARGO_BIN_EXE_stepflow"));
+        let mut command = Command::new(stepflow_binary());
         command
             .arg("run")
             .arg("--listen")
@@ -154,29 +171,52 @@ impl Daemon {
     }
 
     /// What the daemon logged so far.
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the daemon runs").id()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub async fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        self.wait_for("/readyz", timeout).await
+    }
+
+    /// Waits until `probe` (`/readyz`, or `/healthz` for a daemon whose upstreams may be away)
+    /// answers 200; a start that lost its port to another process is tried on another.
+    async fn wait_for(&mut self, probe: &str, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         let client = reqwest::Client::new();
+        let mut respawns = 0;
         loop {
             if let Some(child) = self.child.as_mut()
                 && let Some(status) = child.try_wait()?
             {
+                // The free port was taken meanwhile (a parallel test's client ports): another.
+                if respawns < 5 && self.log().contains("Address already in use") {
+                    respawns += 1;
+                    self.port = free_port();
+                    std::fs::write(&self.log, "")?;
+                    self.spawn()?;
+                    continue;
+                }
                 bail!(
                     "stepflow exited with {status} before it was ready:\n{}",
                     self.log()
                 );
             }
-            if let Ok(r) = client.get(self.url("/readyz")).send().await
+            if let Ok(r) = client.get(self.url(probe)).send().await
                 && r.status() == 200
             {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("stepflow not ready after {timeout:?}:\n{}", self.log());
+                bail!(
+                    "stepflow: no 200 from {probe} after {timeout:?}:\n{}",
+                    self.log()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -236,6 +276,13 @@ impl Daemon {
         self.wait_ready(Duration::from_secs(20)).await
     }
 
+    /// Like [`Daemon::restart`], waiting only until it serves: its upstreams may be away.
+    pub async fn restart_serving(&mut self) -> Result<()> {
+        self.kill9();
+        self.spawn()?;
+        self.wait_for("/healthz", Duration::from_secs(20)).await
+    }
+
     /// Waits until the newest entry of `GET /api/v1/reloads` is a new one (past `seen`) and
     /// returns it.
     pub async fn next_reload(&self, seen: usize) -> serde_json::Value {
@@ -253,6 +300,29 @@ impl Daemon {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// `POST /api/v1/specs?name={name}` with `text`, asserting 201.
+    pub async fn add_spec(&self, name: &str, text: &str) {
+        let r = reqwest::Client::new()
+            .post(self.url(&format!("/api/v1/specs?name={name}")))
+            .body(text.to_owned())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    }
+
+    /// `PUT /api/v1/specs/{api}` with `text`: its answer, asserting 200.
+    pub async fn replace_spec(&self, api: &str, text: &str) -> serde_json::Value {
+        let r = reqwest::Client::new()
+            .put(self.url(&format!("/api/v1/specs/{api}")))
+            .body(text.to_owned())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.json().await.unwrap()
     }
 
     pub async fn get_json(&self, path: &str) -> Result<serde_json::Value> {

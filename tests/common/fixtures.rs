@@ -133,3 +133,32 @@ pub fn write_file(path: &Path, text: &str) {
     std::fs::write(&temporary, text).unwrap();
     std::fs::rename(&temporary, path).unwrap();
 }
+
+/// An AMQP-side document: `readings` the gateway publishes to `{prefix}.events`.
+pub fn amqp_target_spec(dir: &Path, api: &str, prefix: &str) -> PathBuf {
+    let path = dir.join(format!("{api}.yaml"));
+    write_file(
+        &path,
+        &format!(
+            r#"asyncapi: 3.0.0
+x-stepflow-id: {api}
+info: {{title: AMQP side, version: 1.0.0}}
+servers:
+  rabbit: {{host: '127.0.0.1:5672', protocol: amqp}}
+channels:
+  readings:
+    address: 'devices/{{deviceId}}/telemetry'
+    bindings:
+      amqp:
+        is: routingKey
+        exchange: {{name: {prefix}.events, type: topic, durable: true, autoDelete: false}}
+operations:
+  archive:
+    action: send
+    channel: {{$ref: '#/channels/readings'}}
+    bindings: {{amqp: {{deliveryMode: 2}}}}
+"#
+        ),
+    );
+    path
+}

@@ -14,8 +14,10 @@ use futures::StreamExt;
 mod brokers;
 mod clients;
 mod daemon;
+pub mod fanout;
 mod faults;
 mod fixtures;
+pub mod soak;
 mod tansu;
 mod tls;
 
@@ -40,6 +42,23 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free loopback port")
+}
+
+/// A `/proc/PID/status` field in KiB (`VmRSS:`, `VmHWM:`); none once the process is gone.
+pub fn process_status_kib(pid: u32, field: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// How many descriptors a process has open; none once it is gone.
+pub fn open_files(pid: u32) -> Option<u64> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64)
 }
 
 /// A name unique to this test run: `prefix-<pid>-<n>`.

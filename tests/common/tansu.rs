@@ -203,6 +203,14 @@ impl Tansu {
 impl Drop for Tansu {
     fn drop(&mut self) {
         self.stop();
+        // A failing Kafka test needs the broker's side too: the last lines say whether tansu
+        // refused, stalled or failed on its database.
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            eprintln!("---- tansu log (last 60 lines) ----\n{}", tail.join("\n"));
+        }
     }
 }
 
