@@ -113,13 +113,24 @@ fn kafka_cluster(kafka: TestKafka, prefix: &str, topics: &[&str]) -> TestKafka {
 /// Every record (key, payload) in arrival order.
 type Records = Vec<(Option<String>, Vec<u8>)>;
 
-/// Reads until `want` distinct payloads arrived, or fails after `timeout`.
-async fn read_kafka_until(consumer: &StreamConsumer, timeout: Duration, want: u64) -> Records {
+/// Reads until `want` distinct payloads arrived, or fails after `timeout` (at once when the
+/// broker itself failed).
+async fn read_kafka_until(
+    cluster: &TestKafka,
+    consumer: &StreamConsumer,
+    timeout: Duration,
+    want: u64,
+) -> Records {
     let deadline = Instant::now() + timeout;
     let mut records = Vec::new();
     let mut distinct = std::collections::HashSet::new();
     let mut stream = consumer.stream();
+    let mut checked = Instant::now();
     while (distinct.len() as u64) < want {
+        if checked.elapsed() > Duration::from_secs(5) {
+            cluster.assert_broker_alive();
+            checked = Instant::now();
+        }
         let left = deadline.saturating_duration_since(Instant::now());
         assert!(
             !left.is_zero(),
@@ -284,7 +295,7 @@ print(json.dumps(out))
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_to_kafka_json_and_avro_loses_nothing_across_a_sigkill_on_tansu() {
-    mqtt_to_kafka_json_and_avro_loses_nothing_across_a_sigkill(TestKafka::tansu()).await;
+    on_tansu(mqtt_to_kafka_json_and_avro_loses_nothing_across_a_sigkill).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -327,7 +338,7 @@ async fn mqtt_to_kafka_json_and_avro_loses_nothing_across_a_sigkill(kafka: TestK
             .unwrap()
     };
     let raw_reader = kafka_reader(&cluster.bootstrap(), &format!("{prefix}.raw"));
-    let raw = read_kafka_until(&raw_reader, Duration::from_secs(120), TOTAL).await;
+    let raw = read_kafka_until(&cluster, &raw_reader, Duration::from_secs(120), TOTAL).await;
     let (missing, duplicates) = tally(raw.iter().map(|(_, p)| json_seq(p)), TOTAL);
     let mut per_key: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for (key, payload) in &raw {
@@ -354,7 +365,7 @@ async fn mqtt_to_kafka_json_and_avro_loses_nothing_across_a_sigkill(kafka: TestK
 
     // The Avro lane: decoded by an independent Avro implementation.
     let avro_reader = kafka_reader(&cluster.bootstrap(), &format!("{prefix}.avro"));
-    let avro = read_kafka_until(&avro_reader, Duration::from_secs(120), TOTAL).await;
+    let avro = read_kafka_until(&cluster, &avro_reader, Duration::from_secs(120), TOTAL).await;
     let schema = json!({"type": "record", "name": "Reading", "fields": [
         {"name": "temperature", "type": "double"},
         {"name": "seq", "type": "long"},
@@ -529,7 +540,7 @@ async fn mqtt_to_amqp_loses_nothing_across_a_sigkill() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_to_mqtt_loses_nothing_across_a_sigkill_on_tansu() {
-    kafka_to_mqtt_loses_nothing_across_a_sigkill(TestKafka::tansu()).await;
+    on_tansu(kafka_to_mqtt_loses_nothing_across_a_sigkill).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -598,6 +609,7 @@ async fn kafka_to_mqtt_loses_nothing_across_a_sigkill(kafka: TestKafka) {
             distinct.len()
         );
         let Ok(publish) = subscriber.recv(Duration::from_secs(1)).await else {
+            cluster.assert_broker_alive();
             continue;
         };
         let seq = serde_json::from_slice::<Value>(&publish.payload).unwrap()["seq"]

@@ -59,7 +59,7 @@ impl Kafka {
             .unwrap()
     }
 
-    fn consumer(&self, topic: &str) -> StreamConsumer {
+    fn consumer(&self, topic: &str) -> KafkaReader {
         kafka_reader(&self.bootstrap(), topic)
     }
 

@@ -211,7 +211,7 @@ pub async fn amqp_cleanup(prefix: &str, queues: &[&str]) {
 }
 
 /// A Kafka consumer of `topic` in a group of its own, from the earliest offset.
-pub fn kafka_reader(bootstrap: &str, topic: &str) -> rdkafka::consumer::StreamConsumer {
+pub fn kafka_reader(bootstrap: &str, topic: &str) -> KafkaReader {
     use rdkafka::consumer::Consumer;
     let consumer: rdkafka::consumer::StreamConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -220,7 +220,29 @@ pub fn kafka_reader(bootstrap: &str, topic: &str) -> rdkafka::consumer::StreamCo
         .create()
         .unwrap();
     consumer.subscribe(&[topic]).unwrap();
-    consumer
+    KafkaReader(Some(consumer))
+}
+
+/// A test's Kafka consumer. librdkafka's close waits for the group coordinator with no
+/// deadline, so dropping a consumer of a broker that stopped answering blocks for ever: a test
+/// that failed would hang (until CI's timeout) instead of failing. The close runs on a thread
+/// of its own that nobody waits for.
+pub struct KafkaReader(Option<rdkafka::consumer::StreamConsumer>);
+
+impl std::ops::Deref for KafkaReader {
+    type Target = rdkafka::consumer::StreamConsumer;
+
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref().expect("present until dropped")
+    }
+}
+
+impl Drop for KafkaReader {
+    fn drop(&mut self) {
+        if let Some(consumer) = self.0.take() {
+            std::thread::spawn(move || drop(consumer));
+        }
+    }
 }
 
 /// A `redis-server` of the test's own, on a free port, keeping nothing on disk.

@@ -32,7 +32,7 @@ pub use faults::*;
 #[allow(unused_imports)]
 pub use fixtures::*;
 #[allow(unused_imports)]
-pub use tansu::{Tansu, TestKafka};
+pub use tansu::{Tansu, TestKafka, on_tansu};
 #[allow(unused_imports)]
 pub use tls::*;
 

@@ -2,9 +2,12 @@
 //! processes: a plaintext listener and, when asked, a SASL/SCRAM one on the same sqlite
 //! database, each test with its own database and topics.
 
+use std::collections::BTreeSet;
+use std::future::Future;
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::free_port;
@@ -12,6 +15,21 @@ use super::free_port;
 /// How `.ci/run` installs it (a 30–40 min compile, once per machine).
 const INSTALL: &str =
     "cargo install tansu --version 0.6.0 --locked --no-default-features --features libsql";
+
+/// Where a broker keeps its sqlite database: in memory (`/dev/shm`) where there is one. tansu
+/// writes and syncs its database for every produce and commit; on a loaded machine's disk that
+/// takes long enough for librdkafka's idempotent producer to time out a request and bump its
+/// epoch, which tansu 0.6.0 does not handle (see [`Tansu::own_panic`]). The database still
+/// outlives a broker restart, which the restart tests need.
+fn database_dir() -> tempfile::TempDir {
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir()
+        && let Ok(dir) = tempfile::Builder::new().prefix("tansu").tempdir_in(shm)
+    {
+        return dir;
+    }
+    tempfile::tempdir().unwrap()
+}
 
 /// A tansu broker of the test's own. Killed on drop.
 pub struct Tansu {
@@ -47,7 +65,7 @@ impl Tansu {
         let mut broker = Tansu {
             port: 0,
             sasl_port: None,
-            dir: tempfile::tempdir().unwrap(),
+            dir: database_dir(),
             children: Vec::new(),
         };
         broker.port = broker.spawn(false);
@@ -128,6 +146,18 @@ impl Tansu {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// The first line of a panic in tansu's own code, if it had one. tansu 0.6.0's sqlite
+    /// engine can panic in its idempotent-producer check ("more or less than one row",
+    /// `tansu-storage/src/lite.rs:503`) on a loaded machine; its storage task is gone after
+    /// that and every later request fails ("unreachable code" in `service.rs`), so the broker
+    /// answers nothing until it is restarted.
+    pub fn own_panic(&self) -> Option<String> {
+        let log = self.log();
+        let mut lines = log.lines();
+        lines.find(|l| l.contains("panicked at"))?;
+        Some(lines.next().unwrap_or("").to_owned())
+    }
+
     /// `host:port` of the SASL listener.
     pub fn sasl_bootstrap(&self) -> String {
         format!(
@@ -200,9 +230,47 @@ impl Tansu {
     }
 }
 
+/// The plaintext ports of brokers that panicked in their own code while a test used them.
+static PANICKED: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+
+/// Runs `scenario` against a tansu broker of its own. When the scenario fails *and* tansu's log
+/// shows a panic of tansu's own (see [`Tansu::own_panic`]), the scenario runs once more on a
+/// fresh broker, and says so: that failure is the broker's, not the gateway's. Any other
+/// failure, or a second one, fails the test.
+pub async fn on_tansu<F, Fut>(scenario: F)
+where
+    F: Fn(TestKafka) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    use futures::FutureExt;
+    for attempt in 1..=2 {
+        let kafka = TestKafka::tansu();
+        let port = kafka.as_tansu_ref().map(|t| t.port).unwrap_or_default();
+        let failure = match std::panic::AssertUnwindSafe(scenario(kafka))
+            .catch_unwind()
+            .await
+        {
+            Ok(()) => return,
+            Err(panic) => panic,
+        };
+        let broker_failed = PANICKED.lock().unwrap().contains(&port);
+        if attempt == 1 && broker_failed {
+            println!(
+                "tansu on port {port} panicked in its own code (its log is printed above): \
+                 running the scenario again on a fresh broker"
+            );
+            continue;
+        }
+        std::panic::resume_unwind(failure);
+    }
+}
+
 impl Drop for Tansu {
     fn drop(&mut self) {
         self.stop();
+        if self.own_panic().is_some() {
+            PANICKED.lock().unwrap().insert(self.port);
+        }
         // A failing Kafka test needs the broker's side too: the last lines say whether tansu
         // refused, stalled or failed on its database.
         if std::thread::panicking() {
@@ -239,6 +307,21 @@ impl TestKafka {
         match self {
             TestKafka::Tansu(t) => t.bootstrap(),
             TestKafka::Mock(m) => m.bootstrap_servers(),
+        }
+    }
+
+    /// The tansu broker, if this is one.
+    pub fn as_tansu_ref(&self) -> Option<&Tansu> {
+        match self {
+            TestKafka::Tansu(t) => Some(t),
+            TestKafka::Mock(_) => None,
+        }
+    }
+
+    /// Fails the test at once when tansu panicked in its own code: it will answer nothing more.
+    pub fn assert_broker_alive(&self) {
+        if let Some(reason) = self.as_tansu_ref().and_then(Tansu::own_panic) {
+            panic!("tansu panicked in its own code: {reason}");
         }
     }
 
