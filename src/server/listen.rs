@@ -38,7 +38,7 @@ const ACCEPTED_BACKLOG: usize = 64;
 /// `None` once nobody takes accepted connections any more. Refused ones are answered here.
 pub(super) async fn next_admitted<T>(
     tcp: &TcpListener,
-    admission: &Admission,
+    admission: &Arc<Admission>,
     ready: &mpsc::Sender<T>,
 ) -> Option<(TcpStream, std::net::SocketAddr, Admitted)> {
     loop {

@@ -39,6 +39,9 @@ pub struct FanoutReport {
     pub out_of_order: usize,
     /// `lagged` notices received (the client was resumed from the log).
     pub lagged_notices: usize,
+    /// Why clients stopped before the last message (a close frame's code and reason, an
+    /// error, the end of the stream), with how many stopped so.
+    pub stopped_early: std::collections::BTreeMap<String, usize>,
     /// From the first publish until the last client had the last message.
     pub all_delivered_in: Duration,
     /// How long publishing took (the rate's schedule).
@@ -94,6 +97,9 @@ impl std::fmt::Display for FanoutReport {
             self.all_delivered_in.as_secs_f64(),
             (self.clients() as u64 * p.messages) as f64 / self.all_delivered_in.as_secs_f64()
         )?;
+        for (why, count) in &self.stopped_early {
+            writeln!(f, "  stopped early: {count} clients: {why}")?;
+        }
         let frames = (self.clients() as u64 * p.messages) as f64;
         writeln!(
             f,
@@ -140,6 +146,13 @@ struct Board {
     complete: [AtomicUsize; 2],
     disordered: AtomicUsize,
     lagged: AtomicUsize,
+    stopped_early: std::sync::Mutex<std::collections::BTreeMap<String, usize>>,
+}
+
+impl Board {
+    fn stopped_early(&self, why: String) {
+        *self.stopped_early.lock().unwrap().entry(why).or_default() += 1;
+    }
 }
 
 const SSE: usize = 0;
@@ -214,7 +227,14 @@ async fn sse_client(
                 read = stream.read_line(&mut line) => read,
             };
             match read {
-                Ok(0) | Err(_) => break,
+                Ok(0) => {
+                    board.stopped_early("SSE stream ended".into());
+                    break;
+                }
+                Err(e) => {
+                    board.stopped_early(format!("SSE read error: {e}"));
+                    break;
+                }
                 Ok(_) => {}
             }
             let line = line.trim_end();
@@ -257,8 +277,22 @@ async fn ws_client(
                         progress.offset(offset);
                     }
                 }
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Close(frame))) => {
+                    board.stopped_early(match frame {
+                        Some(f) => format!("WebSocket close {} {}", u16::from(f.code), f.reason),
+                        None => "WebSocket close without a frame".into(),
+                    });
+                    break;
+                }
                 Some(Ok(_)) => {}
-                _ => break,
+                Some(Err(e)) => {
+                    board.stopped_early(format!("WebSocket error: {e}"));
+                    break;
+                }
+                None => {
+                    board.stopped_early("WebSocket stream ended".into());
+                    break;
+                }
             }
         }
         finish(&board, WS, &progress, messages);
@@ -478,6 +512,7 @@ async fn measure(
         ws_complete: board.complete[WS].load(Ordering::Relaxed),
         out_of_order: board.disordered.load(Ordering::Relaxed),
         lagged_notices: board.lagged.load(Ordering::Relaxed),
+        stopped_early: std::mem::take(&mut board.stopped_early.lock().unwrap()),
         all_delivered_in,
         published_in,
         rss_before_kib,
