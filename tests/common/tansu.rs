@@ -98,7 +98,12 @@ impl Tansu {
 
     fn try_spawn(&mut self, port: u16, authentication: bool) -> Result<(), String> {
         let url = format!("tcp://127.0.0.1:{port}");
-        let log = std::fs::File::create(self.dir.path().join(format!("tansu-{port}.log"))).unwrap();
+        // Appended, not truncated: a restart must not erase the panic of the instance before it.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("tansu-{port}.log")))
+            .unwrap();
         let mut command = Command::new(Self::binary());
         command
             .current_dir(self.dir.path())
