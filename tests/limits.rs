@@ -160,14 +160,23 @@ async fn past_the_total_limit_every_address_gets_a_503() {
     let port = port_of(&daemon);
     let mut held = Vec::new();
     for i in 0..5 {
-        held.push(
-            connect_from(&format!("127.0.0.{}", 10 + i), port)
-                .await
-                .unwrap(),
-        );
+        let mut stream = connect_from(&format!("127.0.0.{}", 10 + i), port)
+            .await
+            .unwrap();
+        // An answer proves the connection was admitted (and counted) before the sixth arrives;
+        // keep-alive holds it open afterwards.
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: gateway\r\n\r\n")
+            .await
+            .unwrap();
+        let mut first = [0u8; 12];
+        tokio::time::timeout(WAIT, stream.read_exact(&mut first))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&first, b"HTTP/1.1 200", "connection {i} admitted");
+        held.push(stream);
     }
-    // Let the accept loop count them before the sixth arrives.
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let mut sixth = connect_from("127.0.0.20", port).await.unwrap();
     let mut answer = String::new();
     tokio::time::timeout(WAIT, sixth.read_to_string(&mut answer))
