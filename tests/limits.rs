@@ -463,4 +463,8 @@ async fn an_uploaded_document_cannot_refer_to_the_gateways_files() {
         .await
         .unwrap();
     assert!(!listing.contains("hunter2"));
+    assert!(
+        !daemon.log().contains("hunter2"),
+        "the refused file's content reached the daemon's log"
+    );
 }
